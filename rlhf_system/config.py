@@ -1,0 +1,513 @@
+"""The one config tree: typed sections, YAML + dotted overrides, and a single `validate()`.
+
+Every run (`rlhf train sft|rm|dpo|ppo`, the demo, benchmarks) is described by one `RunConfig`.
+A YAML file holds overrides of the defaults below; `key.sub=value` arguments on the command line
+override the YAML. Unknown keys are errors that suggest the closest valid key; invalid
+combinations are errors, never quiet rewrites. `validate()` does the cross-field arithmetic and
+runs before anything expensive (Ray, DeepSpeed, vLLM, tokenisation) starts.
+
+What this file is not: it does not start anything, read datasets or look at the hardware beyond
+`torch.cuda.is_available()` for resolving `dtype: auto`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for a user: field, value and fix."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": a mistyped key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------- model
+class ModelConfig(_Section):
+    path: str = Field("", description="HF model folder or hub id of the policy / trained model.")
+    tokenizer_path: str = Field("", description="Tokenizer folder; empty means `path`.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on CPU (bf16 is ~40x slower per token on "
+        "CPUs without AVX-512 BF16).")
+    trust_remote_code: bool = False
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    gradient_checkpointing: bool = False
+    reward_path: str = Field("", description="Reward model (sequence classifier) for PPO / eval.")
+    critic_path: str = Field("", description="Critic init; empty means the reward model, else the policy.")
+    reference_path: str = Field("", description="Frozen reference for KL / DPO; empty means `path`.")
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        import torch  # local: resolving `auto` is the only hardware question this file asks.
+
+        return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+# ------------------------------------------------------------------------------------ peft/quant
+class LoraConfig(_Section):
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+class QuantConfig(_Section):
+    load_in: Literal["none", "4bit", "8bit"] = Field("none", description="bitsandbytes quantised loading.")
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class PeftConfig(_Section):
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+
+
+# ------------------------------------------------------------------------------------------ data
+class DataSource(_Section):
+    path: str = Field(..., description=".jsonl, .json, .parquet file or a `save_to_disk` folder.")
+    weight: float = Field(1.0, gt=0, description="Mixing weight relative to the other sources.")
+    split: str = Field("train", description="Split name inside a DatasetDict folder.")
+    max_samples: int | None = Field(None, ge=1)
+
+
+class DataKeys(_Section):
+    """Column names. The format is detected from which of these a dataset has."""
+
+    prompt: str = "prompt"
+    response: str = "response"
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    messages: str = "messages"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    responses: str = "responses"
+    ranks: str = "ranks"
+    answer: str = "answer"
+
+
+DataFormat = Literal[
+    "auto", "prompt", "prompt_response", "alpaca", "messages",
+    "pairwise", "transcript_pairwise", "ranking",
+]
+
+
+class DataConfig(_Section):
+    train: list[DataSource] = Field(default_factory=list)
+    eval: list[DataSource] = Field(default_factory=list)
+    format: DataFormat = "auto"
+    keys: DataKeys = Field(default_factory=DataKeys)
+    template: Literal["chat", "plain"] = Field(
+        "chat", description="chat: tokenizer.apply_chat_template; plain: prompt + response + eos.")
+    system_prompt: str = ""
+    max_len: int = Field(512, ge=8)
+    max_prompt_len: int = Field(256, ge=1)
+    truncation: Literal["drop", "left", "right"] = Field(
+        "left", description="drop: skip over-long samples; left: cut the prompt from its start; "
+        "right: cut the end (may cut the response).")
+    packing: bool = False
+    streaming: bool = Field(False, description="Iterate sources lazily instead of building an Arrow cache.")
+    mix_stopping: Literal["first_exhausted", "all_exhausted"] = "all_exhausted"
+    shuffle_seed: int = 0
+    num_proc: int = Field(1, ge=1)
+    cache_dir: str = Field("", description="Tokenisation cache; empty means the datasets default.")
+
+
+# ----------------------------------------------------------------------------------- train/optim
+class TrainConfig(_Section):
+    global_batch_size: int = Field(32, ge=1, description="Samples per optimizer step, all ranks.")
+    micro_batch_size: int = Field(4, ge=1, description="Samples per forward/backward per rank.")
+    epochs: int = Field(1, ge=1)
+    max_steps: int = Field(-1, ge=-1, description="-1: run the epochs.")
+    eval_every: int = Field(0, ge=0, description="Steps between evaluations; 0: at the end only.")
+    rollout_batch_size: int = Field(32, ge=1, description="PPO: prompts per step.")
+    max_eval_samples: int = Field(0, ge=0, description="0: all.")
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping.")
+    critic_lr: float = Field(5e-6, gt=0)
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = Field(False, description="ZeRO-3 only.")
+    frozen_zero_stage: Literal[0, 3] = Field(0, description="ZeRO stage for frozen roles (reference, reward).")
+    frozen_offload: bool = False
+
+
+# ----------------------------------------------------------------------------------- RL / losses
+class RolloutConfig(_Section):
+    backend: Literal["vllm", "hf"] = "vllm"
+    num_engines: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    n_samples_per_prompt: int = Field(1, ge=1)
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    cpu_kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
+    enforce_eager: bool = True
+
+
+class KLConfig(_Section):
+    coef: float = Field(0.05, ge=0, description="0 disables the KL penalty and the reference role.")
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    in_reward: bool = Field(True, description="True: KL shapes the reward; False: KL is a loss term.")
+    adaptive: bool = False
+    target: float = Field(6.0, gt=0)
+    horizon: int = Field(10000, ge=1)
+
+
+class DPOConfig(_Section):
+    beta: float = Field(0.1, gt=0)
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO.")
+    nll_coef: float = Field(0.0, ge=0)
+    precompute_reference: bool = Field(False, description="Compute reference log-probs once, then drop it.")
+
+
+class RMConfig(_Section):
+    margin: float = Field(0.0, ge=0)
+    head: Literal["classifier", "value_head"] = "classifier"
+
+
+class AlgorithmConfig(_Section):
+    estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_eps: float = Field(0.2, gt=0)
+    value_clip: float = Field(0.2, ge=0)
+    ppo_epochs: int = Field(1, ge=1)
+    normalize_advantages: bool = True
+    kl: KLConfig = Field(default_factory=KLConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    rm: RMConfig = Field(default_factory=RMConfig)
+
+    # Group estimators compare samples of the same prompt: the baseline of one is the others.
+    GROUP_ESTIMATORS: ClassVar[tuple[str, ...]] = ("grpo", "rloo")
+
+    @property
+    def needs_critic(self) -> bool:
+        return self.estimator == "gae"
+
+
+class RewardsConfig(_Section):
+    use_model: bool = Field(True, description="Score with the reward model (model.reward_path).")
+    rules: list[str] = Field(default_factory=list, description="Rule-based reward functions by name.")
+    rule_weight: float = Field(1.0, ge=0)
+    model_weight: float = Field(1.0, ge=0)
+    remote_url: str = Field("", description="HTTP reward server; empty: none.")
+    timeout_s: float = Field(60.0, gt=0)
+
+
+# ------------------------------------------------------------------------------------- placement
+Role = Literal["actor", "critic", "reward", "reference", "rollout"]
+
+
+class PlacementConfig(_Section):
+    """Where the roles run. On CPU a "GPU" slot is a process slot (gpus_per_node is then 0)."""
+
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0, description="0: CPU-only cluster (one worker per process slot).")
+    actor: int = Field(1, ge=1, description="Actor (policy / trained model) workers = data-parallel size.")
+    critic: int = Field(1, ge=1)
+    reward: int = Field(1, ge=1)
+    reference: int = Field(1, ge=1)
+    colocate: list[list[Role]] = Field(
+        default_factory=list, description="Groups of roles that share the same GPUs, e.g. [[actor, reference]].")
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    timeout_s: float = Field(120.0, gt=0, description="Deadline for placement groups to be ready.")
+
+
+# ------------------------------------------------------------------------------ logging/checkpoint
+class LoggingConfig(_Section):
+    log_every: int = Field(1, ge=1)
+    wandb: bool = False
+    wandb_project: str = "rlhf_system"
+    tensorboard: bool = False
+    console: bool = True
+    plots: bool = True
+
+
+class CheckpointConfig(_Section):
+    save_every: int = Field(0, ge=0, description="Steps between checkpoints; 0: only at the end.")
+    keep_last: int = Field(2, ge=1)
+    resume: str = Field("none", description="none, auto (latest in run_dir) or a checkpoint folder.")
+    export_hf: bool = True
+
+
+# ------------------------------------------------------------------------------------------- run
+Mode = Literal["sft", "rm", "dpo", "ppo"]
+
+
+class RunConfig(_Section):
+    mode: Mode = "sft"
+    name: str = "run"
+    run_dir: str = Field("runs/run", description="Everything the run writes goes here.")
+    seed: int = 42
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    peft: PeftConfig = Field(default_factory=PeftConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    def dump(self, path: str | os.PathLike) -> Path:
+        """Write the resolved config (every default spelled out) as YAML, atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+        os.replace(tmp, path)
+        return path
+
+
+# ---------------------------------------------------------------------------- loading/overrides
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _section_at(loc: tuple, root: type[BaseModel] = RunConfig) -> type[BaseModel] | None:
+    """The section class that holds the last key of `loc` (None when a list index is in the way)."""
+    cls: Any = root
+    for key in loc[:-1]:
+        if isinstance(key, int):
+            continue  # list element: stay on the element's model
+        field = cls.model_fields.get(key) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        # unwrap list[Model] / Model
+        args = getattr(ann, "__args__", ())
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            cls = ann
+        elif args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+            cls = args[0]
+        else:
+            return None
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(f"[{k}]" if isinstance(k, int) else str(k) for k in loc).replace(".[", "[")
+
+
+def _describe(err: dict, source: str) -> str:
+    loc = tuple(err["loc"])
+    where = _dotted(loc)
+    got = err.get("input")
+    origin = f" (from {source})" if source else ""
+    if err["type"] == "extra_forbidden":
+        section = _section_at(loc)
+        valid = _field_names(section) if section else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"did you mean '{_dotted(loc[:-1] + (close[0],))}'?" if close else f"valid keys: {', '.join(valid)}"
+        return f"unknown config key '{where}'{origin}: {hint}"
+    return f"config field '{where}'{origin}: got {got!r}: {err['msg']}. Fix: set {where} to a valid value."
+
+
+def _from_dict(raw: dict, source: str = "") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError("\n".join(_describe(err, source) for err in e.errors())) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`optim.lr=2e-5` -> (["optim", "lr"], 2e-05). Values are parsed as YAML scalars/lists."""
+    key, sep, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not key.strip() or any(not p or not p.replace("_", "").isalnum() for p in parts):
+        raise ConfigError(
+            f"bad override '{text}': expected dotted.key=value, e.g. optim.lr=2e-5 or data.max_len=512")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"bad override '{text}': value is not valid YAML ({e.problem})") from None
+    return parts, parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"bad override '{text}': '{p}' is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                mode: str | None = None) -> RunConfig:
+    """YAML (optional) + dotted overrides -> validated RunConfig. `mode` comes from the CLI verb."""
+    raw = load_yaml(path) if path else {}
+    if mode is not None:
+        if raw.get("mode", mode) != mode:
+            raise ConfigError(f"{path}: mode is '{raw['mode']}' but the command is 'train {mode}'. "
+                              f"Fix: use 'rlhf train {raw['mode']}' or set mode: {mode}")
+        raw["mode"] = mode
+    apply_overrides(raw, overrides or [])
+    cfg = _from_dict(raw, source=str(path) if path else "")
+    validate(cfg)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------- validate()
+def roles_for(cfg: RunConfig) -> list[str]:
+    """The roles a run of this mode starts; the first one is the one being trained (its DP size matters)."""
+    if cfg.mode == "sft":
+        return ["actor"]
+    if cfg.mode == "rm":
+        return ["reward"]
+    if cfg.mode == "dpo":
+        return ["actor"] if cfg.algorithm.dpo.precompute_reference else ["actor", "reference"]
+    roles = ["actor", "rollout"]
+    if cfg.algorithm.needs_critic:
+        roles.append("critic")
+    if cfg.rewards.use_model:
+        roles.append("reward")
+    if cfg.algorithm.kl.coef > 0:
+        roles.append("reference")
+    return roles
+
+
+def role_slots(cfg: RunConfig, role: str) -> int:
+    """GPUs (process slots on CPU) a role takes."""
+    if role == "rollout":
+        return cfg.rollout.num_engines * cfg.rollout.tensor_parallel_size
+    return getattr(cfg.placement, role)
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Cross-field checks. Raises one ConfigError listing every problem (one line each)."""
+    errors: list[str] = []
+    t, p = cfg.train, cfg.placement
+    roles = roles_for(cfg)
+    trained = roles[0]
+    dp = role_slots(cfg, trained)
+
+    if t.global_batch_size % (dp * t.micro_batch_size) != 0:
+        errors.append(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by data-parallel size "
+            f"(placement.{trained}={dp}) x train.micro_batch_size={t.micro_batch_size} = "
+            f"{dp * t.micro_batch_size}. Fix: use a multiple of {dp * t.micro_batch_size}, "
+            f"e.g. train.global_batch_size={max(1, round(t.global_batch_size / (dp * t.micro_batch_size))) * dp * t.micro_batch_size}")
+
+    if cfg.mode == "ppo":
+        n = cfg.rollout.n_samples_per_prompt
+        if cfg.algorithm.estimator in AlgorithmConfig.GROUP_ESTIMATORS and n < 2:
+            errors.append(
+                f"rollout.n_samples_per_prompt={n} but algorithm.estimator={cfg.algorithm.estimator} needs a "
+                f"group of at least 2 samples per prompt for its baseline. Fix: rollout.n_samples_per_prompt=4")
+        experiences = t.rollout_batch_size * n
+        if experiences % t.global_batch_size != 0:
+            errors.append(
+                f"train.rollout_batch_size={t.rollout_batch_size} x rollout.n_samples_per_prompt={n} = "
+                f"{experiences} samples per step is not divisible by train.global_batch_size="
+                f"{t.global_batch_size}. Fix: make the product a multiple of the global batch")
+        if cfg.rewards.use_model is False and not cfg.rewards.rules and not cfg.rewards.remote_url:
+            errors.append("rewards: no reward source (use_model=false, rules=[], remote_url=''). "
+                          "Fix: set rewards.use_model=true or list rewards.rules")
+
+    if cfg.mode in ("sft", "rm", "dpo") and not cfg.data.train:
+        errors.append(f"data.train is empty: a {cfg.mode} run needs at least one source. "
+                      "Fix: data.train=[{path: data/train.jsonl}]")
+    if cfg.data.max_prompt_len >= cfg.data.max_len:
+        errors.append(f"data.max_prompt_len={cfg.data.max_prompt_len} must be < data.max_len={cfg.data.max_len}. "
+                      f"Fix: lower data.max_prompt_len or raise data.max_len")
+    if cfg.data.packing and cfg.mode != "sft":
+        errors.append(f"data.packing=true is only supported for mode sft (got mode {cfg.mode}). "
+                      "Fix: data.packing=false")
+    if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:
+        errors.append(f"deepspeed.offload_params=true needs deepspeed.zero_stage=3 (got {cfg.deepspeed.zero_stage}). "
+                      "Fix: deepspeed.zero_stage=3 or deepspeed.offload_params=false")
+    if cfg.peft.quant.load_in != "none" and not cfg.peft.lora.enabled and cfg.mode != "ppo":
+        errors.append(f"peft.quant.load_in={cfg.peft.quant.load_in} trains only through adapters. "
+                      "Fix: peft.lora.enabled=true (QLoRA)")
+    if cfg.peft.quant.load_in != "none" and cfg.deepspeed.zero_stage == 3:
+        errors.append("peft.quant.load_in with deepspeed.zero_stage=3 is unsupported (bitsandbytes weights "
+                      "cannot be partitioned). Fix: deepspeed.zero_stage=2")
+
+    errors += _check_placement(cfg, roles)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return cfg
+
+
+def _check_placement(cfg: RunConfig, roles: list[str]) -> list[str]:
+    p = cfg.placement
+    errors: list[str] = []
+    seen: set[str] = set()
+    for group in p.colocate:
+        for role in group:
+            if role in seen:
+                errors.append(f"placement.colocate: role '{role}' is in two groups. Fix: list each role once")
+            seen.add(role)
+        active = [r for r in group if r in roles]
+        sizes = {r: role_slots(cfg, r) for r in active}
+        if len(set(sizes.values())) > 1:
+            errors.append(f"placement.colocate group {group}: colocated roles need the same number of GPUs, "
+                          f"got {sizes}. Fix: give them equal counts")
+    if p.gpus_per_node == 0:
+        return errors  # CPU: workers are process slots; Ray checks CPUs when the group is placed.
+    # Each colocated group takes the GPUs of its largest member once; other roles take their own.
+    counted: set[str] = set()
+    need = 0
+    for group in p.colocate:
+        active = [r for r in group if r in roles]
+        if active:
+            need += max(role_slots(cfg, r) for r in active)
+            counted.update(active)
+    need += sum(role_slots(cfg, r) for r in roles if r not in counted)
+    have = p.nodes * p.gpus_per_node
+    if need > have:
+        detail = ", ".join(f"{r}={role_slots(cfg, r)}" for r in roles)
+        errors.append(f"placement: the {cfg.mode} run needs {need} GPUs ({detail}; colocate={p.colocate}) but "
+                      f"placement.nodes x placement.gpus_per_node = {have}. Fix: add nodes, colocate roles "
+                      f"(e.g. placement.colocate=[[actor,reference]]) or shrink the groups")
+    return errors

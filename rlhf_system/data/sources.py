@@ -1,0 +1,115 @@
+"""Reading raw datasets: .jsonl / .json / .parquet files and `save_to_disk` folders, through `datasets`.
+
+Map-style loading converts each file once into an Arrow cache that is memory-mapped, so a source of
+millions of rows never has to fit in Python memory; `streaming=True` iterates the files lazily
+instead. Several sources are mixed by weight with `datasets.interleave_datasets`.
+
+This file only reads and checks raw rows. Format detection is in formats.py, tokenisation in
+tokenize.py.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from rlhf_system.config import DataSource
+
+
+class DataError(ValueError):
+    """Bad input data, phrased for a user: it names the file, line, key or sample."""
+
+
+@dataclass
+class LoadedSource:
+    """One raw source and how to name its rows in errors."""
+
+    source: DataSource
+    dataset: datasets.Dataset | datasets.IterableDataset
+    columns: list[str]
+
+    def where(self, row: int) -> str:
+        """`file.jsonl:18` for a row of a JSONL file without blank lines, `path row 17` otherwise."""
+        if self.source.path.endswith(".jsonl"):
+            return f"{self.source.path}:{row + 1}"
+        return f"{self.source.path} row {row}"
+
+
+def check_jsonl(path: Path) -> int:
+    """Parse every line once so a malformed one is reported as file:line before any heavy work.
+
+    The Arrow JSON reader would only say that *some* block failed. Returns the row count.
+    """
+    rows = 0
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                raise DataError(f"{path}:{lineno}: blank line in JSONL (one JSON object per line expected)")
+            try:
+                obj = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                msg = getattr(e, "msg", str(e))
+                raise DataError(f"{path}:{lineno}: malformed JSON line: {msg}") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            rows += 1
+    return rows
+
+
+def load_source(src: DataSource, streaming: bool = False, cache_dir: str = "") -> LoadedSource:
+    path = Path(src.path)
+    if not path.exists():
+        raise DataError(f"{src.path}: no such file or folder (data source)")
+    cache = cache_dir or None
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if src.split not in ds:
+                raise DataError(f"{src.path}: split '{src.split}' not found; splits: {sorted(ds)}")
+            ds = ds[src.split]
+        if streaming:
+            ds = ds.to_iterable_dataset()
+    else:
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            if check_jsonl(path) == 0:
+                raise DataError(f"{src.path}: empty file")
+            builder = "json"
+        elif suffix == ".json":
+            builder = "json"
+        elif suffix == ".parquet":
+            builder = "parquet"
+        else:
+            raise DataError(f"{src.path}: unsupported file type '{suffix}' (use .jsonl, .json, .parquet "
+                            "or a save_to_disk folder)")
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming,
+                                       cache_dir=cache)
+        except Exception as e:  # the Arrow readers raise many types; name the file at least
+            raise DataError(f"{src.path}: could not be read as {builder}: {str(e).splitlines()[0]}") from None
+    if src.max_samples is not None:
+        ds = ds.take(src.max_samples) if streaming else ds.select(range(min(src.max_samples, len(ds))))
+    columns = list(ds.column_names or (ds.features or {}).keys()) if not streaming else _stream_columns(ds)
+    if not streaming and len(ds) == 0:
+        raise DataError(f"{src.path}: no rows")
+    return LoadedSource(src, ds, columns)
+
+
+def _stream_columns(ds: datasets.IterableDataset) -> list[str]:
+    if ds.column_names:
+        return list(ds.column_names)
+    first = next(iter(ds), None)  # reads only the first row
+    return list(first) if first else []
+
+
+def mix(parts: list[datasets.Dataset | datasets.IterableDataset], weights: list[float], seed: int,
+        stopping: str) -> datasets.Dataset | datasets.IterableDataset:
+    """Interleave sources with probabilities proportional to their weights."""
+    if len(parts) == 1:
+        return parts[0]
+    total = sum(weights)
+    return datasets.interleave_datasets(parts, probabilities=[w / total for w in weights], seed=seed,
+                                        stopping_strategy=stopping)
