@@ -330,7 +330,17 @@ def _describe(err: dict, source: str) -> str:
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         hint = f"did you mean '{_dotted(loc[:-1] + (close[0],))}'?" if close else f"valid keys: {', '.join(valid)}"
         return f"unknown config key '{where}'{origin}: {hint}"
-    return f"config field '{where}'{origin}: got {got!r}: {err['msg']}. Fix: set {where} to a valid value."
+    section = _section_at(loc)
+    field = section.model_fields.get(str(loc[-1])) if section else None
+    expected = ""
+    if field is not None:
+        expected = f" ({field.description})" if field.description else ""
+        expected = f"; expected {_type_name(field.annotation)}{expected}"
+    return f"config field '{where}'{origin}: got {got!r}: {err['msg']}{expected}. Fix: set {where} to a valid value"
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
 def _from_dict(raw: dict, source: str = "") -> RunConfig:
@@ -357,6 +367,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for text in overrides:
         parts, value = parse_override(text)
+        for i in range(1, len(parts)):
+            holder = _section_at(tuple(parts[: i + 1]))
+            if holder is None and _section_at(tuple(parts[:i])) is not None:
+                raise ConfigError(f"bad override '{text}': '{parts[i - 1]}' is a value, not a section")
         node = raw
         for p in parts[:-1]:
             child = node.setdefault(p, {})

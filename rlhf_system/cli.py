@@ -1,0 +1,160 @@
+"""The `rlhf` command.
+
+    rlhf make-data OUT                      synthetic instruction / preference / RL prompt sets
+    rlhf make-tiny-model OUT                tokenizer + tiny Llama policy and reward model (local)
+    rlhf config --config X.yaml [k=v ...]   print the resolved, validated config
+    rlhf prepare-data MODE --config X [k=v] tokenise (and cache) a run's datasets, print statistics
+    rlhf sample MODEL PROMPTS.jsonl         sample completions with vLLM (or --backend hf)
+
+Every user error (config, data) is one line on stderr and exit status 2, before any heavy work.
+Heavy imports (torch, transformers, vllm) happen inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rlhf_system.config import ConfigError, RunConfig, load_config
+
+MODE_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "ppo": "prompt"}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (overrides of the defaults)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-5 data.max_len=512")
+
+
+def cmd_make_data(args) -> int:
+    from rlhf_system.data.synthetic import write_dataset
+
+    paths = write_dataset(args.out, seed=args.seed, n_train=args.n_train, n_test=args.n_test)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_make_tiny_model(args) -> int:
+    from rlhf_system.models.tiny import TinySpec, make_tiny_model
+
+    spec = TinySpec(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_layers=args.layers,
+                    num_heads=args.hidden_size // 64, num_kv_heads=max(1, args.hidden_size // 128),
+                    intermediate_size=args.intermediate_size, seed=args.seed)
+    paths = make_tiny_model(args.out, spec, seed=args.seed)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    import yaml
+
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def load_tokenizer(cfg: RunConfig):
+    from transformers import AutoTokenizer
+
+    path = cfg.model.tokenizer_path or cfg.model.path
+    if not path or not Path(path).exists():
+        raise ConfigError(f"model.tokenizer_path / model.path: '{path}' does not exist. "
+                          "Fix: point model.path at a local model folder (rlhf make-tiny-model OUT makes one)")
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # generation-only tokenizers often lack one
+    return tok, path
+
+
+def cmd_prepare_data(args) -> int:
+    from rlhf_system.data.build import build_dataset
+
+    cfg = load_config(args.config, args.overrides, mode=args.mode)
+    tok, tok_path = load_tokenizer(cfg)
+    cfg.dump(Path(cfg.run_dir) / "config.yaml")
+    report = {}
+    for split, sources in (("train", cfg.data.train), ("eval", cfg.data.eval)):
+        if not sources:
+            continue
+        t0 = time.perf_counter()
+        ds, stats = build_dataset(MODE_KIND[cfg.mode], cfg.data, sources, tok, cfg.seed, tok_path)
+        report[split] = {"formats": stats.formats, "rows_in": stats.rows_in, "samples_out": stats.samples_out,
+                         "seconds": round(time.perf_counter() - t0, 2)}
+        if not cfg.data.streaming:
+            col = "input_ids" if "input_ids" in ds.column_names else ds.column_names[0]
+            lens = [len(x) for x in ds[col]]
+            report[split].update(rows=len(ds), tokens=sum(lens), max_len=max(lens))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from rlhf_system.models.generate import sample
+
+    prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines()[: args.n]]
+    t0 = time.perf_counter()
+    outs = sample(args.model, prompts, args.max_new_tokens, backend=args.backend, temperature=args.temperature)
+    dt = time.perf_counter() - t0
+    for p, o in list(zip(prompts, outs))[:5]:
+        print(json.dumps({"prompt": p, "completion": o}))
+    print(json.dumps({"backend": args.backend, "prompts": len(prompts), "seconds": round(dt, 2)}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-data", help="write the synthetic instruction tasks as JSONL")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, default=4000)
+    p.add_argument("--n-test", type=int, default=400)
+    p.set_defaults(func=cmd_make_data)
+
+    p = sub.add_parser("make-tiny-model", help="train a tokenizer and save tiny policy/reward models")
+    p.add_argument("out")
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--hidden-size", type=int, default=256, help="a multiple of 64 (head_dim is 64)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--intermediate-size", type=int, default=688)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("config", help="print the resolved config after validation")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("prepare-data", help="tokenise and cache a run's datasets, print statistics")
+    p.add_argument("mode", choices=sorted(MODE_KIND))
+    _add_config_args(p)
+    p.set_defaults(func=cmd_prepare_data)
+
+    p = sub.add_parser("sample", help="sample completions for prompts from a JSONL file")
+    p.add_argument("model")
+    p.add_argument("prompts")
+    p.add_argument("--backend", choices=["vllm", "hf"], default="vllm")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rlhf_system.data.sources import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

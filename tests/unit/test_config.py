@@ -1,0 +1,184 @@
+"""Config tree: YAML loading, dotted overrides, and every user-facing error."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf_system.config import ConfigError, RunConfig, load_config, parse_override, roles_for, validate
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = """
+mode: sft
+data:
+  train: [{path: data/train.jsonl}]
+train:
+  global_batch_size: 8
+  micro_batch_size: 2
+"""
+
+
+def test_yaml_and_overrides_apply(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["optim.lr=2e-5", "data.max_len=512", "data.packing=true",
+                                              "peft.lora.target_modules=[q_proj,v_proj]"])
+    assert cfg.optim.lr == 2e-5
+    assert cfg.data.max_len == 512 and cfg.data.packing is True
+    assert cfg.peft.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.train.global_batch_size == 8
+    assert cfg.data.train[0].path == "data/train.jsonl" and cfg.data.train[0].weight == 1.0
+
+
+def test_override_creates_nested_section(tmp_path):
+    cfg = load_config(write(tmp_path, "data:\n  train: [{path: a.jsonl}]\n"), ["algorithm.dpo.beta=0.5"])
+    assert cfg.algorithm.dpo.beta == 0.5
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE + "optim:\n  lrr: 1e-5\n"))
+    msg = str(e.value)
+    assert "unknown config key 'optim.lrr'" in msg and "did you mean 'optim.lr'" in msg
+    assert "c.yaml" in msg and "\n" not in msg
+
+
+def test_unknown_override_key_suggests_closest(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.max_lenn'.*did you mean 'data.max_len'"):
+        load_config(write(tmp_path, BASE), ["data.max_lenn=5"])
+
+
+def test_unknown_key_in_list_element(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.train\[0\].wieght.*did you mean 'data.train\[0\].weight'"):
+        load_config(write(tmp_path, "data:\n  train: [{path: a.jsonl, wieght: 2}]\n"))
+
+
+def test_unknown_top_level_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'optimizer'.*did you mean 'optim'"):
+        load_config(write(tmp_path, BASE + "optimizer: {lr: 1}\n"))
+
+
+@pytest.mark.parametrize("bad", ["optim.lr", "=3", "optim..lr=1", "optim.l r=1", "optim.lr=[1, 2"])
+def test_bad_override_syntax(bad):
+    with pytest.raises(ConfigError, match="bad override"):
+        parse_override(bad)
+
+
+def test_override_into_value_is_error(tmp_path):
+    with pytest.raises(ConfigError, match="'lr' is a value, not a section"):
+        load_config(write(tmp_path, BASE), ["optim.lr.x=1"])
+
+
+def test_wrong_type_names_field_value_and_fix(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE), ["optim.lr=fast"])
+    msg = str(e.value)
+    assert "optim.lr" in msg and "'fast'" in msg and "Fix:" in msg
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"c.yaml:3: invalid YAML"):
+        load_config(write(tmp_path, "mode: sft\noptim:\n\tlr: 1\n"))
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
+        load_config("nope.yaml")
+
+
+def test_mode_mismatch(tmp_path):
+    with pytest.raises(ConfigError, match="mode is 'sft' but the command is 'train dpo'"):
+        load_config(write(tmp_path, BASE), mode="dpo")
+
+
+def test_batch_arithmetic(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE), ["train.global_batch_size=10", "placement.actor=2"])
+    msg = str(e.value)
+    assert "train.global_batch_size=10" in msg and "placement.actor=2" in msg and "= 4" in msg
+    assert "e.g. train.global_batch_size=8" in msg or "e.g. train.global_batch_size=12" in msg
+
+
+def test_batch_arithmetic_ok_with_accumulation(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["train.global_batch_size=16", "placement.actor=2"])
+    assert cfg.train.global_batch_size // (cfg.placement.actor * cfg.train.micro_batch_size) == 4
+
+
+PPO = """
+mode: ppo
+train: {global_batch_size: 16, micro_batch_size: 2, rollout_batch_size: 8}
+rollout: {n_samples_per_prompt: 2}
+"""
+
+
+def test_group_estimator_needs_two_samples(tmp_path):
+    with pytest.raises(ConfigError, match="n_samples_per_prompt=1 but algorithm.estimator=grpo"):
+        load_config(write(tmp_path, PPO), ["algorithm.estimator=grpo", "rollout.n_samples_per_prompt=1",
+                                           "train.global_batch_size=8"])
+    cfg = load_config(write(tmp_path, PPO), ["algorithm.estimator=rloo"])
+    assert "critic" not in roles_for(cfg)
+    assert "critic" in roles_for(load_config(write(tmp_path, PPO)))
+
+
+def test_ppo_experience_divisibility(tmp_path):
+    with pytest.raises(ConfigError, match="8 x rollout.n_samples_per_prompt=3 = 24 samples per step"):
+        load_config(write(tmp_path, PPO), ["rollout.n_samples_per_prompt=3"])
+
+
+def test_gpu_count_vs_placement(tmp_path):
+    over = ["placement.gpus_per_node=4", "placement.actor=2", "placement.critic=2", "placement.reward=2",
+            "placement.reference=2", "rollout.num_engines=2", "train.global_batch_size=16"]
+    with pytest.raises(ConfigError, match=r"needs 10 GPUs .* = 4"):
+        load_config(write(tmp_path, PPO), over)
+    # Colocating actor+reference and critic+reward brings it to 2 + 2 + 2 = 6 > 4: still too many.
+    with pytest.raises(ConfigError, match="needs 6 GPUs"):
+        load_config(write(tmp_path, PPO), over + ["placement.colocate=[[actor,reference],[critic,reward]]"])
+    cfg = load_config(write(tmp_path, PPO), over + ["placement.nodes=2",
+                                                    "placement.colocate=[[actor,reference],[critic,reward]]"])
+    assert cfg.placement.nodes == 2
+
+
+def test_colocated_roles_need_equal_sizes(tmp_path):
+    with pytest.raises(ConfigError, match="colocated roles need the same number of GPUs"):
+        load_config(write(tmp_path, PPO), ["placement.actor=2", "placement.reference=1",
+                                           "placement.colocate=[[actor,reference]]", "train.global_batch_size=8",
+                                           "train.micro_batch_size=2"])
+
+
+def test_validate_reports_every_problem_on_its_own_line():
+    cfg = RunConfig(mode="sft")
+    cfg.data.max_prompt_len = 600
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    lines = str(e.value).splitlines()
+    assert any("data.train is empty" in line for line in lines)
+    assert any("data.max_prompt_len=600" in line for line in lines)
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["optim.lr=3e-4"])
+    path = cfg.dump(tmp_path / "run" / "config.yaml")
+    again = load_config(path)
+    assert again == cfg
+    assert yaml.safe_load(path.read_text())["optim"]["lr"] == 3e-4
+
+
+def test_dtype_auto_is_float32_on_cpu():
+    import torch
+
+    want = "bfloat16" if torch.cuda.is_available() else "float32"
+    assert RunConfig().model.resolved_dtype() == want
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# "), f"{path} must open with the command that runs it"
+    cfg = load_config(path)
+    assert cfg.mode in path.parts or cfg.mode == path.parent.name
