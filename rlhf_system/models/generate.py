@@ -33,6 +33,12 @@ def make_vllm(model_path: str, max_model_len: int = 1024, seed: int = 0, kv_cach
                max_model_len=max_model_len, seed=seed, **kwargs)
 
 
+def shutdown_vllm(llm, timeout: float = 30.0) -> None:
+    """Stop the engine's processes now, with a deadline, rather than at interpreter exit (where
+    vLLM's atexit hooks log into closed streams)."""
+    llm.llm_engine.engine_core.shutdown(timeout=timeout)
+
+
 def vllm_generate(llm, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                   n: int = 1, seed: int | None = None) -> list[list[list[int]]]:
     """Completion token ids per prompt: out[i][j] is sample j of prompt i."""
@@ -74,7 +80,10 @@ def sample(model_path: str, prompts: list, max_new_tokens: int = 32, backend: st
     prompt_ids = chat_prompts(tok, prompts)
     if backend == "vllm":
         llm = make_vllm(model_path)
-        outs = [o[0] for o in vllm_generate(llm, prompt_ids, max_new_tokens, temperature)]
+        try:
+            outs = [o[0] for o in vllm_generate(llm, prompt_ids, max_new_tokens, temperature)]
+        finally:
+            shutdown_vllm(llm)
     else:
         from transformers import AutoModelForCausalLM
 
