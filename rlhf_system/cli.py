@@ -148,7 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from rlhf_system.data.sources import DataError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # parse_known_args: overrides may follow --config (argparse would otherwise stop at the option).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
     except (ConfigError, DataError) as e:

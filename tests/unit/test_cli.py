@@ -1,0 +1,63 @@
+"""The `rlhf` command: user errors are one line on stderr, exit status 2, before any heavy work."""
+
+import json
+
+import pytest
+import yaml
+
+from rlhf_system.cli import main
+
+
+@pytest.fixture()
+def sft_config(tmp_path):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} + 1", "response": str(i + 1)}) + "\n" for i in range(20)))
+    cfg = {"mode": "sft", "run_dir": str(tmp_path / "run"), "data": {"train": [{"path": str(data)}]},
+           "model": {"path": str(tmp_path / "model")}, "train": {"global_batch_size": 8, "micro_batch_size": 4}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["optim.lrr=1"], "unknown config key 'optim.lrr'"),
+    (["train.global_batch_size=10"], "train.global_batch_size=10 is not divisible"),
+    (["optim.lr"], "bad override 'optim.lr'"),
+    ([], "model.tokenizer_path / model.path"),  # the model folder does not exist
+])
+def test_errors_are_one_line_exit_2(sft_config, capsys, overrides, needle):
+    rc = main(["prepare-data", "sft", "--config", str(sft_config), *overrides])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error: ") and needle in err and err.count("\n") == 1
+
+
+def test_bad_data_is_reported_before_tokenising(sft_config, tmp_path, capsys, char_tokenizer):
+    char_tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "sft.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": \n')
+    rc = main(["prepare-data", "sft", "--config", str(sft_config)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "sft.jsonl:2: malformed JSON line" in err
+
+
+def test_prepare_data_writes_resolved_config(sft_config, tmp_path, capsys, char_tokenizer):
+    char_tokenizer.save_pretrained(tmp_path / "model")
+    rc = main(["prepare-data", "sft", "--config", str(sft_config), "data.packing=true", "data.max_len=64",
+               "data.max_prompt_len=32"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["train"]["rows_in"] == {str(tmp_path / "sft.jsonl"): 20}
+    assert report["train"]["max_len"] <= 64
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert resolved["data"]["packing"] is True and resolved["optim"]["lr"] == 1e-5
+
+
+def test_config_command_prints_overrides(sft_config, capsys):
+    assert main(["config", "--config", str(sft_config), "optim.lr=3e-4"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["optim"]["lr"] == 3e-4
+
+
+def test_unknown_flag_is_rejected(sft_config):
+    with pytest.raises(SystemExit) as e:
+        main(["config", "--config", str(sft_config), "--bogus"])
+    assert e.value.code == 2
