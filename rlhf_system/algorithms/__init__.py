@@ -1,0 +1,1 @@
+"""Pure-torch RLHF algorithm code: log-probabilities, losses. No Ray, DeepSpeed, vLLM or transformers here."""

@@ -1,0 +1,24 @@
+"""The tiny kit model on CUDA in bf16 (the GPU default): packing boundaries still hold."""
+
+import copy
+
+import torch
+
+from rlhf_system.data.collate import collate_packed, pack_samples
+
+
+def test_packed_forward_bf16_on_cuda(tiny_policy):
+    model = copy.deepcopy(tiny_policy).to("cuda", torch.bfloat16)  # the fixture is shared with CPU tests
+    torch.manual_seed(0)
+    samples = [{"input_ids": torch.randint(5, 300, (n,)).tolist(), "loss_mask": [1] * n} for n in (7, 5, 9)]
+    batch = {k: v.cuda() for k, v in collate_packed(pack_samples(samples, 24), 0, torch.bfloat16).items()}
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       attention_mask=batch["attention_mask"]).logits[0].float()
+        start = 0
+        for s in samples:
+            n = len(s["input_ids"])
+            solo = model(input_ids=torch.tensor([s["input_ids"]], device="cuda")).logits[0].float()
+            torch.testing.assert_close(packed[start:start + n], solo, atol=3e-2, rtol=3e-2)
+            start += n
+    assert model.dtype == torch.bfloat16
