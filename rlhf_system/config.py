@@ -440,7 +440,7 @@ def role_slots(cfg: RunConfig, role: str) -> int:
 def validate(cfg: RunConfig) -> RunConfig:
     """Cross-field checks. Raises one ConfigError listing every problem (one line each)."""
     errors: list[str] = []
-    t, p = cfg.train, cfg.placement
+    t = cfg.train
     roles = roles_for(cfg)
     trained = roles[0]
     dp = role_slots(cfg, trained)

@@ -26,8 +26,13 @@ from rlhf_system.config import DataConfig, DataSource
 from rlhf_system.data import formats
 from rlhf_system.data.collate import pack_samples
 from rlhf_system.data.sources import DataError, LoadedSource, load_source, mix
-from rlhf_system.data.tokenize import (check_template, encode_with_mask, render_prompt, tokenizer_fingerprint,
-                                       truncate)
+from rlhf_system.data.tokenize import (
+    check_template,
+    encode_with_mask,
+    render_prompt,
+    tokenizer_fingerprint,
+    truncate,
+)
 
 CACHE_VERSION = "1"  # bump when the processing below changes its output
 MAP_BATCH = 256

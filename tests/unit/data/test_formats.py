@@ -7,8 +7,8 @@ from rlhf_system.data import formats
 from rlhf_system.data.sources import DataError
 
 K = DataKeys()
-U = lambda c: {"role": "user", "content": c}  # noqa: E731
-A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
+U = lambda c: {"role": "user", "content": c}
+A = lambda c: {"role": "assistant", "content": c}
 
 
 @pytest.mark.parametrize("cols,kind,want", [
