@@ -4,6 +4,7 @@
     rlhf make-tiny-model OUT                tokenizer + tiny Llama policy and reward model (local)
     rlhf config --config X.yaml [k=v ...]   print the resolved, validated config
     rlhf prepare-data MODE --config X [k=v] tokenise (and cache) a run's datasets, print statistics
+    rlhf train sft --config X [k=v ...]     instruction tuning under DeepSpeed (in-process)
     rlhf sample MODEL PROMPTS.jsonl         sample completions with vLLM (or --backend hf)
 
 Every user error (config, data) is one line on stderr and exit status 2, before any heavy work.
@@ -92,6 +93,21 @@ def cmd_prepare_data(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    cfg = load_config(args.config, args.overrides, mode=args.mode)
+    if args.mode != "sft":
+        raise ConfigError(f"rlhf train {args.mode}: not built yet (only sft exists today)")
+    from rlhf_system.distributed.deepspeed import dist_teardown
+    from rlhf_system.trainers import sft
+
+    try:
+        result = sft.run(cfg)
+    finally:
+        dist_teardown()
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_sample(args) -> int:
     from rlhf_system.models.generate import sample
 
@@ -133,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mode", choices=sorted(MODE_KIND))
     _add_config_args(p)
     p.set_defaults(func=cmd_prepare_data)
+
+    p = sub.add_parser("train", help="train a model: sft (rm, dpo and ppo are coming)")
+    p.add_argument("mode", choices=["sft"])
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="sample completions for prompts from a JSONL file")
     p.add_argument("model")

@@ -1,0 +1,134 @@
+"""DeepSpeed from our config tree: the ZeRO config builder, optimizer, LR schedule and engine set-up.
+
+    dist_init()                                   # gloo on CPU, nccl on GPU; idempotent
+    engine = train_engine(model, cfg, dp_size=world, total_steps=n)
+    loss = ...; engine.backward(loss); engine.step()   # DeepSpeed handles accumulation boundaries
+
+The DeepSpeed JSON is always derived from `RunConfig` (never hand-written), so batch arithmetic and
+precision come from one validated place. What this file is not: it does not start processes (Ray
+does, workers/group.py) and holds no training loop (trainers/).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from datetime import timedelta
+
+import torch
+
+from rlhf_system.config import OptimConfig, RunConfig
+
+DIST_TIMEOUT_S = 600  # every collective has a deadline: a hung peer becomes an error, not a hang
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dist_init(rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1", master_port: int | None = None,
+              timeout_s: float = DIST_TIMEOUT_S) -> None:
+    """Join (or create) the default process group through deepspeed.init_distributed."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank if
+                       not torch.cuda.is_available() else rank % max(1, torch.cuda.device_count())),
+                       "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port or free_port())})
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=timedelta(seconds=timeout_s))
+
+
+def dist_teardown() -> None:
+    """Destroy the process group explicitly: ZeRO-3 aborts at interpreter exit otherwise (CPU_STACK.md)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def grad_accum_steps(cfg: RunConfig, dp_size: int) -> int:
+    return cfg.train.global_batch_size // (dp_size * cfg.train.micro_batch_size)
+
+
+def build_ds_config(cfg: RunConfig, dp_size: int, trainable: bool = True) -> dict:
+    """The DeepSpeed config dict for a trained role (or a frozen one with trainable=False)."""
+    dtype = cfg.model.resolved_dtype()
+    ds = cfg.deepspeed
+    stage = ds.zero_stage if trainable else ds.frozen_zero_stage
+    zero: dict = {"stage": stage}
+    offload_opt = trainable and ds.offload_optimizer
+    offload_par = ds.offload_params if trainable else ds.frozen_offload
+    pin = torch.cuda.is_available()
+    if offload_opt:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if offload_par and stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    if stage == 3:
+        # Gather full 16-bit weights on save so HF export works without a conversion step.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps(cfg, dp_size) if trainable else 1,
+        "train_batch_size": cfg.train.global_batch_size if trainable else cfg.train.micro_batch_size * dp_size,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": dtype == "float16", "initial_scale_power": 16},
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if trainable and cfg.optim.grad_clip > 0:
+        config["gradient_clipping"] = cfg.optim.grad_clip
+    return config
+
+
+def lr_lambda(step: int, total_steps: int, warmup_steps: int, kind: str, min_ratio: float) -> float:
+    """Multiplier of the peak LR: linear warmup, then cosine / linear decay to min_ratio, or constant."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant" or total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * shape
+
+
+def make_optimizer(params, optim: OptimConfig, offload: bool, lr: float | None = None):
+    """AdamW; DeepSpeed's CPU Adam when optimizer states are offloaded (it runs the step on CPU)."""
+    groups = [p for p in params if p.requires_grad]
+    kwargs = {"lr": lr or optim.lr, "betas": tuple(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def train_engine(model: torch.nn.Module, cfg: RunConfig, dp_size: int, total_steps: int, lr: float | None = None):
+    """A DeepSpeed engine with optimizer and LR schedule for a trained role."""
+    import deepspeed
+
+    optimizer = make_optimizer(model.parameters(), cfg.optim, cfg.deepspeed.offload_optimizer, lr)
+    warmup = int(cfg.optim.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, total_steps, warmup, cfg.optim.scheduler, cfg.optim.min_lr_ratio))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=build_ds_config(cfg, dp_size, trainable=True))
+    return engine
+
+
+def frozen_engine(model: torch.nn.Module, cfg: RunConfig, dp_size: int):
+    """Inference-only engine for frozen roles (reference, reward): ZeRO-3 sharded when configured."""
+    import deepspeed
+
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=build_ds_config(cfg, dp_size, trainable=False))
+    engine.eval()
+    return engine
