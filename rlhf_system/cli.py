@@ -97,13 +97,9 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides, mode=args.mode)
     if args.mode != "sft":
         raise ConfigError(f"rlhf train {args.mode}: not built yet (only sft exists today)")
-    from rlhf_system.distributed.deepspeed import dist_teardown
     from rlhf_system.trainers import sft
 
-    try:
-        result = sft.run(cfg)
-    finally:
-        dist_teardown()
+    result = sft.run(cfg)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -237,7 +237,12 @@ class PlacementConfig(_Section):
     colocate: list[list[Role]] = Field(
         default_factory=list, description="Groups of roles that share the same GPUs, e.g. [[actor, reference]].")
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    launcher: Literal["auto", "local", "ray"] = Field(
+        "auto", description="local: one in-process worker; ray: a Ray WorkerGroup; auto: ray when more than "
+        "one worker, more than one node, or RAY_ADDRESS is set.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves in its placement bundle.")
     timeout_s: float = Field(120.0, gt=0, description="Deadline for placement groups to be ready.")
+    call_timeout_s: float = Field(1800.0, gt=0, description="Deadline for one remote call on a worker group.")
 
 
 # ------------------------------------------------------------------------------ logging/checkpoint
@@ -487,6 +492,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         errors.append("peft.quant.load_in with deepspeed.zero_stage=3 is unsupported (bitsandbytes weights "
                       "cannot be partitioned). Fix: deepspeed.zero_stage=2")
 
+    if cfg.placement.launcher == "local" and (role_slots(cfg, trained) > 1 or cfg.placement.nodes > 1):
+        errors.append(f"placement.launcher=local runs one in-process worker, but placement.{trained}="
+                      f"{role_slots(cfg, trained)} and placement.nodes={cfg.placement.nodes}. "
+                      "Fix: placement.launcher=ray (or auto)")
     errors += _check_placement(cfg, roles)
     if errors:
         raise ConfigError("\n".join(errors))

@@ -2,10 +2,11 @@
 
     rlhf train sft --config configs/sft/tiny-cpu.yaml [overrides]
 
-Reads top to bottom: setup (tokenizer, data, model, engine) -> train (global batches split into
-micro-batches per data-parallel rank) -> evaluate (held-out loss, perplexity) -> save (HF format).
-It runs in-process as rank 0 of 1, or on every rank of a process group (the Ray WorkerGroup calls
-the same functions on each worker).
+`run` is the controller and reads top to bottom: prepare (paths, tokenisation, before any worker
+starts) -> start the actor group -> train (global batches; each rank takes its share as
+micro-batches) -> evaluate (held-out loss, perplexity) -> save (HF format). The per-rank functions
+below it run inside workers/actor.py's ActorWorker: in-process (LocalGroup) or as Ray actors
+(WorkerGroup), the same code either way.
 
 Loss normalisation: every optimiser step is the token-level mean of the WHOLE global batch, however it
 is split into micro-batches and ranks (see algorithms.losses.sft_loss_sum), so a global batch gives
@@ -23,11 +24,11 @@ import torch
 import torch.distributed as dist
 
 from rlhf_system.algorithms.losses import sft_loss_sum
-from rlhf_system.config import RunConfig
+from rlhf_system.config import ConfigError, RunConfig
 from rlhf_system.data.build import build_dataset
 from rlhf_system.data.collate import collate_packed, collate_sft
 from rlhf_system.distributed.deepspeed import dist_init, grad_accum_steps, train_engine
-from rlhf_system.models.load import load_causal_lm, load_tokenizer
+from rlhf_system.models.load import check_model_path, load_causal_lm, load_tokenizer
 from rlhf_system.tracking import Tracker
 
 
@@ -41,30 +42,41 @@ class SFTState:
     rank: int
     world: int
     total_steps: int
-    tracker: Tracker
 
 
 # ------------------------------------------------------------------------------------------ setup
-def setup(cfg: RunConfig) -> SFTState:
-    tokenizer = load_tokenizer(cfg.model)  # fails fast on a bad path, before data or model work
+def prepare(cfg: RunConfig) -> int:
+    """Controller-side checks and tokenisation (cached), before any worker starts. Returns steps."""
+    tokenizer = load_tokenizer(cfg.model)  # fails fast on a bad path
+    check_model_path(cfg.model.path, "model.path")
     name = cfg.model.tokenizer_path or cfg.model.path
     train_ds, _ = build_dataset("sft", cfg.data, cfg.data.train, tokenizer, cfg.seed, name)
-    eval_ds = build_dataset("sft", cfg.data, cfg.data.eval, tokenizer, cfg.seed, name)[0] if cfg.data.eval else None
-    dist_init()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    steps_per_epoch = len(train_ds) // cfg.train.global_batch_size
+    if cfg.data.eval:
+        build_dataset("sft", cfg.data, cfg.data.eval, tokenizer, cfg.seed, name)
+    return total_steps(cfg, len(train_ds))
+
+
+def total_steps(cfg: RunConfig, n_train: int) -> int:
+    steps_per_epoch = n_train // cfg.train.global_batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"data.train has {len(train_ds)} samples, fewer than train.global_batch_size="
-                         f"{cfg.train.global_batch_size}. Fix: lower the global batch or add data")
+        raise ConfigError(f"data.train has {n_train} samples (packs), fewer than train.global_batch_size="
+                          f"{cfg.train.global_batch_size}. Fix: lower the global batch or add data")
     total = steps_per_epoch * cfg.train.epochs
-    total = min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
-    torch.manual_seed(cfg.seed)
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
+
+
+def setup_rank(cfg: RunConfig) -> SFTState:
+    """Per-rank set-up inside a worker whose process group is already initialised."""
+    tokenizer = load_tokenizer(cfg.model)
+    name = cfg.model.tokenizer_path or cfg.model.path
+    train_ds, _ = build_dataset("sft", cfg.data, cfg.data.train, tokenizer, cfg.seed, name)  # cache hit
+    eval_ds = build_dataset("sft", cfg.data, cfg.data.eval, tokenizer, cfg.seed, name)[0] if cfg.data.eval else None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    total = total_steps(cfg, len(train_ds))
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every launch mode
     model = load_causal_lm(cfg.model)
     engine = train_engine(model, cfg, dp_size=world, total_steps=total)
-    if rank == 0:
-        cfg.dump(Path(cfg.run_dir) / "config.yaml")
-    tracker = Tracker(cfg.run_dir, enabled=rank == 0, total_steps=total, console=cfg.logging.console)
-    return SFTState(cfg, tokenizer, train_ds, eval_ds, engine, rank, world, total, tracker)
+    return SFTState(cfg, tokenizer, train_ds, eval_ds, engine, rank, world, total)
 
 
 # ---------------------------------------------------------------------------------------- batches
@@ -142,7 +154,7 @@ def evaluate(state: SFTState) -> dict:
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
-def save_hf(state: SFTState, out: Path) -> Path:
+def save_hf(state: SFTState, out: str | Path) -> Path:
     """Hugging Face export (safetensors); ZeRO-3 shards are gathered first."""
     import deepspeed
 
@@ -155,7 +167,17 @@ def save_hf(state: SFTState, out: Path) -> Path:
             model.save_pretrained(out, safe_serialization=True)
             state.tokenizer.save_pretrained(out)
     dist.barrier()
-    return out
+    return Path(out)
+
+
+def full_state_dict(state: SFTState) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    model = state.engine.module
+    gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None) \
+        if state.cfg.deepspeed.zero_stage == 3 else _null()
+    with gather:
+        return {k: v.detach().float().cpu().clone() for k, v in model.named_parameters()}
 
 
 class _null:
@@ -167,26 +189,39 @@ class _null:
 
 
 def run(cfg: RunConfig) -> dict:
-    """The whole SFT run; returns the final metrics."""
-    state = setup(cfg)
-    t0 = time.perf_counter()
-    step = 0
-    first_eval = evaluate(state)
-    state.tracker.log(0, first_eval)
-    for epoch in range(cfg.train.epochs):
-        for batch_idx in global_batches(len(state.train_ds), cfg.train.global_batch_size, cfg.seed, epoch):
-            if step >= state.total_steps:
-                break
-            t = time.perf_counter()
-            metrics = train_step(state, batch_idx, step)
-            step += 1
-            metrics["tokens_per_s"] = metrics["tokens"] / (time.perf_counter() - t)
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                metrics.update(evaluate(state))
-            if step % cfg.logging.log_every == 0 or step == state.total_steps:
-                state.tracker.log(step, metrics)
-    final = evaluate(state)
-    state.tracker.log(step, final)
-    out = save_hf(state, Path(cfg.run_dir) / "hf") if cfg.checkpoint.export_hf else None
-    return {"steps": step, "seconds": time.perf_counter() - t0, "initial": first_eval, "final": final,
-            "export": str(out) if out else None}
+    """The whole SFT run, as the controller sees it; returns the final metrics."""
+    from rlhf_system.workers.actor import ActorWorker
+    from rlhf_system.workers.group import make_group
+
+    steps = prepare(cfg)  # every data / path error surfaces here, before workers start
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    cfg.dump(Path(cfg.run_dir) / "config.yaml")
+    tracker = Tracker(cfg.run_dir, total_steps=steps, console=cfg.logging.console)
+    group = make_group("actor", ActorWorker, cfg.placement.actor, cfg.placement)
+    try:
+        n_train = group.call("sft_setup", cfg)[0]["train_samples"]
+        t0 = time.perf_counter()
+        first_eval = group.call("sft_evaluate")[0]
+        tracker.log(0, first_eval)
+        step = 0
+        for epoch in range(cfg.train.epochs):
+            for batch_idx in global_batches(n_train, cfg.train.global_batch_size, cfg.seed, epoch):
+                if step >= steps:
+                    break
+                t = time.perf_counter()
+                metrics = group.call("sft_step", batch_idx, step)[0]
+                step += 1
+                metrics["tokens_per_s"] = metrics["tokens"] / (time.perf_counter() - t)
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                    metrics.update(group.call("sft_evaluate")[0])
+                if step % cfg.logging.log_every == 0 or step == steps:
+                    tracker.log(step, metrics)
+        final = group.call("sft_evaluate")[0]
+        tracker.log(step, final)
+        out = Path(cfg.run_dir) / "hf"
+        if cfg.checkpoint.export_hf:
+            group.call("save_hf", str(out))
+        return {"steps": step, "seconds": time.perf_counter() - t0, "initial": first_eval, "final": final,
+                "export": str(out) if cfg.checkpoint.export_hf else None}
+    finally:
+        group.shutdown()

@@ -1,0 +1,33 @@
+"""BaseWorker: what every Ray-hosted role worker shares: joining the process group and leaving it.
+
+Workers are thin: a role's worker exposes a few verbs (setup, train_step, evaluate, save) and
+keeps its per-rank state; the controller (trainers/) decides what happens when.
+"""
+
+from __future__ import annotations
+
+
+class BaseWorker:
+    rank: int = 0
+    world_size: int = 1
+
+    def master_endpoint(self) -> tuple[str, int]:
+        """Rank 0's reachable address and a free port for the process-group rendezvous."""
+        import ray
+
+        from rlhf_system.distributed.deepspeed import free_port
+
+        addr = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+        return addr, free_port()
+
+    def init_dist(self, rank: int, world_size: int, addr: str, port: int | None) -> int:
+        from rlhf_system.distributed.deepspeed import dist_init
+
+        self.rank, self.world_size = rank, world_size
+        dist_init(rank, world_size, addr, port)
+        return rank
+
+    def teardown(self) -> None:
+        from rlhf_system.distributed.deepspeed import dist_teardown
+
+        dist_teardown()

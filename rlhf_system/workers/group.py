@@ -1,0 +1,185 @@
+"""WorkerGroup: N Ray actors playing one role, each a rank of one torch.distributed process group.
+
+    group = WorkerGroup("actor", ActorWorker, num_workers=2, placement=cfg.placement)
+    group.call("setup", cfg)                     # every rank, same arguments; returns a list by rank
+    group.call_sharded("score", batch)           # rank r gets its data-parallel shard of `batch`
+    group.shutdown()
+
+Ordering contract:
+1. Resources are checked against the cluster BEFORE anything starts: asking for more GPUs (or CPU
+   slots) than the cluster has is an immediate error, never a placement group pending forever.
+2. The placement group gets `placement.timeout_s` to become ready, else it is removed and an error
+   names the role and the bundles.
+3. Workers start, rank 0 picks the master address/port, then every rank joins the process group
+   (gloo on CPU, nccl on GPU) in one concurrent call.
+4. Every later call waits at most `placement.call_timeout_s`; a timeout names the role, the rank
+   and the method.
+
+`LocalGroup` has the same interface for one in-process worker, so trainers do not care which runs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from rlhf_system.config import ConfigError, PlacementConfig
+
+# Environment the workers need whatever cluster they land on (a Ray cluster does not forward the
+# driver's environment to workers on other nodes).
+FORWARDED_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM",
+                 "WANDB_MODE", "VLLM_CPU_KVCACHE_SPACE", "OMP_NUM_THREADS", "HF_DATASETS_CACHE")
+
+
+class GroupCallError(RuntimeError):
+    """A remote call failed or missed its deadline; the message names role, rank and method."""
+
+
+def ensure_ray(num_cpus_needed: int = 0) -> None:
+    """Connect to RAY_ADDRESS if set, else start a local Ray with at least `num_cpus_needed` CPUs."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        # Logical CPUs: a CPU "slot" per worker even on a 2-core laptop (torch threads are capped per worker).
+        ray.init(num_cpus=max(os.cpu_count() or 1, num_cpus_needed), include_dashboard=False,
+                 runtime_env={"env_vars": env}, log_to_driver=True)
+
+
+def _bundles(placement: PlacementConfig, n: int) -> list[dict[str, float]]:
+    gpus = 1.0 if placement.gpus_per_node > 0 else 0.0
+    bundle = {"CPU": placement.cpus_per_worker}
+    if gpus:
+        bundle["GPU"] = gpus
+    return [dict(bundle) for _ in range(n)]
+
+
+def check_resources(role: str, bundles: list[dict[str, float]]) -> None:
+    """Fail now, naming what is missing, when the cluster cannot hold these bundles at all."""
+    import ray
+
+    have = ray.cluster_resources()
+    for res in ("GPU", "CPU"):
+        need = sum(b.get(res, 0) for b in bundles)
+        if need > have.get(res, 0):
+            raise ConfigError(f"placement: role '{role}' needs {need:g} {res} ({len(bundles)} workers) but the Ray "
+                              f"cluster has {have.get(res, 0):g}. Fix: shrink placement.{role}, or add nodes")
+
+
+class WorkerGroup:
+    def __init__(self, role: str, worker_cls: type, num_workers: int, placement: PlacementConfig,
+                 placement_group=None, bundle_offset: int = 0):
+        import ray
+        from ray.util.placement_group import placement_group as make_pg
+        from ray.util.placement_group import remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.role, self.timeout = role, placement.call_timeout_s
+        bundles = _bundles(placement, num_workers)
+        ensure_ray(int(sum(b["CPU"] for b in bundles)))
+        self._own_pg = placement_group is None
+        if self._own_pg:
+            check_resources(role, bundles)
+            placement_group = make_pg(bundles, strategy=placement.strategy, name=f"{role}-{os.getpid()}")
+            try:
+                ray.get(placement_group.ready(), timeout=placement.timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                remove_placement_group(placement_group)
+                raise GroupCallError(f"{role}: placement group {bundles} not ready within {placement.timeout_s:g}s "
+                                     f"(strategy {placement.strategy}); the cluster cannot place it") from None
+        self.pg = placement_group
+        remote_cls = ray.remote(worker_cls)
+        gpu = bundles[0].get("GPU", 0)
+        self.workers = [
+            remote_cls.options(
+                num_cpus=bundles[0]["CPU"], num_gpus=gpu,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=placement_group, placement_group_bundle_index=bundle_offset + i),
+            ).remote()
+            for i in range(num_workers)
+        ]
+        addr, port = self._get([self.workers[0].master_endpoint.remote()], "master_endpoint")[0]
+        self._get([w.init_dist.remote(r, num_workers, addr, port) for r, w in enumerate(self.workers)], "init_dist")
+
+    @property
+    def world_size(self) -> int:
+        return len(self.workers)
+
+    def _get(self, refs: list, method: str, timeout: float | None = None) -> list:
+        import ray
+
+        timeout = timeout or self.timeout
+        out = []
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        if pending:
+            late = [refs.index(r) for r in pending]
+            raise GroupCallError(f"{self.role}: rank(s) {late} did not finish '{method}' within {timeout:g}s")
+        for rank, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref))
+            except ray.exceptions.RayTaskError as e:
+                cause = e.cause if getattr(e, "cause", None) is not None else e
+                raise GroupCallError(f"{self.role} rank {rank}: '{method}' failed: "
+                                     f"{type(cause).__name__}: {cause}") from cause
+            except ray.exceptions.RayActorError as e:
+                raise GroupCallError(f"{self.role} rank {rank}: worker died during '{method}': {e}") from None
+        return out
+
+    def call(self, method: str, *args, timeout: float | None = None, **kwargs) -> list[Any]:
+        """Run `method` on every rank with the same arguments; results by rank."""
+        refs = [getattr(w, method).remote(*args, **kwargs) for w in self.workers]
+        return self._get(refs, method, timeout)
+
+    def call_sharded(self, method: str, items: list, *args, timeout: float | None = None, **kwargs) -> list[Any]:
+        """Rank r gets the contiguous r-th slice of `items`; results are concatenated in rank order."""
+        n = len(items)
+        if n % self.world_size:
+            raise ValueError(f"{self.role}: {n} items do not split evenly over {self.world_size} ranks")
+        k = n // self.world_size
+        refs = [getattr(w, method).remote(items[r * k:(r + 1) * k], *args, **kwargs)
+                for r, w in enumerate(self.workers)]
+        return [x for part in self._get(refs, method, timeout) for x in part]
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        try:
+            self._get([w.teardown.remote() for w in self.workers], "teardown", timeout=60)
+        except GroupCallError:
+            pass  # a dead worker cannot tear down; killing it below is enough
+        for w in self.workers:
+            ray.kill(w)
+        if self._own_pg:
+            remove_placement_group(self.pg)
+
+
+class LocalGroup:
+    """One in-process worker behind the WorkerGroup interface (no Ray)."""
+
+    def __init__(self, role: str, worker_cls: type):
+        self.role = role
+        self.workers = [worker_cls()]
+        self.workers[0].init_dist(0, 1, "127.0.0.1", None)
+
+    world_size = 1
+
+    def call(self, method: str, *args, timeout: float | None = None, **kwargs) -> list[Any]:
+        return [getattr(self.workers[0], method)(*args, **kwargs)]
+
+    def call_sharded(self, method: str, items: list, *args, timeout: float | None = None, **kwargs) -> list[Any]:
+        return getattr(self.workers[0], method)(items, *args, **kwargs)
+
+    def shutdown(self) -> None:
+        self.workers[0].teardown()
+
+
+def make_group(role: str, worker_cls: type, num_workers: int, placement: PlacementConfig):
+    """LocalGroup or WorkerGroup, as placement.launcher says."""
+    use_ray = placement.launcher == "ray" or (placement.launcher == "auto" and (
+        num_workers > 1 or placement.nodes > 1 or bool(os.environ.get("RAY_ADDRESS"))))
+    return WorkerGroup(role, worker_cls, num_workers, placement) if use_ray else LocalGroup(role, worker_cls)
