@@ -8,7 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-import pytest  # noqa: E402
+import pytest
 
 CORPUS = [
     "Add the two numbers.", "7 + 5", "12", "Reverse the word.", "cat", "tac", "hello world",

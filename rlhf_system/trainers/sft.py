@@ -111,8 +111,8 @@ def forward_sum(state: SFTState, batch: dict[str, torch.Tensor]) -> tuple[torch.
 # ------------------------------------------------------------------------------------------ train
 def train_step(state: SFTState, batch_idx: list[int], step: int) -> dict:
     cfg = state.cfg
-    micros = [collate(state, [state.train_ds[i] for i in mb])
-              for mb in rank_micro_batches(batch_idx, state.rank, state.world, cfg.train.micro_batch_size)]
+    shares = rank_micro_batches(batch_idx, state.rank, state.world, cfg.train.micro_batch_size)
+    micros = [collate(state, [state.train_ds[i] for i in mb]) for mb in shares]
     # Trained tokens of the whole global batch, over all ranks: the loss denominator.
     tokens = torch.tensor(float(sum(int(m["loss_mask"][:, 1:].sum()) for m in micros)))
     dist.all_reduce(tokens)
@@ -120,11 +120,11 @@ def train_step(state: SFTState, batch_idx: list[int], step: int) -> dict:
     # ranks; scaling by gas * world undoes both, leaving sum(NLL) / global tokens.
     scale = grad_accum_steps(cfg, state.world) * state.world / tokens.clamp(min=1)
     total = torch.zeros(())
-    for m in micros:
+    for mb, m in zip(shares, micros):
         nll_sum, _ = forward_sum(state, m)
         if not torch.isfinite(nll_sum):
-            raise FloatingPointError(f"non-finite SFT loss at step {step}, samples {batch_idx[:8]}...: "
-                                     f"{nll_sum.item()}. Fix: lower optim.lr or check the data")
+            raise FloatingPointError(f"non-finite SFT loss at step {step}, rank {state.rank}, samples {mb} "
+                                     f"(dataset indices): {nll_sum.item()}. Fix: lower optim.lr or check the data")
         state.engine.backward(nll_sum * scale)
         state.engine.step()
         total += nll_sum.detach().float().cpu()

@@ -1,0 +1,57 @@
+"""Expensive shared fixtures for integration tests: synthetic data, tiny models, one Ray cluster."""
+
+import pytest
+
+from rlhf_system.config import RunConfig, validate
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    from rlhf_system.data.synthetic import write_dataset
+
+    out = tmp_path_factory.mktemp("synthetic")
+    write_dataset(out, seed=0, n_train=2000, n_test=200)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory):
+    """2 layers, hidden 128: for equivalence tests, where speed matters more than capacity."""
+    from rlhf_system.models.tiny import TinySpec, make_tiny_model
+
+    spec = TinySpec(vocab_size=1024, hidden_size=128, num_heads=2, num_kv_heads=1, num_layers=2,
+                    intermediate_size=256)
+    return make_tiny_model(tmp_path_factory.mktemp("small"), spec)
+
+
+@pytest.fixture(scope="session")
+def kit_model(tmp_path_factory):
+    """The kit's default (~3.5M parameters): for learning tests."""
+    from rlhf_system.models.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("kit"))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def sft_config(model_dir, data_dir, run_dir, **over) -> RunConfig:
+    cfg = RunConfig(mode="sft", run_dir=str(run_dir))
+    cfg.model.path = str(model_dir)
+    cfg.data.train = [{"path": str(data_dir / "sft_train.jsonl")}]
+    cfg.data.eval = [{"path": str(data_dir / "sft_test_seen.jsonl")}]
+    cfg.data.max_len, cfg.data.max_prompt_len = 128, 96
+    cfg.train.global_batch_size, cfg.train.micro_batch_size = 8, 4
+    cfg.optim.lr, cfg.optim.warmup_ratio = 1e-3, 0.0
+    cfg.logging.console = False
+    cfg.checkpoint.export_hf = False
+    for dotted, value in over.items():
+        section, _, key = dotted.partition("__")
+        setattr(getattr(cfg, section), key, value)
+    return validate(RunConfig.model_validate(cfg.model_dump()))
