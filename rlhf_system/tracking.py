@@ -29,6 +29,6 @@ class Tracker:
             f.write(json.dumps(row) + "\n")
         if self.console:
             elapsed = time.perf_counter() - self.start
-            eta = elapsed / max(step, 1) * max(self.total - step, 0)
+            eta = f" eta={elapsed / step * max(self.total - step, 0):.0f}s" if step else ""
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-            print(f"[step {step}/{self.total}] {shown} eta={eta:.0f}s", file=sys.stderr, flush=True)
+            print(f"[step {step}/{self.total}] {shown}{eta}", file=sys.stderr, flush=True)

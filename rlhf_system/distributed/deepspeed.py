@@ -132,3 +132,38 @@ def frozen_engine(model: torch.nn.Module, cfg: RunConfig, dp_size: int):
     engine, *_ = deepspeed.initialize(model=model, config=build_ds_config(cfg, dp_size, trainable=False))
     engine.eval()
     return engine
+
+
+def _gathered(engine, zero_stage: int):
+    """Context that materialises ZeRO-3 partitions on every rank (a no-op for stages 0-2)."""
+    import contextlib
+
+    import deepspeed
+
+    if zero_stage == 3:
+        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def export_hf(engine, tokenizer, out, zero_stage: int):
+    """Hugging Face export (safetensors) by rank 0; ZeRO-3 shards are gathered to full tensors first.
+
+    Collective: every rank must call it. transformers and vLLM load the folder as it is.
+    """
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    with _gathered(engine, zero_stage):
+        if dist.get_rank() == 0:
+            engine.module.save_pretrained(out, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(out)
+    dist.barrier()
+    return Path(out)
+
+
+def gathered_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full fp32 parameters on CPU (collective under ZeRO-3): for tests and small-model checks."""
+    with _gathered(engine, zero_stage):
+        return {k: v.detach().float().cpu().clone() for k, v in engine.module.named_parameters()}

@@ -27,9 +27,10 @@ from rlhf_system.algorithms.losses import sft_loss_sum
 from rlhf_system.config import ConfigError, RunConfig
 from rlhf_system.data.build import build_dataset
 from rlhf_system.data.collate import collate_packed, collate_sft
-from rlhf_system.distributed.deepspeed import dist_init, grad_accum_steps, train_engine
+from rlhf_system.distributed.deepspeed import export_hf, gathered_state_dict, grad_accum_steps, train_engine
 from rlhf_system.models.load import check_model_path, load_causal_lm, load_tokenizer
 from rlhf_system.tracking import Tracker
+from rlhf_system.trainers.batching import global_batches, rank_micro_batches, steps_per_run
 
 
 @dataclass
@@ -57,12 +58,11 @@ def prepare(cfg: RunConfig) -> int:
 
 
 def total_steps(cfg: RunConfig, n_train: int) -> int:
-    steps_per_epoch = n_train // cfg.train.global_batch_size
-    if steps_per_epoch == 0:
+    total = steps_per_run(n_train, cfg.train.global_batch_size, cfg.train.epochs, cfg.train.max_steps)
+    if total == 0:
         raise ConfigError(f"data.train has {n_train} samples (packs), fewer than train.global_batch_size="
                           f"{cfg.train.global_batch_size}. Fix: lower the global batch or add data")
-    total = steps_per_epoch * cfg.train.epochs
-    return min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
+    return total
 
 
 def setup_rank(cfg: RunConfig) -> SFTState:
@@ -80,20 +80,6 @@ def setup_rank(cfg: RunConfig) -> SFTState:
 
 
 # ---------------------------------------------------------------------------------------- batches
-def global_batches(n: int, global_batch: int, seed: int, epoch: int) -> list[list[int]]:
-    """Shuffled sample indices grouped into global batches (the last incomplete one is dropped)."""
-    g = torch.Generator().manual_seed(seed + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    return [order[i:i + global_batch] for i in range(0, n - global_batch + 1, global_batch)]
-
-
-def rank_micro_batches(batch: list[int], rank: int, world: int, micro: int) -> list[list[int]]:
-    """This rank's contiguous share of a global batch, cut into micro-batches."""
-    per_rank = len(batch) // world
-    mine = batch[rank * per_rank:(rank + 1) * per_rank]
-    return [mine[i:i + micro] for i in range(0, per_rank, micro)]
-
-
 def collate(state: SFTState, rows: list[dict]) -> dict[str, torch.Tensor]:
     pad = state.tokenizer.pad_token_id
     if state.cfg.data.packing:
@@ -155,37 +141,11 @@ def evaluate(state: SFTState) -> dict:
 
 
 def save_hf(state: SFTState, out: str | Path) -> Path:
-    """Hugging Face export (safetensors); ZeRO-3 shards are gathered first."""
-    import deepspeed
-
-    model = state.engine.module
-    params = list(model.parameters())
-    gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if state.cfg.deepspeed.zero_stage == 3 \
-        else _null()
-    with gather:
-        if state.rank == 0:
-            model.save_pretrained(out, safe_serialization=True)
-            state.tokenizer.save_pretrained(out)
-    dist.barrier()
-    return Path(out)
+    return export_hf(state.engine, state.tokenizer, out, state.cfg.deepspeed.zero_stage)
 
 
 def full_state_dict(state: SFTState) -> dict[str, torch.Tensor]:
-    import deepspeed
-
-    model = state.engine.module
-    gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None) \
-        if state.cfg.deepspeed.zero_stage == 3 else _null()
-    with gather:
-        return {k: v.detach().float().cpu().clone() for k, v in model.named_parameters()}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return gathered_state_dict(state.engine, state.cfg.deepspeed.zero_stage)
 
 
 def run(cfg: RunConfig) -> dict:

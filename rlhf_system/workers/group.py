@@ -114,7 +114,7 @@ class WorkerGroup:
 
         timeout = timeout or self.timeout
         out = []
-        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
         if pending:
             late = [refs.index(r) for r in pending]
             raise GroupCallError(f"{self.role}: rank(s) {late} did not finish '{method}' within {timeout:g}s")

@@ -14,7 +14,7 @@ import ray
 import torch
 
 from rlhf_system.config import ConfigError
-from rlhf_system.trainers.sft import global_batches
+from rlhf_system.trainers.batching import global_batches
 from rlhf_system.workers.actor import ActorWorker
 from rlhf_system.workers.base import BaseWorker
 from rlhf_system.workers.group import GroupCallError, WorkerGroup

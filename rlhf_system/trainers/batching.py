@@ -1,0 +1,31 @@
+"""Which samples go into which optimiser step, and onto which rank: shared by every trainer.
+
+The controller shuffles sample indices per epoch with `seed + epoch` and cuts them into global
+batches; rank r of a data-parallel group takes the r-th contiguous share and cuts it into
+micro-batches. The global batch is the same whatever the number of ranks or the micro-batch size,
+which is what makes 1-process and N-process runs (and any accumulation split) give the same update.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def global_batches(n: int, global_batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffled sample indices grouped into global batches (the last incomplete one is dropped)."""
+    g = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    return [order[i:i + global_batch] for i in range(0, n - global_batch + 1, global_batch)]
+
+
+def rank_micro_batches(batch: list[int], rank: int, world: int, micro: int) -> list[list[int]]:
+    """This rank's contiguous share of a global batch, cut into micro-batches."""
+    per_rank = len(batch) // world
+    mine = batch[rank * per_rank:(rank + 1) * per_rank]
+    return [mine[i:i + micro] for i in range(0, per_rank, micro)]
+
+
+def steps_per_run(n_train: int, global_batch: int, epochs: int, max_steps: int) -> int:
+    """Optimiser steps of a run; 0 when the data is smaller than one global batch."""
+    total = (n_train // global_batch) * epochs
+    return min(total, max_steps) if max_steps > 0 else total
