@@ -4,7 +4,7 @@
     rlhf make-tiny-model OUT                tokenizer + tiny Llama policy and reward model (local)
     rlhf config --config X.yaml [k=v ...]   print the resolved, validated config
     rlhf prepare-data MODE --config X [k=v] tokenise (and cache) a run's datasets, print statistics
-    rlhf train sft --config X [k=v ...]     instruction tuning under DeepSpeed (in-process)
+    rlhf train sft|rm|dpo --config X [k=v]  SFT, reward model or DPO under DeepSpeed (in-process or Ray)
     rlhf sample MODEL PROMPTS.jsonl         sample completions with vLLM (or --backend hf)
 
 Every user error (config, data) is one line on stderr and exit status 2, before any heavy work.
@@ -22,6 +22,7 @@ from pathlib import Path
 from rlhf_system.config import ConfigError, RunConfig, load_config
 
 MODE_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "ppo": "prompt"}
+TRAINERS = {"sft": "sft", "rm": "reward_model", "dpo": "dpo"}  # mode -> module in rlhf_system/trainers
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -146,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_prepare_data)
 
-    p = sub.add_parser("train", help="train a model: sft (rm, dpo and ppo are coming)")
-    p.add_argument("mode", choices=["sft"])
+    p = sub.add_parser("train", help="train a model: sft, rm (reward model), dpo (ppo is coming)")
+    p.add_argument("mode", choices=sorted(TRAINERS))
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
