@@ -16,7 +16,6 @@ the same update on 1 process or on N, with any micro-batch size.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,8 @@ from rlhf_system.data.collate import collate_packed, collate_sft
 from rlhf_system.distributed.deepspeed import export_hf, gathered_state_dict, grad_accum_steps, train_engine
 from rlhf_system.models.load import check_model_path, load_causal_lm, load_tokenizer
 from rlhf_system.tracking import Tracker
-from rlhf_system.trainers.batching import global_batches, rank_micro_batches, steps_per_run
+from rlhf_system.trainers.batching import rank_micro_batches, steps_per_run
+from rlhf_system.trainers.loop import fit
 
 
 @dataclass
@@ -160,28 +160,10 @@ def run(cfg: RunConfig) -> dict:
     group = make_group("actor", ActorWorker, cfg.placement.actor, cfg.placement)
     try:
         n_train = group.call("sft_setup", cfg)[0]["train_samples"]
-        t0 = time.perf_counter()
-        first_eval = group.call("sft_evaluate")[0]
-        tracker.log(0, first_eval)
-        step = 0
-        for epoch in range(cfg.train.epochs):
-            for batch_idx in global_batches(n_train, cfg.train.global_batch_size, cfg.seed, epoch):
-                if step >= steps:
-                    break
-                t = time.perf_counter()
-                metrics = group.call("sft_step", batch_idx, step)[0]
-                step += 1
-                metrics["tokens_per_s"] = metrics["tokens"] / (time.perf_counter() - t)
-                if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                    metrics.update(group.call("sft_evaluate")[0])
-                if step % cfg.logging.log_every == 0 or step == steps:
-                    tracker.log(step, metrics)
-        final = group.call("sft_evaluate")[0]
-        tracker.log(step, final)
+        result = fit(cfg, group, n_train, steps, tracker, step_verb="sft_step", eval_verb="sft_evaluate")
         out = Path(cfg.run_dir) / "hf"
         if cfg.checkpoint.export_hf:
             group.call("save_hf", str(out))
-        return {"steps": step, "seconds": time.perf_counter() - t0, "initial": first_eval, "final": final,
-                "export": str(out) if cfg.checkpoint.export_hf else None}
+        return {**result, "export": str(out) if cfg.checkpoint.export_hf else None}
     finally:
         group.shutdown()

@@ -27,6 +27,17 @@ class BaseWorker:
         dist_init(rank, world_size, addr, port)
         return rank
 
+    # Checkpoint verbs work for any trainer whose per-rank state has an `engine` (see checkpoint.py).
+    def save_checkpoint(self, path: str) -> None:
+        from rlhf_system.checkpoint import save_rank
+
+        save_rank(self.state.engine, path, self.rank)
+
+    def load_checkpoint(self, path: str) -> None:
+        from rlhf_system.checkpoint import load_rank
+
+        load_rank(self.state.engine, path, self.rank)
+
     def teardown(self) -> None:
         from rlhf_system.distributed.deepspeed import dist_teardown
 
