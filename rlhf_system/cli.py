@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--hidden-size", type=int, default=256, help="a multiple of 64 (head_dim is 64)")
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--intermediate-size", type=int, default=688)
+    p.add_argument("--intermediate-size", type=int, default=704)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny_model)
 

@@ -1,7 +1,9 @@
 """Loading Hugging Face models and tokenizers for a role, with clear errors before anything starts.
 
 Only local folders are loaded in tests and CI (HF_HUB_OFFLINE=1); a hub id works on machines that
-allow it. LoRA / 4-bit / 8-bit loading come with the PEFT work (issue 3) and will live here too.
+allow it. `peft.quant` loads the base in 4-bit NF4 / FP4 or 8-bit through bitsandbytes; `peft.lora`
+wraps the model with LoRA adapters (QLoRA = both). `check_lora_targets` runs on an empty (meta)
+model so a target module that does not exist is an error before any worker or weight loads.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_system.config import ConfigError, ModelConfig
+from rlhf_system.config import ConfigError, ModelConfig, PeftConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,15 +37,68 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_causal_lm(cfg: ModelConfig, path: str | None = None):
+def quantization_config(peft: PeftConfig, dtype: torch.dtype):
+    """bitsandbytes config for `peft.quant.load_in`, or None for full precision."""
+    from transformers import BitsAndBytesConfig
+
+    q = peft.quant
+    if q.load_in == "none":
+        return None
+    if q.load_in == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = dtype if q.compute_dtype == "auto" else DTYPES[q.compute_dtype]
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                              bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute)
+
+
+def check_lora_targets(cfg: ModelConfig, peft: PeftConfig, path: str | None = None) -> None:
+    """Every `peft.lora.target_modules` entry must name modules of the model (checked on meta tensors)."""
+    if not peft.lora.enabled:
+        return
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(check_model_path(path or cfg.path, "model.path"),
+                                        trust_remote_code=cfg.trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in peft.lora.target_modules if t not in leaves]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"peft.lora.target_modules: {missing} not found in {config.model_type} model "
+                          f"'{path or cfg.path}'. Fix: choose from its linear layers: {linear}")
+
+
+def apply_peft(model, peft: PeftConfig, task_type: str, gradient_checkpointing: bool):
+    """Prepare a k-bit base for training and wrap it with LoRA adapters, as configured."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if peft.quant.load_in != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if peft.lora.enabled:
+        lora = peft.lora
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=list(lora.target_modules), task_type=task_type))
+    return model
+
+
+def load_causal_lm(cfg: ModelConfig, path: str | None = None, peft: PeftConfig | None = None):
+    """A causal LM for training or inference: full precision, or quantised and/or with LoRA adapters."""
     from transformers import AutoModelForCausalLM
 
     path = check_model_path(path or cfg.path, "model.path")
-    kwargs = {"dtype": DTYPES[cfg.resolved_dtype()], "trust_remote_code": cfg.trust_remote_code}
+    dtype = DTYPES[cfg.resolved_dtype()]
+    kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation != "auto":
         kwargs["attn_implementation"] = cfg.attn_implementation
+    quant = quantization_config(peft, dtype) if peft else None
+    if quant is not None:
+        kwargs["quantization_config"] = quant
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if peft is not None and (peft.lora.enabled or quant is not None):
+        model = apply_peft(model, peft, "CAUSAL_LM", cfg.gradient_checkpointing)
     return model

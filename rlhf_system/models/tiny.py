@@ -45,7 +45,7 @@ class TinySpec:
     num_layers: int = 4
     num_heads: int = 4           # head_dim = hidden_size / num_heads must be 64 for vLLM on CPU
     num_kv_heads: int = 2
-    intermediate_size: int = 688
+    intermediate_size: int = 704    # a multiple of 32: bitsandbytes packs 4-bit CPU weights in blocks of 32
     max_position_embeddings: int = 1024
     tie_word_embeddings: bool = True
     seed: int = 0

@@ -26,8 +26,9 @@ from rlhf_system.algorithms.losses import sft_loss_sum
 from rlhf_system.config import ConfigError, RunConfig
 from rlhf_system.data.build import build_dataset
 from rlhf_system.data.collate import collate_packed, collate_sft
-from rlhf_system.distributed.deepspeed import export_hf, gathered_state_dict, grad_accum_steps, train_engine
-from rlhf_system.models.load import check_model_path, load_causal_lm, load_tokenizer
+from rlhf_system.distributed.deepspeed import gathered_state_dict, grad_accum_steps, train_engine
+from rlhf_system.models.export import export_model
+from rlhf_system.models.load import check_lora_targets, check_model_path, load_causal_lm, load_tokenizer
 from rlhf_system.tracking import Tracker
 from rlhf_system.trainers.batching import rank_micro_batches, steps_per_run
 from rlhf_system.trainers.loop import fit
@@ -50,6 +51,7 @@ def prepare(cfg: RunConfig) -> int:
     """Controller-side checks and tokenisation (cached), before any worker starts. Returns steps."""
     tokenizer = load_tokenizer(cfg.model)  # fails fast on a bad path
     check_model_path(cfg.model.path, "model.path")
+    check_lora_targets(cfg.model, cfg.peft)
     name = cfg.model.tokenizer_path or cfg.model.path
     train_ds, _ = build_dataset("sft", cfg.data, cfg.data.train, tokenizer, cfg.seed, name)
     if cfg.data.eval:
@@ -74,7 +76,7 @@ def setup_rank(cfg: RunConfig) -> SFTState:
     rank, world = dist.get_rank(), dist.get_world_size()
     total = total_steps(cfg, len(train_ds))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every launch mode
-    model = load_causal_lm(cfg.model)
+    model = load_causal_lm(cfg.model, peft=cfg.peft)
     engine = train_engine(model, cfg, dp_size=world, total_steps=total)
     return SFTState(cfg, tokenizer, train_ds, eval_ds, engine, rank, world, total)
 
@@ -141,7 +143,7 @@ def evaluate(state: SFTState) -> dict:
 
 
 def save_hf(state: SFTState, out: str | Path) -> Path:
-    return export_hf(state.engine, state.tokenizer, out, state.cfg.deepspeed.zero_stage)
+    return export_model(state.engine, state.tokenizer, out, state.cfg)
 
 
 def full_state_dict(state: SFTState) -> dict[str, torch.Tensor]:
