@@ -57,4 +57,5 @@ def fit(cfg: RunConfig, group, n_train: int, steps: int, tracker: Tracker, step_
                 save(cfg, group, step, epoch, position + 1, initial)
     final = group.call(eval_verb)[0]
     tracker.log(step, final)
+    tracker.close()  # wandb / tensorboard flushed, plots written
     return {"steps": step, "seconds": time.perf_counter() - t0, "initial": initial, "final": final}

@@ -158,7 +158,7 @@ def run(cfg: RunConfig) -> dict:
     steps = prepare(cfg)  # every data / path error surfaces here, before workers start
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     cfg.dump(Path(cfg.run_dir) / "config.yaml")
-    tracker = Tracker(cfg.run_dir, total_steps=steps, console=cfg.logging.console)
+    tracker = Tracker(cfg.run_dir, cfg.logging, steps, config=cfg.model_dump(mode="json"), name=cfg.name)
     group = make_group("actor", ActorWorker, cfg.placement.actor, cfg.placement)
     try:
         n_train = group.call("sft_setup", cfg)[0]["train_samples"]

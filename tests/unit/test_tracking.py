@@ -1,0 +1,32 @@
+"""Tracker: metrics.jsonl, tensorboard events, offline wandb without a key, PNG plots."""
+
+import json
+
+from rlhf_system.config import LoggingConfig
+from rlhf_system.tracking import Tracker
+
+
+def test_jsonl_tensorboard_plots(tmp_path, capsys):
+    t = Tracker(tmp_path, LoggingConfig(tensorboard=True), total_steps=4)
+    for step in range(1, 5):
+        t.log(step, {"loss": 2.0 / step, "lr": 1e-3, "tokens_per_s": 100.0 * step})
+    t.log(4, {"eval_loss": 0.6})
+    plots = t.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 4] and rows[1]["loss"] == 1.0
+    assert sorted(p.name for p in plots) == ["loss.png", "lr.png", "throughput.png"]
+    assert all(p.stat().st_size > 1000 for p in plots)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    err = capsys.readouterr().err
+    assert "[#####...............] 1/4" in err and "eta" in err
+
+
+def test_wandb_offline_without_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    t = Tracker(tmp_path, LoggingConfig(wandb=True, console=False, plots=False), total_steps=2,
+                config={"optim": {"lr": 1e-3}})
+    t.log(1, {"loss": 1.0})
+    t.close()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
