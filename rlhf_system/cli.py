@@ -5,6 +5,7 @@
     rlhf config --config X.yaml [k=v ...]   print the resolved, validated config
     rlhf prepare-data MODE --config X [k=v] tokenise (and cache) a run's datasets, print statistics
     rlhf train sft|rm|dpo --config X [k=v]  SFT, reward model or DPO under DeepSpeed (in-process or Ray)
+    rlhf bench sft --config X [k=v ...]     SFT tokens/s and peak memory (packing x ZeRO 2/3) as JSON
     rlhf sample MODEL PROMPTS.jsonl         sample completions with vLLM (or --backend hf)
 
 Every user error (config, data) is one line on stderr and exit status 2, before any heavy work.
@@ -105,6 +106,17 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from rlhf_system.bench import sft as bench_sft
+
+    cfg = load_config(args.config, args.overrides, mode="sft")
+    results = bench_sft.run(cfg, args.steps)
+    print(json.dumps({"benchmark": "sft", "model": cfg.model.path, "global_batch_size": cfg.train.global_batch_size,
+                      "micro_batch_size": cfg.train.micro_batch_size, "max_len": cfg.data.max_len,
+                      "results": results}, indent=2))
+    return 0
+
+
 def cmd_sample(args) -> int:
     from rlhf_system.models.generate import sample
 
@@ -151,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mode", choices=sorted(TRAINERS))
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="benchmarks that print JSON: sft (packing x ZeRO stage)")
+    p.add_argument("what", choices=["sft"])
+    p.add_argument("--steps", type=int, default=5)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("sample", help="sample completions for prompts from a JSONL file")
     p.add_argument("model")

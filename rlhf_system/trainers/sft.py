@@ -104,6 +104,10 @@ def train_step(state: SFTState, batch_idx: list[int], step: int) -> dict:
     # Trained tokens of the whole global batch, over all ranks: the loss denominator.
     tokens = torch.tensor(float(sum(int(m["loss_mask"][:, 1:].sum()) for m in micros)))
     dist.all_reduce(tokens)
+    # Real (non-padding) tokens processed, for throughput: packs count their samples' lengths.
+    real = torch.tensor(float(sum(sum(state.train_ds[i].get("seq_lens") or [len(state.train_ds[i]["input_ids"])])
+                                  for mb in shares for i in mb)))
+    dist.all_reduce(real)
     # DeepSpeed divides each micro loss by the accumulation steps and averages gradients over
     # ranks; scaling by gas * world undoes both, leaving sum(NLL) / global tokens.
     scale = grad_accum_steps(cfg, state.world) * state.world / tokens.clamp(min=1)
@@ -118,7 +122,7 @@ def train_step(state: SFTState, batch_idx: list[int], step: int) -> dict:
         total += nll_sum.detach().float().cpu()
     dist.all_reduce(total)
     loss = (total / tokens.clamp(min=1)).item()
-    return {"loss": loss, "lr": state.engine.get_lr()[0], "tokens": int(tokens)}
+    return {"loss": loss, "lr": state.engine.get_lr()[0], "tokens": int(tokens), "input_tokens": int(real)}
 
 
 @torch.no_grad()

@@ -27,6 +27,16 @@ class BaseWorker:
         dist_init(rank, world_size, addr, port)
         return rank
 
+    def peak_memory_mb(self) -> float:
+        """Peak GPU memory allocated (CUDA) or peak resident memory of this worker process (CPU)."""
+        import resource
+
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated() / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
     # Checkpoint verbs work for any trainer whose per-rank state has an `engine` (see checkpoint.py).
     def save_checkpoint(self, path: str) -> None:
         from rlhf_system.checkpoint import save_rank
