@@ -6,6 +6,7 @@
     rlhf prepare-data MODE --config X [k=v] tokenise (and cache) a run's datasets, print statistics
     rlhf train sft|rm|dpo --config X [k=v]  SFT, reward model or DPO under DeepSpeed (in-process or Ray)
     rlhf bench sft --config X [k=v ...]     SFT tokens/s and peak memory (packing x ZeRO 2/3) as JSON
+    rlhf eval MODEL... --prompts P.jsonl    exact match / reward / format / refusal rates per family
     rlhf sample MODEL PROMPTS.jsonl         sample completions with vLLM (or --backend hf)
 
 Every user error (config, data) is one line on stderr and exit status 2, before any heavy work.
@@ -117,6 +118,20 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from rlhf_system.eval.generation import evaluate_model, load_prompts, markdown_table
+
+    prompts = load_prompts(args.prompts, args.limit)
+    report = {}
+    for model in args.models:
+        if not Path(model, "config.json").exists():
+            raise ConfigError(f"rlhf eval: '{model}' is not a model folder (no config.json)")
+        report[model], _ = evaluate_model(model, prompts, max_new_tokens=args.max_new_tokens)
+    print(markdown_table(report), file=sys.stderr)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_sample(args) -> int:
     from rlhf_system.models.generate import sample
 
@@ -169,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5)
     _add_config_args(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="greedy generation + rule-based verifiers on a prompt set, per family")
+    p.add_argument("models", nargs="+", help="one or more HF model folders (compared side by side)")
+    p.add_argument("--prompts", required=True, help="RL prompt JSONL with answer/family/check fields")
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sample", help="sample completions for prompts from a JSONL file")
     p.add_argument("model")

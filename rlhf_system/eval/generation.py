@@ -55,3 +55,15 @@ def evaluate_model(model_path: str | Path, prompts: list[dict], max_new_tokens: 
         outs += hf_generate(model, tok, ids[i:i + batch_size], max_new_tokens)
     texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
     return score(prompts, texts), texts
+
+
+def markdown_table(report: dict[str, dict]) -> str:
+    """Models as rows, overall and per-family exact match as columns."""
+    families = sorted({f for metrics in report.values() for f in metrics if f != "all"})
+    head = ["model", "exact", "reward", "format_ok", "refused"] + [f"exact:{f}" for f in families]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, m in report.items():
+        cells = [model] + [f"{m['all'][k]:.3f}" for k in ("exact", "reward", "format_ok", "refused")]
+        cells += [f"{m[f]['exact']:.3f}" if f in m else "-" for f in families]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -37,7 +37,7 @@ def test_lora_and_qlora_train_and_merge(quant, atol, small_model, synthetic_dir,
 
     out = train_sft(small_model["policy"], synthetic_dir, tmp_path / "run", f"peft.quant.load_in={quant}")
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout[out.stdout.index("{"):])
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["final"]["eval_loss"] < result["initial"]["eval_loss"] - 0.3, result
 
     export = tmp_path / "run" / "hf"

@@ -22,7 +22,7 @@ def test_sft_learns_the_synthetic_tasks(kit_model, synthetic_dir, tmp_path):
            f"data.eval=[{{path: {synthetic_dir / 'sft_test_seen.jsonl'}}}]"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout[out.stdout.index("{"):])
+    result = json.loads((run / "result.json").read_text())
     before, after = result["initial"]["eval_loss"], result["final"]["eval_loss"]
     assert after < 0.5 * before, (before, after)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
