@@ -115,3 +115,10 @@ def test_nan_loss_stops_with_step_and_batch(ray_cluster, small_model, synthetic_
             group.call("sft_step", list(range(5, 13)), 0)
     finally:
         group.shutdown()
+
+
+def test_checkpointing_and_optimizer_offload_keep_the_trajectory(single, small_model, synthetic_dir, tmp_path):
+    """Gradient checkpointing recomputes activations; CPU offload runs DeepSpeed's CPU Adam: same update."""
+    cfg = sft_config(small_model["policy"], synthetic_dir, tmp_path, placement__launcher="ray",
+                     deepspeed__zero_stage=2, deepspeed__offload_optimizer=True, model__gradient_checkpointing=True)
+    assert_same(train(cfg, 1), single)

@@ -61,3 +61,17 @@ def test_unknown_flag_is_rejected(sft_config):
     with pytest.raises(SystemExit) as e:
         main(["config", "--config", str(sft_config), "--bogus"])
     assert e.value.code == 2
+
+
+def test_train_without_chat_template_fails_before_workers(sft_config, tmp_path, capsys, char_tokenizer):
+    char_tokenizer.save_pretrained(tmp_path / "model")
+    cfg_file = tmp_path / "model" / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.pop("chat_template", None)
+    cfg_file.write_text(json.dumps(cfg))
+    (tmp_path / "model" / "chat_template.jinja").unlink(missing_ok=True)
+    (tmp_path / "model" / "config.json").write_text("{}")  # a model folder; never loaded: the error comes first
+    rc = main(["train", "sft", "--config", str(sft_config)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "the tokenizer has no chat template but data.template=chat" in err
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written
