@@ -88,7 +88,7 @@ def load_source(src: DataSource, streaming: bool = False, cache_dir: str = "") -
         try:
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming,
                                        cache_dir=cache)
-        except Exception as e:
+        except Exception as e:  # the Arrow readers raise many types: name the file, keep the first line
             raise DataError(f"{src.path}: could not be read as {builder}: {str(e).splitlines()[0]}") from None
     if src.max_samples is not None:
         ds = ds.take(src.max_samples) if streaming else ds.select(range(min(src.max_samples, len(ds))))

@@ -33,3 +33,19 @@ class ActorWorker(BaseWorker):
         from rlhf_system.trainers import sft
 
         return sft.full_state_dict(self.state)
+
+    def dpo_setup(self, cfg) -> dict:
+        from rlhf_system.trainers import dpo
+
+        self.state = dpo.setup_rank(cfg)
+        return {"train_samples": len(self.state.train_ds), "total_steps": self.state.total_steps}
+
+    def dpo_step(self, batch_idx: list[int], step: int) -> dict:
+        from rlhf_system.trainers import dpo
+
+        return dpo.train_step(self.state, batch_idx, step)
+
+    def dpo_evaluate(self) -> dict:
+        from rlhf_system.trainers import dpo
+
+        return dpo.evaluate(self.state)
