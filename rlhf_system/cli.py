@@ -97,12 +97,13 @@ def cmd_prepare_data(args) -> int:
 
 
 def cmd_train(args) -> int:
-    cfg = load_config(args.config, args.overrides, mode=args.mode)
-    if args.mode != "sft":
-        raise ConfigError(f"rlhf train {args.mode}: not built yet (only sft exists today)")
-    from rlhf_system.trainers import sft
+    import importlib
 
-    result = sft.run(cfg)
+    cfg = load_config(args.config, args.overrides, mode=args.mode)
+    trainer = importlib.import_module(f"rlhf_system.trainers.{TRAINERS[args.mode]}")
+    result = trainer.run(cfg)
+    # Also on disk: libraries (DeepSpeed's JIT builds, ...) may print to stdout as well.
+    (Path(cfg.run_dir) / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return 0
 

@@ -424,7 +424,7 @@ def roles_for(cfg: RunConfig) -> list[str]:
     if cfg.mode == "rm":
         return ["reward"]
     if cfg.mode == "dpo":
-        return ["actor"] if cfg.algorithm.dpo.precompute_reference else ["actor", "reference"]
+        return ["actor"]  # the frozen reference lives inside each actor worker (trainers/dpo.py)
     roles = ["actor", "rollout"]
     if cfg.algorithm.needs_critic:
         roles.append("critic")

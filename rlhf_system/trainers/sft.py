@@ -127,7 +127,11 @@ def train_step(state: SFTState, batch_idx: list[int], step: int) -> dict:
 
 @torch.no_grad()
 def evaluate(state: SFTState) -> dict:
-    """Held-out token-level loss and perplexity over this rank's shard, reduced over ranks."""
+    """Held-out token-level loss and perplexity, each rank a strided share, reduced over ranks.
+
+    Every rank runs the same number of forwards (a rank past the end repeats sample 0 and discards
+    it): under ZeRO-3 each forward is a collective, and unequal counts would hang.
+    """
     if state.eval_ds is None:
         return {}
     state.engine.eval()
@@ -136,10 +140,13 @@ def evaluate(state: SFTState) -> dict:
         n = min(n, state.cfg.train.max_eval_samples)
     sums = torch.zeros(2)
     mb = state.cfg.train.micro_batch_size
-    for start in range(state.rank * mb, n, mb * state.world):
-        rows = [state.eval_ds[i] for i in range(start, min(start + mb, n))]
-        nll_sum, count = forward_sum(state, collate(state, rows))
-        sums += torch.stack([nll_sum.float().cpu(), count.float().cpu()])
+    rounds = -(-n // (mb * state.world))
+    for k in range(rounds):
+        start = (k * state.world + state.rank) * mb
+        idx = list(range(start, min(start + mb, n))) or [0]
+        nll_sum, count = forward_sum(state, collate(state, [state.eval_ds[i] for i in idx]))
+        if start < n:
+            sums += torch.stack([nll_sum.float().cpu(), count.float().cpu()])
     dist.all_reduce(sums)
     state.engine.train()
     loss = (sums[0] / sums[1].clamp(min=1)).item()

@@ -1,5 +1,7 @@
-"""ActorWorker: the policy role. For SFT it trains with the next-token loss (trainers/sft.py holds
-the per-rank logic); PPO verbs join it with the PPO work."""
+"""ActorWorker: the policy role. Verbs by mode: sft_* (next-token loss, trainers/sft.py) and dpo_*
+(preference loss against a frozen reference held in the same worker, trainers/dpo.py); the PPO verbs
+join it with the PPO work. The per-rank logic lives in the trainer modules; this class only holds
+the state between calls."""
 
 from __future__ import annotations
 
