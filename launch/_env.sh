@@ -38,6 +38,9 @@ if [[ "$RLHF_EXTRA" == cpu ]]; then
   export DS_ACCELERATOR=cpu           # DeepSpeed: CPU accelerator, gloo backend
   export VLLM_TARGET_DEVICE=cpu
 fi
+# DeepSpeed's JIT ops (shm comm, CPU Adam) are cached per venv: a cache shared between venvs rebuilds
+# on every switch (minutes on 2 cores).
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.venv/torch_extensions}"
 export TOKENIZERS_PARALLELISM=false   # fork-safety warnings otherwise flood the logs
 export HF_HUB_OFFLINE=1               # never reach a model hub: tiny models are built locally
 export HF_DATASETS_OFFLINE=1

@@ -56,7 +56,7 @@ def kill_after_first_checkpoint(cmd: list[str], run_dir: Path) -> int:
 MODEL_FOR = {"sft": "policy", "rm": "reward", "dpo": "policy"}
 
 
-@pytest.mark.parametrize("mode", ["sft", "dpo"])
+@pytest.mark.parametrize("mode", ["sft", "rm", "dpo"])
 def test_kill_and_resume_matches_straight_run(mode, small_model, synthetic_dir, tmp_path):
     model = small_model[MODEL_FOR[mode]]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
