@@ -28,7 +28,7 @@ from rlhf_system.config import ConfigError, PlacementConfig
 # Environment the workers need whatever cluster they land on (a Ray cluster does not forward the
 # driver's environment to workers on other nodes).
 FORWARDED_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM",
-                 "WANDB_MODE", "VLLM_CPU_KVCACHE_SPACE", "OMP_NUM_THREADS", "HF_DATASETS_CACHE")
+                 "WANDB_MODE", "VLLM_CPU_KVCACHE_SPACE", "OMP_NUM_THREADS", "HF_DATASETS_CACHE", "TORCH_EXTENSIONS_DIR")
 
 
 class GroupCallError(RuntimeError):
