@@ -11,6 +11,7 @@ resumes from one: the engines are restored by the workers, and the loop skips to
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from rlhf_system import checkpoint
 from rlhf_system.config import RunConfig
@@ -59,3 +60,24 @@ def fit(cfg: RunConfig, group, n_train: int, steps: int, tracker: Tracker, step_
     tracker.log(step, final)
     tracker.close()  # wandb / tensorboard flushed, plots written
     return {"steps": step, "seconds": time.perf_counter() - t0, "initial": initial, "final": final}
+
+
+def train_with_group(cfg: RunConfig, steps: int, role: str, worker_cls: type, num_workers: int, verb: str) -> dict:
+    """The controller's hand-over, the same for every trainer: write the resolved config, start the
+    role's group, set every rank up (`{verb}_setup`), `fit` with `{verb}_step` / `{verb}_evaluate`,
+    export to run_dir/hf, and always shut the group down."""
+    from rlhf_system.workers.group import make_group
+
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    cfg.dump(Path(cfg.run_dir) / "config.yaml")
+    tracker = Tracker(cfg.run_dir, cfg.logging, steps, config=cfg.model_dump(mode="json"), name=cfg.name)
+    group = make_group(role, worker_cls, num_workers, cfg.placement)
+    try:
+        n_train = group.call(f"{verb}_setup", cfg)[0]["train_samples"]
+        result = fit(cfg, group, n_train, steps, tracker, step_verb=f"{verb}_step", eval_verb=f"{verb}_evaluate")
+        out = Path(cfg.run_dir) / "hf"
+        if cfg.checkpoint.export_hf:
+            group.call("save_hf", str(out))
+        return {**result, "export": str(out) if cfg.checkpoint.export_hf else None}
+    finally:
+        group.shutdown()

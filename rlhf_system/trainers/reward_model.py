@@ -46,9 +46,8 @@ from rlhf_system.models.load import (
     load_tokenizer,
     quantization_config,
 )
-from rlhf_system.tracking import Tracker
 from rlhf_system.trainers.batching import rank_micro_batches, steps_per_run
-from rlhf_system.trainers.loop import fit
+from rlhf_system.trainers.loop import train_with_group
 
 # algorithm.rm.head -> the architecture suffix its checkpoint must have (a mismatch is an error:
 # a classifier head silently re-initialised, or a trained one kept as a "fresh" value head, is a bug).
@@ -238,20 +237,7 @@ def full_state_dict(state: RMState) -> dict[str, torch.Tensor]:
 
 def run(cfg: RunConfig) -> dict:
     """The whole reward-model run, as the controller sees it; returns the final metrics."""
-    from rlhf_system.workers.group import make_group
     from rlhf_system.workers.reward import RewardWorker
 
-    steps = prepare(cfg)  # every data / path / head error surfaces here, before workers start
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    cfg.dump(Path(cfg.run_dir) / "config.yaml")
-    tracker = Tracker(cfg.run_dir, cfg.logging, steps, config=cfg.model_dump(mode="json"), name=cfg.name)
-    group = make_group("reward", RewardWorker, cfg.placement.reward, cfg.placement)
-    try:
-        n_train = group.call("rm_setup", cfg)[0]["train_samples"]
-        result = fit(cfg, group, n_train, steps, tracker, step_verb="rm_step", eval_verb="rm_evaluate")
-        out = Path(cfg.run_dir) / "hf"
-        if cfg.checkpoint.export_hf:
-            group.call("save_hf", str(out))
-        return {**result, "export": str(out) if cfg.checkpoint.export_hf else None}
-    finally:
-        group.shutdown()
+    steps = prepare(cfg)  # every data / path error surfaces here, before workers start
+    return train_with_group(cfg, steps, "reward", RewardWorker, cfg.placement.reward, verb="rm")

@@ -29,9 +29,8 @@ from rlhf_system.data.collate import collate_packed, collate_sft
 from rlhf_system.distributed.deepspeed import gathered_state_dict, grad_accum_steps, train_engine
 from rlhf_system.models.export import export_model
 from rlhf_system.models.load import check_lora_targets, check_model_path, load_causal_lm, load_tokenizer
-from rlhf_system.tracking import Tracker
 from rlhf_system.trainers.batching import rank_micro_batches, steps_per_run
-from rlhf_system.trainers.loop import fit
+from rlhf_system.trainers.loop import train_with_group
 
 
 @dataclass
@@ -164,19 +163,6 @@ def full_state_dict(state: SFTState) -> dict[str, torch.Tensor]:
 def run(cfg: RunConfig) -> dict:
     """The whole SFT run, as the controller sees it; returns the final metrics."""
     from rlhf_system.workers.actor import ActorWorker
-    from rlhf_system.workers.group import make_group
 
     steps = prepare(cfg)  # every data / path error surfaces here, before workers start
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    cfg.dump(Path(cfg.run_dir) / "config.yaml")
-    tracker = Tracker(cfg.run_dir, cfg.logging, steps, config=cfg.model_dump(mode="json"), name=cfg.name)
-    group = make_group("actor", ActorWorker, cfg.placement.actor, cfg.placement)
-    try:
-        n_train = group.call("sft_setup", cfg)[0]["train_samples"]
-        result = fit(cfg, group, n_train, steps, tracker, step_verb="sft_step", eval_verb="sft_evaluate")
-        out = Path(cfg.run_dir) / "hf"
-        if cfg.checkpoint.export_hf:
-            group.call("save_hf", str(out))
-        return {**result, "export": str(out) if cfg.checkpoint.export_hf else None}
-    finally:
-        group.shutdown()
+    return train_with_group(cfg, steps, "actor", ActorWorker, cfg.placement.actor, verb="sft")
