@@ -4,10 +4,11 @@
     rlhf make-tiny-model OUT                tokenizer + tiny Llama policy and reward model (local)
     rlhf config --config X.yaml [k=v ...]   print the resolved, validated config
     rlhf prepare-data MODE --config X [k=v] tokenise (and cache) a run's datasets, print statistics
-    rlhf train sft|rm|dpo --config X [k=v]  SFT, reward model or DPO under DeepSpeed (in-process or Ray)
+    rlhf train sft|rm|dpo|ppo --config X    SFT, reward model, DPO or PPO/GRPO/RLOO/REINFORCE++ (Ray + vLLM)
     rlhf bench sft --config X [k=v ...]     SFT tokens/s and peak memory (packing x ZeRO 2/3) as JSON
     rlhf eval MODEL... --prompts P.jsonl    exact match / reward / format / refusal rates per family
     rlhf sample MODEL PROMPTS.jsonl         sample completions with vLLM (or --backend hf)
+    rlhf serve-reward --rules synthetic     HTTP reward server (bearer token from $RLHF_REWARD_TOKEN)
 
 Every user error (config, data) is one line on stderr and exit status 2, before any heavy work.
 Heavy imports (torch, transformers, vllm) happen inside the commands that need them.
@@ -24,7 +25,7 @@ from pathlib import Path
 from rlhf_system.config import ConfigError, RunConfig, load_config
 
 MODE_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "ppo": "prompt"}
-TRAINERS = {"sft": "sft", "rm": "reward_model", "dpo": "dpo"}  # mode -> module in rlhf_system/trainers
+TRAINERS = {"sft": "sft", "rm": "reward_model", "dpo": "dpo", "ppo": "ppo"}  # mode -> module in rlhf_system/trainers
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -175,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_prepare_data)
 
-    p = sub.add_parser("train", help="train a model: sft, rm (reward model), dpo (ppo is coming)")
+    p = sub.add_parser("train", help="train a model: sft, rm (reward model), dpo, ppo (all RL estimators)")
     p.add_argument("mode", choices=sorted(TRAINERS))
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
@@ -201,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("serve-reward", help="HTTP reward server for rewards.remote_url", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: __import__("rlhf_system.rewards.server", fromlist=["main"]).main(a.rest))
     return parser
 
 

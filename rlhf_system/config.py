@@ -165,6 +165,8 @@ class RolloutConfig(_Section):
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings (EOS always stops).")
+    seed: int = Field(0, description="Sampling seed of the engines (engine i uses seed + i).")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     cpu_kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
     enforce_eager: bool = True
@@ -193,19 +195,28 @@ class RMConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    estimator: Literal["gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = Field(
+        "gae", description="gae: PPO with a critic; the others are critic-free (no critic group is started).")
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
     clip_eps: float = Field(0.2, gt=0)
     value_clip: float = Field(0.2, ge=0)
+    clip_eps_high: float = Field(0.0, ge=0, description="Upper clip (DAPO clip-higher); 0: same as clip_eps.")
+    dual_clip: float = Field(0.0, ge=0, description="Dual-clip bound c > 1 for negative advantages; 0: off.")
     ppo_epochs: int = Field(1, ge=1)
     normalize_advantages: bool = True
+    loss_agg: Literal["token", "seq"] = Field(
+        "token", description="token: mean over all kept tokens; seq: mean over sequences of per-sequence means.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight in the policy loss.")
+    vf_coef: float = Field(1.0, ge=0)
+    tis_cap: float = Field(0.0, ge=0, description="Truncated importance sampling cap for the rollout/trainer "
+                           "log-prob mismatch; 0: off.")
     kl: KLConfig = Field(default_factory=KLConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     rm: RMConfig = Field(default_factory=RMConfig)
 
     # Group estimators compare samples of the same prompt: the baseline of one is the others.
-    GROUP_ESTIMATORS: ClassVar[tuple[str, ...]] = ("grpo", "rloo")
+    GROUP_ESTIMATORS: ClassVar[tuple[str, ...]] = ("grpo", "rloo", "reinforce_pp_baseline")
 
     @property
     def needs_critic(self) -> bool:
@@ -218,7 +229,12 @@ class RewardsConfig(_Section):
     rule_weight: float = Field(1.0, ge=0)
     model_weight: float = Field(1.0, ge=0)
     remote_url: str = Field("", description="HTTP reward server; empty: none.")
+    remote_weight: float = Field(1.0, ge=0)
+    remote_token_env: str = Field("RLHF_REWARD_TOKEN", description="Env var holding the server's bearer token.")
+    retries: int = Field(3, ge=0)
     timeout_s: float = Field(60.0, gt=0)
+    clip: float = Field(0.0, ge=0, description="Clip the combined score to [-clip, clip]; 0: off.")
+    normalize: bool = Field(False, description="Standardise scores with running mean/std.")
 
 
 # ------------------------------------------------------------------------------------- placement
@@ -469,6 +485,21 @@ def validate(cfg: RunConfig) -> RunConfig:
                 f"train.rollout_batch_size={t.rollout_batch_size} x rollout.n_samples_per_prompt={n} = "
                 f"{experiences} samples per step is not divisible by train.global_batch_size="
                 f"{t.global_batch_size}. Fix: make the product a multiple of the global batch")
+        for role in [r for r in roles if r not in ("actor", "rollout")]:
+            k = role_slots(cfg, role)
+            if experiences % k:
+                errors.append(f"{experiences} samples per step do not split evenly over placement.{role}={k} "
+                              f"workers. Fix: make train.rollout_batch_size x rollout.n_samples_per_prompt a "
+                              f"multiple of {k}")
+        if "critic" in roles and t.global_batch_size % (cfg.placement.critic * t.micro_batch_size):
+            errors.append(f"train.global_batch_size={t.global_batch_size} is not divisible by placement.critic="
+                          f"{cfg.placement.critic} x train.micro_batch_size={t.micro_batch_size}. Fix: use a "
+                          f"multiple of {cfg.placement.critic * t.micro_batch_size}")
+        if cfg.rewards.use_model and not cfg.model.reward_path:
+            errors.append("rewards.use_model=true but model.reward_path is empty. Fix: set model.reward_path to "
+                          "a reward model (rlhf train rm), or rewards.use_model=false with rewards.rules")
+        if not cfg.data.train:
+            errors.append("data.train is empty: a ppo run needs prompt sources. Fix: data.train=[{path: prompts.jsonl}]")
         if cfg.rewards.use_model is False and not cfg.rewards.rules and not cfg.rewards.remote_url:
             errors.append("rewards: no reward source (use_model=false, rules=[], remote_url=''). "
                           "Fix: set rewards.use_model=true or list rewards.rules")

@@ -1,4 +1,4 @@
-"""Training losses for SFT, reward modelling, DPO and PPO, in pure torch.
+"""Training losses for SFT, reward modelling, DPO and PPO (policy, value, KL), in pure torch.
 
 What this is: functions from tensors to a scalar loss (plus, where useful, a dict of detached
 float32 0-d tensor metrics; call `.item()` when logging, which syncs a GPU, so do it once per
@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rlhf_system.algorithms.kl import kl_penalty
 from rlhf_system.algorithms.logprobs import masked_mean, masked_sum, shifted_logprobs
 
 Metrics = dict[str, torch.Tensor]
@@ -165,6 +166,50 @@ def dpo_nll(policy_chosen_token_logps: torch.Tensor, mask: torch.Tensor) -> torc
 
 # ------------------------------------------------------------------------------------------- PPO
 
+LOSS_AGGS = ("token", "seq")
+
+
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, agg: str = "token") -> torch.Tensor:
+    """Reduce a (B, T) per-token loss to a scalar over kept tokens.
+
+    - "token": masked mean over every kept token of the batch (long responses weigh more; the
+      DAPO choice, Yu et al. 2025, sec. 3.3).
+    - "seq": per-row masked mean, then the mean over rows (each response weighs the same, as in
+      the original GRPO objective, Shao et al. 2024, eq. 3). Rows with no kept token are left
+      out of the row mean rather than counted as a 0 loss.
+    The two agree when every row keeps the same number of tokens.
+    """
+    if agg not in LOSS_AGGS:
+        raise ValueError(f"loss agg must be one of {LOSS_AGGS}, got {agg!r}")
+    if agg == "token":
+        return masked_mean(per_token, mask)
+    row_means = masked_mean(per_token, mask, dim=-1)
+    nonempty = mask.bool().any(-1)
+    return masked_mean(row_means, nonempty)
+
+
+def truncated_is_weights(
+    old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Truncated importance weights min(pi_old / pi_rollout, cap), detached: (B, T), (B, T) -> (B, T).
+
+    Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training": the
+    inference engine (vLLM) samples from pi_rollout, which differs numerically from the trainer's
+    pi_old (other kernels, precision); weighting the PPO loss by this ratio corrects for the
+    mismatch, and truncating at `cap` bounds the variance (TIS). `old_logprobs` are the trainer's
+    log-probs of the sampled tokens before the update, `rollout_logprobs` the engine's. With `mask`,
+    masked positions give 0 (they may hold anything, NaN included).
+    """
+    if cap <= 0:
+        raise ValueError(f"truncated importance sampling cap must be > 0, got {cap}")
+    dtype = torch.promote_types(torch.promote_types(old_logprobs.dtype, rollout_logprobs.dtype), torch.float32)
+    log_ratio = old_logprobs.detach().to(dtype) - rollout_logprobs.detach().to(dtype)
+    if mask is not None:
+        minus_inf = torch.full((), float("-inf"), dtype=dtype, device=log_ratio.device)
+        log_ratio = torch.where(mask.bool(), log_ratio, minus_inf)
+    # exp(+inf) = inf is clamped to cap; exp(-inf) = 0 is the masked value
+    return torch.exp(log_ratio).clamp(max=cap)
+
 
 def policy_loss_ppo(
     logprobs: torch.Tensor,
@@ -173,8 +218,11 @@ def policy_loss_ppo(
     mask: torch.Tensor,
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token",
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
-    """PPO clipped surrogate, token-level masked mean: all inputs (B, T) -> (loss (), metrics).
+    """PPO clipped surrogate, masked mean: all inputs (B, T) -> (loss (), metrics).
 
     Schulman et al. 2017, eq. 7, as a loss: max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)) with
     r = exp(logprobs - old_logprobs). The max (pessimistic bound) removes the incentive to move r
@@ -182,36 +230,62 @@ def policy_loss_ppo(
     clip_eps) widens only the upper bound, "clip-higher" of DAPO (Yu et al. 2025, sec. 3.1), so
     low-probability tokens with positive advantage can still grow and entropy does not collapse.
 
-    old_logprobs and advantages are treated as constants (detached). Values at masked positions
-    must be finite: the forward ignores them, but an inf ratio there gives 0 * inf = NaN gradient.
+    `dual_clip` c > 1 (None or 0: off), Ye et al. 2020 ("Mastering Complex Control in MOBA Games
+    with Deep RL", eq. 5): for A < 0 the loss is min(max(...), -c A). Without it, a token whose
+    ratio is already far above 1 + eps with A < 0 has an unbounded loss -A r (and gradient); the
+    dual clip caps it at c |A| with zero gradient, so stale off-policy tokens cannot dominate.
 
-    Metrics (masked means): clipfrac = fraction of tokens where the clipped term is the one taken
-    (their gradient is zero); approx_kl = mean of (r - 1) - log r, the non-negative, unbiased "k3"
-    estimator of KL(old || new) (Schulman 2020, "Approximating KL divergence"); ratio_mean.
+    `is_weights` (B, T), e.g. `truncated_is_weights`, multiplies the per-token loss (detached; 0
+    is used at masked positions, so anything there is safe). `agg` as `aggregate_loss`.
+
+    old_logprobs and advantages are treated as constants (detached). Values of logprobs and
+    old_logprobs at masked positions must be finite: the forward ignores them, but an inf ratio
+    there gives 0 * inf = NaN gradient.
+
+    Metrics (token-level masked means, whatever `agg`): clipfrac = fraction of tokens where the
+    clipped term is the one taken (their gradient is zero); approx_kl = mean of (r - 1) - log r,
+    the non-negative, unbiased "k3" estimator of KL(old || new) (Schulman 2020, "Approximating KL
+    divergence"); ratio_mean; with dual clip, dual_clipfrac = fraction of tokens capped at -c A.
     """
     eps_low = clip_eps
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     if eps_low <= 0 or eps_high <= 0:
         raise ValueError(f"clip_eps and clip_eps_high must be > 0, got {eps_low}, {eps_high}")
+    if dual_clip and dual_clip <= 1:
+        raise ValueError(f"dual_clip must be > 1 (or None/0: off), got {dual_clip}")
     advantages = advantages.detach()
     log_ratio = logprobs - old_logprobs.detach()
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    metrics: Metrics = {}
+    if dual_clip:
+        cap = -dual_clip * advantages
+        capped = (advantages < 0) & (per_token > cap)
+        per_token = torch.where(capped, cap, per_token)
+        metrics["dual_clipfrac"] = _metric(masked_mean(capped.float(), mask))
+    if is_weights is not None:
+        per_token = per_token * torch.where(mask.bool(), is_weights.detach(), torch.zeros_like(is_weights))
+    loss = aggregate_loss(per_token, mask, agg)
     with torch.no_grad():
-        metrics = {
+        metrics.update({
             "clipfrac": _metric(masked_mean((clipped > unclipped).float(), mask)),
             "approx_kl": _metric(masked_mean(ratio - 1.0 - log_ratio, mask)),
             "ratio_mean": _metric(masked_mean(ratio, mask)),
-        }
+        })
     return loss, metrics
 
 
 def value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+    agg: str = "token",
 ) -> tuple[torch.Tensor, Metrics]:
-    """Clipped value loss, token-level masked mean: all inputs (B, T) -> (loss (), {"vf_clipfrac"}).
+    """Clipped value loss, masked mean: all inputs (B, T) -> (loss (), {"vf_clipfrac"}).
 
     0.5 * max((v - R)^2, (v_clip - R)^2) with v_clip = old_v + clip(v - old_v, -clip, clip): the
     value head may not move more than `clip` from its rollout-time estimate per update, as in the
@@ -219,6 +293,7 @@ def value_loss(
     2020 ("Implementation Matters in Deep Policy Gradients") find this clipping does not reliably
     help, so clip=0 disables it: 0.5 * (v - R)^2. Note the clip is in reward units, so it should
     scale with the reward scale. old_values and returns are treated as constants (detached).
+    `agg` as `aggregate_loss`.
 
     vf_clipfrac = fraction of kept tokens where the clipped term is strictly larger (and so taken,
     with zero gradient); 0 when clipping is off.
@@ -228,8 +303,27 @@ def value_loss(
     old_values, returns = old_values.detach(), returns.detach()
     unclipped = (values - returns) ** 2
     if clip == 0:
-        return 0.5 * masked_mean(unclipped, mask), {"vf_clipfrac": _metric(values.new_zeros(()))}
+        return 0.5 * aggregate_loss(unclipped, mask, agg), {"vf_clipfrac": _metric(values.new_zeros(()))}
     v_clip = old_values + torch.clamp(values - old_values, -clip, clip)
     clipped = (v_clip - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = 0.5 * aggregate_loss(torch.maximum(unclipped, clipped), mask, agg)
     return loss, {"vf_clipfrac": _metric(masked_mean((clipped > unclipped).float(), mask))}
+
+
+def kl_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    estimator: str = "k3",
+    agg: str = "token",
+) -> tuple[torch.Tensor, Metrics]:
+    """KL(pi || pi_ref) as a loss term: (B, T) x 3 -> (loss (), {"kl_mean"}).
+
+    The GRPO way of regularising (Shao et al. 2024, DeepSeekMath, eq. 4, with the "k3" estimator)
+    instead of putting the KL into the reward: loss = agg of `kl.kl_penalty(logprobs, ref, est)`,
+    added to the policy loss with its coefficient by the caller. Gradients flow through `logprobs`
+    only; the reference is detached. Masked positions may hold anything (see `kl_penalty`).
+    kl_mean is the token-level masked mean of the estimate, whatever `agg`.
+    """
+    kl = kl_penalty(logprobs, ref_logprobs.detach(), estimator, mask=mask)
+    return aggregate_loss(kl, mask, agg), {"kl_mean": _metric(masked_mean(kl, mask))}

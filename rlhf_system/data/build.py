@@ -5,7 +5,8 @@
 Columns by kind (lists of ints unless said):
 - sft:        input_ids, loss_mask [+ position_ids, seq_lens when data.packing]
 - preference: chosen_input_ids, chosen_loss_mask, rejected_input_ids, rejected_loss_mask
-- prompt:     prompt_ids, prompt (rendered text, str), answer (str), meta (JSON str of the other keys)
+- prompt:     prompt_ids, prompt (rendered text, str), messages (JSON str of the prompt turns), answer (str),
+              meta (JSON str of the other keys)
 
 Map-style datasets are tokenised with `Dataset.map`, whose Arrow cache is keyed on the source, the
 tokenizer and every data setting that changes the result, so a second run reuses it. Every bad row
@@ -34,7 +35,7 @@ from rlhf_system.data.tokenize import (
     truncate,
 )
 
-CACHE_VERSION = "1"  # bump when the processing below changes its output
+CACHE_VERSION = "2"  # bump when the processing below changes its output
 MAP_BATCH = 256
 
 
@@ -78,7 +79,7 @@ def _preference_rows(batch: dict, idx: list[int], *, src: LoadedSource, fmt: str
 
 
 def _prompt_rows(batch: dict, idx: list[int], *, src: LoadedSource, fmt: str, cfg: DataConfig, tok) -> dict:
-    out = {"prompt_ids": [], "prompt": [], "answer": [], "meta": []}
+    out = {"prompt_ids": [], "prompt": [], "messages": [], "answer": [], "meta": []}
     used = {cfg.keys.prompt, cfg.keys.answer}
     for row, i in zip(_rows(batch), idx):
         rec = formats.to_prompt(row, fmt, cfg.keys, src.where(i), cfg.system_prompt)
@@ -92,6 +93,7 @@ def _prompt_rows(batch: dict, idx: list[int], *, src: LoadedSource, fmt: str, cf
             text = tok.decode(ids)
         out["prompt_ids"].append(ids)
         out["prompt"].append(text)
+        out["messages"].append(json.dumps(rec["prompt"]))
         out["answer"].append(rec["answer"])
         out["meta"].append(json.dumps({k: v for k, v in row.items() if k not in used}, sort_keys=True, default=str))
     return out

@@ -42,6 +42,11 @@ def render_prompt(tokenizer, messages: list[dict], template: str) -> str:
     return _render(tokenizer, messages, template, add_generation_prompt=True)
 
 
+def render_conversation(tokenizer, messages: list[dict], template: str) -> str:
+    """A whole conversation (ending in an assistant turn) as the model was trained on it."""
+    return _render(tokenizer, messages, template, add_generation_prompt=False)
+
+
 def encode_with_mask(tokenizer, messages: list[dict], template: str, train_from: int,
                      where: str) -> tuple[list[int], list[int]]:
     """Token ids of the whole conversation and a 0/1 mask over assistant turns at index >= train_from."""

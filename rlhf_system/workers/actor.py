@@ -51,3 +51,58 @@ class ActorWorker(BaseWorker):
         from rlhf_system.trainers import dpo
 
         return dpo.evaluate(self.state)
+
+    # ---------------------------------------------------------------- PPO (trainers/ppo_rank.py)
+    def ppo_setup(self, cfg, total_steps: int) -> dict:
+        from rlhf_system.trainers import ppo_rank
+
+        self.state = ppo_rank.setup_actor(cfg, total_steps)
+        return {"rank": self.rank}
+
+    def logprobs(self, samples: list[dict]) -> list[list[float]]:
+        from rlhf_system.trainers import ppo_rank
+
+        return ppo_rank.logprobs(self.state, samples)
+
+    def ppo_update(self, samples: list[dict], step: int, kl_coef: float) -> dict:
+        from rlhf_system.trainers import ppo_rank
+
+        return ppo_rank.actor_update(self.state, samples, step, kl_coef)
+
+    def ppo_save_hf(self, out: str) -> str:
+        from rlhf_system.models.export import export_model
+
+        return str(export_model(self.state.engine, self.state.tokenizer, out, self.state.cfg))
+
+    # ------------------------------------------------- weight sync, sender side (weight_sync.py)
+    def ws_open(self, world: int) -> tuple[str, int, list]:
+        from rlhf_system.distributed import weight_sync
+
+        self._ws_plan = weight_sync.plan_buckets([s.meta for s in weight_sync.sources(self.state.engine.module)])
+        self._ws_addr, self._ws_port = self.master_endpoint()
+        self._ws_world = world
+        return self._ws_addr, self._ws_port, self._ws_plan
+
+    def ws_connect(self) -> int:
+        from rlhf_system.distributed import weight_sync
+
+        self._ws_backend = weight_sync.backend_for_device()
+        self._ws_group, self._ws_store = weight_sync.make_group(
+            self._ws_backend, self._ws_addr, self._ws_port, 0, self._ws_world,
+            self.state.cfg.placement.call_timeout_s, is_master=True)
+        return 0
+
+    def ws_send(self) -> int:
+        """Every actor rank calls this (ZeRO-3 gathers are collective); rank 0 broadcasts."""
+        from rlhf_system.distributed import weight_sync
+
+        n = 0
+        stage = self.state.cfg.deepspeed.zero_stage
+        for buf in weight_sync.iter_buckets(self.state.engine.module, self._ws_plan, stage, self.rank == 0):
+            if buf is not None:
+                weight_sync.broadcast(self._ws_group, self._ws_backend, buf.contiguous())
+                n += 1
+        return n
+
+    def ws_close(self) -> None:
+        self._ws_group = self._ws_store = None

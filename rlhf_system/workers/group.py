@@ -50,7 +50,7 @@ def ensure_ray(num_cpus_needed: int = 0) -> None:
                  runtime_env={"env_vars": env}, log_to_driver=True)
 
 
-def _bundles(placement: PlacementConfig, n: int) -> list[dict[str, float]]:
+def bundles_for(placement: PlacementConfig, n: int) -> list[dict[str, float]]:
     gpus = 1.0 if placement.gpus_per_node > 0 else 0.0
     bundle = {"CPU": placement.cpus_per_worker}
     if gpus:
@@ -72,14 +72,16 @@ def check_resources(role: str, bundles: list[dict[str, float]]) -> None:
 
 class WorkerGroup:
     def __init__(self, role: str, worker_cls: type, num_workers: int, placement: PlacementConfig,
-                 placement_group=None, bundle_offset: int = 0):
+                 placement_group=None, bundle_offset: int = 0, share: int = 1):
+        """`placement_group` (with `share` roles per bundle, see distributed/placement.py) colocates this
+        group with others: each worker then takes 1/share of its bundle's GPU and CPUs."""
         import ray
         from ray.util.placement_group import placement_group as make_pg
         from ray.util.placement_group import remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.role, self.timeout = role, placement.call_timeout_s
-        bundles = _bundles(placement, num_workers)
+        bundles = bundles_for(placement, num_workers)
         ensure_ray(int(sum(b["CPU"] for b in bundles)))
         self._own_pg = placement_group is None
         if self._own_pg:
@@ -93,10 +95,10 @@ class WorkerGroup:
                                      f"(strategy {placement.strategy}); the cluster cannot place it") from None
         self.pg = placement_group
         remote_cls = ray.remote(worker_cls)
-        gpu = bundles[0].get("GPU", 0)
+        gpu = bundles[0].get("GPU", 0) / share
         self.workers = [
             remote_cls.options(
-                num_cpus=bundles[0]["CPU"], num_gpus=gpu,
+                num_cpus=bundles[0]["CPU"] / share, num_gpus=gpu,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=placement_group, placement_group_bundle_index=bundle_offset + i),
             ).remote()
@@ -136,13 +138,27 @@ class WorkerGroup:
 
     def call_sharded(self, method: str, items: list, *args, timeout: float | None = None, **kwargs) -> list[Any]:
         """Rank r gets the contiguous r-th slice of `items`; results are concatenated in rank order."""
+        return self.submit_sharded(method, items, *args, timeout=timeout, **kwargs)()
+
+    def submit_sharded(self, method: str, items: list, *args, timeout: float | None = None, by_rank: bool = False,
+                       **kwargs):
+        """`call_sharded` without waiting: returns a function that waits (under the deadline) and
+        returns the concatenated results (with by_rank, the list of each rank's result), so several
+        groups can work at the same time."""
         n = len(items)
         if n % self.world_size:
             raise ValueError(f"{self.role}: {n} items do not split evenly over {self.world_size} ranks")
         k = n // self.world_size
         refs = [getattr(w, method).remote(items[r * k:(r + 1) * k], *args, **kwargs)
                 for r, w in enumerate(self.workers)]
-        return [x for part in self._get(refs, method, timeout) for x in part]
+        if by_rank:
+            return lambda: self._get(refs, method, timeout)
+        return lambda: [x for part in self._get(refs, method, timeout) for x in part]
+
+    def submit(self, method: str, *args, timeout: float | None = None, **kwargs):
+        """`call` without waiting; the returned function waits and returns the results by rank."""
+        refs = [getattr(w, method).remote(*args, **kwargs) for w in self.workers]
+        return lambda: self._get(refs, method, timeout)
 
     def shutdown(self) -> None:
         import ray
@@ -173,6 +189,15 @@ class LocalGroup:
 
     def call_sharded(self, method: str, items: list, *args, timeout: float | None = None, **kwargs) -> list[Any]:
         return getattr(self.workers[0], method)(items, *args, **kwargs)
+
+    def submit_sharded(self, method: str, items: list, *args, timeout: float | None = None, by_rank: bool = False,
+                       **kwargs):
+        result = self.call_sharded(method, items, *args, **kwargs)  # in-process: runs now
+        return lambda: [result] if by_rank else result
+
+    def submit(self, method: str, *args, timeout: float | None = None, **kwargs):
+        result = self.call(method, *args, **kwargs)
+        return lambda: result
 
     def shutdown(self) -> None:
         self.workers[0].teardown()

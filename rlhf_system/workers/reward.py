@@ -1,6 +1,6 @@
 """RewardWorker: the reward role. For reward-model training (`rlhf train rm`) it trains a sequence
 classifier with the pairwise loss (trainers/reward_model.py holds the per-rank logic; checkpoint verbs
-come from BaseWorker); the PPO work adds its `score` verb here."""
+come from BaseWorker); in PPO it is frozen and `score`s (prompt, response) pairs."""
 
 from __future__ import annotations
 
@@ -34,3 +34,24 @@ class RewardWorker(BaseWorker):
         from rlhf_system.trainers import reward_model
 
         return reward_model.full_state_dict(self.state)
+
+    # ---------------------------------------------------------------- PPO: frozen scorer
+    def ppo_setup(self, cfg) -> dict:
+        from rlhf_system.trainers import ppo_rank
+
+        self.state = ppo_rank.setup_reward(cfg)
+        self._frozen = True
+        return {"rank": self.rank}
+
+    def score(self, items: list[dict]) -> list[float]:
+        from rlhf_system.trainers import ppo_rank
+
+        return ppo_rank.reward_scores(self.state, items)
+
+    def save_checkpoint(self, path: str) -> None:
+        if not getattr(self, "_frozen", False):
+            super().save_checkpoint(path)
+
+    def load_checkpoint(self, path: str) -> None:
+        if not getattr(self, "_frozen", False):
+            super().load_checkpoint(path)

@@ -112,6 +112,8 @@ def test_batch_arithmetic_ok_with_accumulation(tmp_path):
 
 PPO = """
 mode: ppo
+model: {reward_path: rm}
+data: {train: [{path: prompts.jsonl}]}
 train: {global_batch_size: 16, micro_batch_size: 2, rollout_batch_size: 8}
 rollout: {n_samples_per_prompt: 2}
 """

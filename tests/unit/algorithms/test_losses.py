@@ -10,13 +10,16 @@ import pytest
 import torch
 
 from rlhf_system.algorithms.losses import (
+    aggregate_loss,
     dpo_loss,
     dpo_nll,
+    kl_loss,
     pairwise_rm_loss,
     policy_loss_ppo,
     sequence_logps,
     sft_loss,
     sft_loss_sum,
+    truncated_is_weights,
     value_loss,
 )
 
@@ -313,3 +316,114 @@ def test_value_loss_unclipped_and_masked():
     close(m["vf_clipfrac"], 0.5)
     with pytest.raises(ValueError, match="clip"):
         value_loss(values, OLD, RETURNS, torch.ones(1, 3), clip=-0.1)
+
+
+# ------------------------------------------------------------------ PPO: dual clip, agg, IS weights
+
+
+def test_ppo_dual_clip_hand_values():
+    new, old, adv, mask = ppo_case([3.0, 1.5, 3.0], [-1.0, -1.0, 1.0])
+    loss, m = policy_loss_ppo(new, old, adv, mask)
+    close(loss, (3.0 + 1.5 - 1.2) / 3)  # max(-A r, -A clip(r)) = [3, 1.5, -1.2]
+    assert "dual_clipfrac" not in m
+    loss, m = policy_loss_ppo(new, old, adv, mask, dual_clip=2.0)
+    # token 0 (A < 0, loss 3 > -c A = 2) is capped at 2; token 1 (1.5 < 2) and A > 0 are unchanged
+    close(loss, (2.0 + 1.5 - 1.2) / 3)
+    close(m["dual_clipfrac"], 1 / 3)
+    close(m["clipfrac"], 1 / 3)  # the standard clip metric is unchanged
+    loss.backward()
+    # capped token: constant, no gradient; token 1: d/dlogp of -A r / 3 = 1.5 / 3
+    torch.testing.assert_close(new.grad, torch.tensor([[0.0, 0.5, 0.0]]))
+    assert "dual_clipfrac" not in policy_loss_ppo(new, old, adv, mask, dual_clip=0)[1]  # 0 is off, as in the config
+
+
+def test_ppo_dual_clip_bounds_negative_advantage_loss():
+    g = torch.Generator().manual_seed(0)
+    old = torch.zeros(4, 8)
+    new = torch.randn(4, 8, generator=g) * 5  # ratios up to e^15
+    adv = -torch.rand(4, 8, generator=g) - 0.1
+    mask = torch.ones(4, 8)
+    c = 3.0
+    unbounded, _ = policy_loss_ppo(new, old, adv, mask)
+    bounded, _ = policy_loss_ppo(new, old, adv, mask, dual_clip=c)
+    assert unbounded.item() > (-c * adv).mean().item() >= bounded.item()
+    with pytest.raises(ValueError, match="dual_clip"):
+        policy_loss_ppo(new, old, adv, mask, dual_clip=0.5)
+
+
+def test_ppo_seq_vs_token_agg():
+    # on-policy (ratio 1): per-token loss is -A
+    old = torch.zeros(3, 3)
+    adv = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
+    ragged = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])  # third row empty
+    token, _ = policy_loss_ppo(old.clone(), old, adv, ragged, agg="token")
+    seq, _ = policy_loss_ppo(old.clone(), old, adv, ragged, agg="seq")
+    close(token, -(1 + 2 + 3 + 4) / 4)  # -2.5
+    close(seq, -(2 + 4) / 2)  # row means [-2, -4]; the empty row does not count
+    full = torch.ones(3, 3)
+    torch.testing.assert_close(policy_loss_ppo(old.clone(), old, adv, full, agg="seq")[0],
+                               policy_loss_ppo(old.clone(), old, adv, full, agg="token")[0])
+    with pytest.raises(ValueError, match="token.*seq"):
+        policy_loss_ppo(old.clone(), old, adv, full, agg="sample")
+
+
+def test_aggregate_loss_all_empty_is_zero():
+    x = torch.tensor([[float("nan"), 1.0]])
+    for agg in ("token", "seq"):
+        assert aggregate_loss(x, torch.zeros(1, 2), agg).item() == 0.0
+
+
+def test_ppo_is_weights_multiply_per_token_loss_and_are_safe_under_mask():
+    new, old, adv, mask = ppo_case([1.0, 1.0, 1.0], [2.0, -1.0, 5.0], [1, 1, 0])
+    w = torch.tensor([[0.5, 2.0, float("nan")]], requires_grad=True)
+    loss, _ = policy_loss_ppo(new, old, adv, mask, is_weights=w)
+    close(loss, (0.5 * -2.0 + 2.0 * 1.0) / 2)  # 0.5
+    loss.backward()
+    # d/dlogp = -A r w / 2 on kept tokens; masked token 0, not NaN; the weights get no gradient
+    torch.testing.assert_close(new.grad, torch.tensor([[-0.5, 1.0, 0.0]]))
+    assert w.grad is None
+
+
+def test_truncated_is_weights_hand_values():
+    old = torch.full((1, 4), -1.0, requires_grad=True)
+    rollout = torch.tensor([[-1.0 - LN2, -1.0 + LN2, -6.0, float("nan")]])
+    w = truncated_is_weights(old, rollout, cap=3.0, mask=torch.tensor([[1, 1, 1, 0]]))
+    torch.testing.assert_close(w, torch.tensor([[2.0, 0.5, 3.0, 0.0]]))  # e^5 = 148 is capped at 3
+    assert not w.requires_grad
+    torch.testing.assert_close(truncated_is_weights(old[:, :3], rollout[:, :3], cap=10.0)[0, 2], torch.tensor(10.0))
+    with pytest.raises(ValueError, match="cap"):
+        truncated_is_weights(old, rollout, cap=0.0)
+
+
+def test_value_loss_seq_agg():
+    values = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]])
+    returns = torch.tensor([[2.0, 0.0, 1.0], [1.0, float("nan"), 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    # squared errors [[1, 4, 1], [4, -, -]]
+    close(value_loss(values, values, returns, mask, clip=0.0)[0], 0.5 * (1 + 4 + 1 + 4) / 4)  # 1.25
+    close(value_loss(values, values, returns, mask, clip=0.0, agg="seq")[0], 0.5 * (6 / 3 + 4) / 2)  # 1.5
+
+
+# ---------------------------------------------------------------------------------------- KL loss
+
+
+def test_kl_loss_hand_values_and_gradient():
+    logp = torch.tensor([[-1.0, -2.0, float("nan")]], requires_grad=True)
+    ref = torch.tensor([[-2.0, -1.0, float("nan")]], requires_grad=True)  # log-ratios [1, -1]
+    mask = torch.tensor([[1, 1, 0]])
+    loss, m = kl_loss(logp, ref, mask)
+    close(loss, (0.367879441 + 0.718281828) / 2)  # k3: e^-1 and e - 2
+    close(m["kl_mean"], (0.367879441 + 0.718281828) / 2)
+    loss.backward()
+    # d/dl of e^-l - 1 + l is 1 - e^-l: [1 - e^-1, 1 - e] / 2 tokens; the reference gets none
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.316060279, -0.859140914, 0.0]]))
+    assert ref.grad is None
+    close(kl_loss(logp, ref, mask, estimator="k1")[0], 0.0)
+
+
+def test_kl_loss_seq_agg():
+    logp = torch.tensor([[-1.0, -1.0], [-3.0, 0.0]])
+    ref = torch.tensor([[-1.0, -2.0], [-1.0, 5.0]])  # k1: [[0, 1], [-2, -]]
+    mask = torch.tensor([[1, 1], [1, 0]])
+    close(kl_loss(logp, ref, mask, estimator="k1")[0], (0 + 1 - 2) / 3)
+    close(kl_loss(logp, ref, mask, estimator="k1", agg="seq")[0], (0.5 - 2) / 2)

@@ -1,0 +1,88 @@
+"""Where the PPO roles run: one placement group per role, or shared ones for colocated roles.
+
+    groups = start_roles(cfg, {"actor": ActorWorker, "critic": CriticWorker, ...})
+
+By default each role gets its own placement group (bundles of one GPU, or one CPU slot, per worker;
+`placement.strategy` PACK or SPREAD across nodes). `placement.colocate` lists groups of roles that
+share GPUs, e.g. [[actor, reference], [critic, reward]]: such a group gets ONE placement group and
+each of its roles puts worker i on bundle i with 1/k of the bundle's GPU and CPUs (k roles). Roles
+that take turns (reference inference, then actor training) then share memory instead of each
+needing its own device.
+
+Not built yet: the hybrid engine (vLLM colocated with the trainers, sleeping during training).
+The rollout engines always get their own GPUs (or, on CPU, no reserved slot at all).
+"""
+
+from __future__ import annotations
+
+import os
+
+from rlhf_system.config import RunConfig, role_slots
+from rlhf_system.workers.group import GroupCallError, WorkerGroup, bundles_for, check_resources, ensure_ray
+
+
+def cpus_needed(cfg: RunConfig, roles: list[str]) -> int:
+    """CPU slots the trainer roles reserve, counting a colocated group once."""
+    counted: set[str] = set()
+    need = 0.0
+    for group in cfg.placement.colocate:
+        active = [r for r in group if r in roles and r != "rollout"]
+        if active:
+            need += max(role_slots(cfg, r) for r in active) * cfg.placement.cpus_per_worker
+            counted.update(active)
+    need += sum(role_slots(cfg, r) * cfg.placement.cpus_per_worker for r in roles
+                if r not in counted and r != "rollout")
+    return int(need + 0.999)
+
+
+def _shared_group(cfg: RunConfig, roles: list[str], name: str):
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    n = max(role_slots(cfg, r) for r in roles)
+    bundles = bundles_for(cfg.placement, n)
+    check_resources("+".join(roles), bundles)
+    pg = placement_group(bundles, strategy=cfg.placement.strategy, name=f"{name}-{os.getpid()}")
+    try:
+        ray.get(pg.ready(), timeout=cfg.placement.timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        raise GroupCallError(f"{'+'.join(roles)}: placement group {bundles} not ready within "
+                             f"{cfg.placement.timeout_s:g}s; the cluster cannot place it") from None
+    return pg
+
+
+def start_roles(cfg: RunConfig, classes: dict[str, type]) -> tuple[dict[str, WorkerGroup], list]:
+    """A WorkerGroup per role in `classes` (rollout excluded); returns (groups, shared placement groups).
+    On failure, whatever was started is shut down before the error propagates."""
+    ensure_ray(cpus_needed(cfg, list(classes)))
+    groups: dict[str, WorkerGroup] = {}
+    shared: list = []
+    try:
+        placed: set[str] = set()
+        for colocated in cfg.placement.colocate:
+            active = [r for r in colocated if r in classes]
+            if not active:
+                continue
+            pg = _shared_group(cfg, active, "+".join(active))
+            shared.append(pg)
+            for role in active:
+                groups[role] = WorkerGroup(role, classes[role], role_slots(cfg, role), cfg.placement,
+                                           placement_group=pg, share=len(active))
+                placed.add(role)
+        for role, cls in classes.items():
+            if role not in placed:
+                groups[role] = WorkerGroup(role, cls, role_slots(cfg, role), cfg.placement)
+    except BaseException:
+        stop_roles(groups, shared)
+        raise
+    return groups, shared
+
+
+def stop_roles(groups: dict, shared: list) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    for g in groups.values():
+        g.shutdown()
+    for pg in shared:
+        remove_placement_group(pg)

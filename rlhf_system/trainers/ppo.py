@@ -1,0 +1,325 @@
+"""RLHF with PPO and its critic-free relatives (GRPO, RLOO, REINFORCE++): the single controller.
+
+    rlhf train ppo --config configs/ppo/tiny-cpu.yaml [overrides]
+
+`run` reads top to bottom. Before anything starts, `prepare` checks paths, tokenises the prompt sets
+(cached) and loads the reward functions, so bad input fails in seconds. Then the role groups start
+(actor, critic, reference, reward under DeepSpeed; rollout = vLLM engines), the weight-sync group
+opens, and each step does:
+
+ 1. generate   n samples per prompt from the rollout engines (token ids, sampling log-probs)
+ 2. reward     reward model (reward group) + rule functions + remote server, weighted, clipped
+ 3. inference  actor old log-probs, reference log-probs, critic values: the groups work concurrently,
+               each on its data-parallel shard
+ 4. advantages KL to the reference (in the reward or as a loss), then GAE / GRPO / RLOO / REINFORCE++
+               (algorithms/, pure torch, here in the controller)
+ 5. train      actor and critic PPO epochs, concurrently
+ 6. sync       actor weights -> every engine (distributed/weight_sync.py), prefix caches reset
+ 7. log        metrics with per-phase timings; evaluate every train.eval_every steps; checkpoint
+
+The estimator is a config choice (algorithm.estimator); with a critic-free one the critic group is
+never started. Resume restores the engines, the KL coefficient and the position in the prompt data.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlhf_system import checkpoint
+from rlhf_system.algorithms.advantages import compute_advantages
+from rlhf_system.algorithms.kl import kl_penalty, make_kl_controller
+from rlhf_system.algorithms.logprobs import masked_mean, masked_sum
+from rlhf_system.config import ConfigError, RunConfig
+from rlhf_system.data.build import build_dataset
+from rlhf_system.models.load import check_lora_targets, check_model_path, load_tokenizer
+from rlhf_system.tracking import Tracker
+from rlhf_system.trainers.batching import global_batches
+
+
+# ---------------------------------------------------------------------------------------- prepare
+@dataclass
+class Prepared:
+    tokenizer: object
+    train: list[dict]                       # prompt rows: prompt_ids, messages, meta (answer included)
+    evals: dict[str, list[dict]]            # held-out prompt sets by name
+    rules: object | None = None             # rewards.registry.RuleRewards
+    remote: object | None = None            # rewards.client.RemoteReward
+    steps: int = 0
+    optimizer_steps: int = 0
+    notes: dict = field(default_factory=dict)
+
+
+def _rows(ds) -> list[dict]:
+    return [{"prompt_ids": r["prompt_ids"], "messages": json.loads(r["messages"]),
+             "meta": {**json.loads(r["meta"]), "answer": r["answer"]}} for r in ds]
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    from rlhf_system.rewards.client import from_config
+    from rlhf_system.rewards.registry import RuleRewards
+
+    tok = load_tokenizer(cfg.model)
+    check_lora_targets(cfg.model, cfg.peft)
+    if cfg.rewards.use_model:
+        check_model_path(cfg.model.reward_path, "model.reward_path")
+    for field_name in ("critic_path", "reference_path"):
+        if getattr(cfg.model, field_name):
+            check_model_path(getattr(cfg.model, field_name), f"model.{field_name}")
+    name = cfg.model.tokenizer_path or cfg.model.path
+    train = _rows(build_dataset("prompt", cfg.data, cfg.data.train, tok, cfg.seed, name)[0])
+    evals = {Path(src.path).stem: _rows(build_dataset("prompt", cfg.data, [src], tok, cfg.seed, name)[0])
+             for src in cfg.data.eval}
+    if cfg.train.max_eval_samples:
+        evals = {k: v[:cfg.train.max_eval_samples] for k, v in evals.items()}
+    rules = RuleRewards(cfg.rewards.rules) if cfg.rewards.rules else None
+    remote = from_config(cfg.rewards) if cfg.rewards.remote_url else None
+    per_epoch = len(train) // cfg.train.rollout_batch_size
+    if per_epoch == 0:
+        raise ConfigError(f"data.train has {len(train)} prompts, fewer than train.rollout_batch_size="
+                          f"{cfg.train.rollout_batch_size}. Fix: lower the rollout batch or add prompts")
+    steps = cfg.train.max_steps if cfg.train.max_steps > 0 else per_epoch * cfg.train.epochs
+    experiences = cfg.train.rollout_batch_size * cfg.rollout.n_samples_per_prompt
+    opt_steps = steps * cfg.algorithm.ppo_epochs * (experiences // cfg.train.global_batch_size)
+    return Prepared(tok, train, evals, rules, remote, steps, opt_steps)
+
+
+# ----------------------------------------------------------------------------------------- groups
+def start(cfg: RunConfig, prep: Prepared):
+    from rlhf_system.config import roles_for
+    from rlhf_system.distributed.placement import start_roles
+    from rlhf_system.distributed.weight_sync import WeightSync
+    from rlhf_system.workers.actor import ActorWorker
+    from rlhf_system.workers.critic import CriticWorker
+    from rlhf_system.workers.reference import ReferenceWorker
+    from rlhf_system.workers.reward import RewardWorker
+    from rlhf_system.workers.rollout import RolloutGroup
+
+    classes = {"actor": ActorWorker, "critic": CriticWorker, "reference": ReferenceWorker, "reward": RewardWorker}
+    roles = roles_for(cfg)
+    groups, shared = start_roles(cfg, {r: c for r, c in classes.items() if r in roles})
+    waits = [groups["actor"].submit("ppo_setup", cfg, prep.optimizer_steps)]
+    if "critic" in groups:
+        waits.append(groups["critic"].submit("ppo_setup", cfg, prep.optimizer_steps))
+    waits += [groups[r].submit("ppo_setup", cfg) for r in ("reference", "reward") if r in groups]
+    rollout = None
+    try:
+        rollout = RolloutGroup(cfg, cfg.model.path)  # loads while the trainers set up
+        for w in waits:
+            w()
+        sync = WeightSync(groups["actor"], rollout, cfg.placement.call_timeout_s)
+        sync.open()
+    except BaseException:
+        stop(groups, shared, rollout, None)
+        raise
+    return groups, shared, rollout, sync
+
+
+def stop(groups: dict, shared: list, rollout, sync) -> None:
+    from rlhf_system.distributed.placement import stop_roles
+
+    if sync is not None:
+        sync.close()
+    if rollout is not None:
+        rollout.shutdown()
+    stop_roles(groups, shared)
+
+
+# ------------------------------------------------------------------------------------ one PPO step
+def _pad(rows: list[list[float]]) -> torch.Tensor:
+    T = max(1, max(len(r) for r in rows))
+    return torch.tensor([r + [0.0] * (T - len(r)) for r in rows], dtype=torch.float32)
+
+
+def score(cfg: RunConfig, prep: Prepared, groups: dict, items: list[dict], texts: list[str]) -> tuple[torch.Tensor, dict]:
+    """Combined scores (B,) and their parts' means, for metrics."""
+    parts, metrics = [], {}
+    rm_wait = groups["reward"].submit_sharded("score", items) if cfg.rewards.use_model else None
+    if prep.rules is not None:
+        prompts = [json.dumps(it["messages"]) for it in items]
+        rule = torch.tensor(prep.rules.score(prompts, texts, [it["meta"] for it in items]))
+        parts.append(cfg.rewards.rule_weight * rule)
+        metrics["reward/rules"] = rule.mean().item()
+    if prep.remote is not None:
+        remote = torch.tensor(prep.remote.score([json.dumps(it["messages"]) for it in items], texts,
+                                                [it["meta"] for it in items]))
+        parts.append(cfg.rewards.remote_weight * remote)
+        metrics["reward/remote"] = remote.mean().item()
+    if rm_wait is not None:
+        rm = torch.tensor(rm_wait())
+        parts.append(cfg.rewards.model_weight * rm)
+        metrics["reward/model"] = rm.mean().item()
+    total = torch.stack(parts).sum(0)
+    metrics["reward/total"] = total.mean().item()
+    if cfg.rewards.clip > 0:
+        total = total.clamp(-cfg.rewards.clip, cfg.rewards.clip)
+    if cfg.rewards.normalize:  # per batch: scale-free rewards for the critic and the KL trade-off
+        total = (total - total.mean()) / (total.std() + 1e-6)
+    return total, metrics
+
+
+def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, rollout, prompts: list[dict], step: int,
+                     kl_coef: float, timer: dict) -> tuple[list[dict], dict]:
+    n = cfg.rollout.n_samples_per_prompt
+    t = time.perf_counter()
+    gen = rollout.generate([p["prompt_ids"] for p in prompts], seed=cfg.rollout.seed + 7919 * step)
+    timer["time/generate"] = time.perf_counter() - t
+    samples = [{"prompt_ids": prompts[i // n]["prompt_ids"], "response_ids": g["response_ids"]}
+               for i, g in enumerate(gen)]
+    texts = [prep.tokenizer.decode(g["response_ids"], skip_special_tokens=True) for g in gen]
+    items = [{"messages": prompts[i // n]["messages"], "meta": prompts[i // n]["meta"], "response": texts[i]}
+             for i in range(len(gen))]
+
+    t = time.perf_counter()
+    scores, metrics = score(cfg, prep, groups, items, texts)
+    timer["time/reward"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    waits = {"old": groups["actor"].submit_sharded("logprobs", samples)}
+    if "reference" in groups:
+        waits["ref"] = groups["reference"].submit_sharded("logprobs", samples)
+    if "critic" in groups:
+        waits["values"] = groups["critic"].submit_sharded("values", samples)
+    got = {k: w() for k, w in waits.items()}
+    timer["time/inference"] = time.perf_counter() - t
+
+    mask = _pad([[1.0] * len(s["response_ids"]) for s in samples])
+    old = _pad(got["old"])
+    a = cfg.algorithm
+    kl = kl_penalty(old, _pad(got["ref"]), a.kl.estimator, mask) if "ref" in got else None
+    adv, returns = compute_advantages(
+        a.estimator, scores=scores, mask=mask, values=_pad(got["values"]) if "values" in got else None,
+        kl=kl, kl_coef=kl_coef, kl_in_reward=a.kl.in_reward, gamma=a.gamma, lam=a.lam, group_size=n,
+        whiten_advantages=a.normalize_advantages)
+
+    lengths = mask.sum(-1)
+    vllm_lp = _pad([g["logprobs"] for g in gen])
+    metrics |= {
+        "response_length": lengths.mean().item(),
+        "truncated": sum(g["finish_reason"] == "length" for g in gen) / len(gen),
+        "advantage_mean": masked_mean(adv, mask).item(),
+        # how far vLLM's sampling log-probs are from the trainer's (fp32 CPU: ~0; bf16 GPU: larger)
+        "logprob_mismatch": masked_mean((old - vllm_lp).abs(), mask).item() if cfg.rollout.temperature > 0 else 0.0,
+    }
+    if kl is not None:
+        k1 = kl_penalty(old, _pad(got["ref"]), "k1", mask)
+        metrics["kl"] = masked_sum(k1, mask, dim=-1).mean().item()  # per sequence, in nats
+    exps = []
+    for i, s in enumerate(samples):
+        L = len(s["response_ids"])
+        e = {**s, "advantages": adv[i, :L].tolist(), "old_logprobs": got["old"][i],
+             "rollout_logprobs": gen[i]["logprobs"]}
+        if "ref" in got:
+            e["ref_logprobs"] = got["ref"][i]
+        if returns is not None:
+            e["returns"], e["old_values"] = returns[i, :L].tolist(), got["values"][i]
+        exps.append(e)
+    return exps, metrics
+
+
+def train(cfg: RunConfig, groups: dict, exps: list[dict], step: int, kl_coef: float, timer: dict) -> dict:
+    t = time.perf_counter()
+    waits = [groups["actor"].submit_sharded("ppo_update", exps, step, kl_coef, by_rank=True)]
+    if "critic" in groups:
+        waits.append(groups["critic"].submit_sharded("ppo_update", exps, step, by_rank=True))
+    metrics: dict = {}
+    for w in waits:  # per-rank metric dicts: average them
+        per_rank = w()
+        for k in per_rank[0]:
+            metrics[k] = sum(m[k] for m in per_rank) / len(per_rank)
+    timer["time/train"] = time.perf_counter() - t
+    return metrics
+
+
+# -------------------------------------------------------------------------------------- evaluation
+def evaluate(cfg: RunConfig, prep: Prepared, groups: dict, rollout) -> dict:
+    """Greedy completions of every held-out set: rule metrics per family (eval/generation.score) and,
+    with a reward model, its mean score."""
+    from rlhf_system.eval.generation import score as rule_score
+
+    out = {}
+    for name, rows in prep.evals.items():
+        gen = rollout.generate([r["prompt_ids"] for r in rows], n=1, temperature=0.0)
+        texts = [prep.tokenizer.decode(g["response_ids"], skip_special_tokens=True) for g in gen]
+        per_family = rule_score([r["meta"] for r in rows], texts)
+        for fam, m in per_family.items():
+            for k in ("exact", "reward"):
+                out[f"eval/{name}/{fam}/{k}"] = m[k]
+        if cfg.rewards.use_model:
+            items = [{"messages": r["messages"], "response": t} for r, t in zip(rows, texts)]
+            k = len(groups["reward"].workers)
+            usable = len(items) - len(items) % k
+            rm = groups["reward"].call_sharded("score", items[:usable])
+            out[f"eval/{name}/rm_score"] = sum(rm) / max(1, len(rm))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- the run
+def save(cfg: RunConfig, groups: dict, step: int, epoch: int, position: int, kl_ctl, initial: dict) -> None:
+    tmp = checkpoint.begin(cfg.run_dir, step)
+    waits = [groups[r].submit("save_checkpoint", str(tmp / r)) for r in ("actor", "critic") if r in groups]
+    for w in waits:
+        w()
+    checkpoint.commit(tmp, {"step": step, "epoch": epoch, "position": position, "seed": cfg.seed,
+                            "kl": kl_ctl.state_dict(), "initial": initial}, cfg.checkpoint.keep_last)
+
+
+def run(cfg: RunConfig) -> dict:
+    t0 = time.perf_counter()
+    prep = prepare(cfg)
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    cfg.dump(Path(cfg.run_dir) / "config.yaml")
+    tracker = Tracker(cfg.run_dir, cfg.logging, prep.steps, config=cfg.model_dump(mode="json"), name=cfg.name)
+    a = cfg.algorithm
+    kl_ctl = make_kl_controller(a.kl.coef, a.kl.adaptive, a.kl.target, a.kl.horizon)
+    groups, shared, rollout, sync = start(cfg, prep)
+    try:
+        step, start_epoch, start_pos = 0, 0, 0
+        resume = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.run_dir)
+        if resume is not None:
+            for w in [groups[r].submit("load_checkpoint", str(resume / r)) for r in ("actor", "critic") if r in groups]:
+                w()
+            state = checkpoint.read_run_state(resume)
+            step, start_epoch, start_pos, initial = state["step"], state["epoch"], state["position"], state["initial"]
+            kl_ctl.load_state_dict(state["kl"])
+            sync.sync()  # the engines still hold the initial weights
+            tracker.log(step, {"resumed_from": str(resume)})
+        else:
+            initial = evaluate(cfg, prep, groups, rollout)
+            tracker.log(0, initial)
+        every = cfg.checkpoint.save_every
+        epoch, position = start_epoch, start_pos
+        while step < prep.steps:
+            batches = global_batches(len(prep.train), cfg.train.rollout_batch_size, cfg.seed, epoch)
+            if position >= len(batches):
+                epoch, position = epoch + 1, 0
+                continue
+            t_step = time.perf_counter()
+            timer: dict = {}
+            prompts = [prep.train[i] for i in batches[position]]
+            exps, metrics = make_experiences(cfg, prep, groups, rollout, prompts, step, kl_ctl.value, timer)
+            metrics |= train(cfg, groups, exps, step, kl_ctl.value, timer)
+            timer["time/sync"] = sync.sync()
+            if "kl" in metrics:
+                kl_ctl.update(metrics["kl"], cfg.train.rollout_batch_size)
+            step, position = step + 1, position + 1
+            metrics |= timer | {"kl_coef": kl_ctl.value, "time/step": time.perf_counter() - t_step}
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < prep.steps:
+                metrics |= evaluate(cfg, prep, groups, rollout)
+            tracker.log(step, metrics)
+            if every and (step % every == 0 or step == prep.steps):
+                save(cfg, groups, step, epoch, position, kl_ctl, initial)
+        final = evaluate(cfg, prep, groups, rollout)
+        tracker.log(step, final)
+        out = Path(cfg.run_dir) / "hf"
+        if cfg.checkpoint.export_hf:
+            groups["actor"].call("ppo_save_hf", str(out))
+    finally:
+        tracker.close()
+        stop(groups, shared, rollout, sync)
+    return {"steps": step, "seconds": time.perf_counter() - t0, "initial": initial, "final": final,
+            "export": str(out) if cfg.checkpoint.export_hf else None}

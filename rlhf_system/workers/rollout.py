@@ -1,0 +1,170 @@
+"""RolloutWorker: one vLLM engine per Ray actor; RolloutGroup: the engines of a run.
+
+    rollout = RolloutGroup(cfg, model_path)             # starts cfg.rollout.num_engines engines
+    samples = rollout.generate(prompt_ids)              # n samples per prompt, prompt-major order
+    rollout.shutdown()
+
+Each sample is {"response_ids", "logprobs" (the sampling distribution's, after temperature),
+"finish_reason"}. Prompts go to the least-loaded engine in chunks, so a slow engine gets less work.
+Weight updates arrive through the WeightSyncExtension mixed into vLLM's worker (weight_sync.py).
+
+On CPU an engine reserves no Ray CPU (`num_cpus=0`): it shares the cores with the trainer workers,
+which are idle while it generates. On GPU it reserves `tensor_parallel_size` GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+
+from rlhf_system.config import RunConfig
+
+EXTENSION = "rlhf_system.distributed.vllm_ext.WeightSyncExtension"
+
+
+class RolloutWorker:
+    def __init__(self, model_path: str, index: int, cfg: RunConfig):
+        import torch
+
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.cpu_kv_cache_gib))
+        from vllm import LLM
+
+        r = cfg.rollout
+        on_gpu = torch.cuda.is_available()
+        kwargs = {"gpu_memory_utilization": r.gpu_memory_utilization, "enable_sleep_mode": True} if on_gpu else {}
+        self.index, self.cfg = index, cfg
+        self.llm = LLM(model=model_path, dtype="auto" if on_gpu else "float32", enforce_eager=r.enforce_eager or not on_gpu,
+                       max_model_len=cfg.data.max_prompt_len + r.max_new_tokens, seed=r.seed + index,
+                       tensor_parallel_size=r.tensor_parallel_size, worker_extension_cls=EXTENSION,
+                       logprobs_mode="processed_logprobs", **kwargs)
+
+    def ready(self) -> int:
+        return self.index
+
+    def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, seed: int | None = None,
+                 max_new_tokens: int | None = None) -> list[dict]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        r = self.cfg.rollout
+        params = SamplingParams(n=n, temperature=temperature, top_p=r.top_p if temperature > 0 else 1.0,
+                                max_tokens=max_new_tokens or r.max_new_tokens, stop=r.stop or None,
+                                logprobs=0 if temperature > 0 else None, seed=seed)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+        samples = []
+        for o in outs:
+            for c in o.outputs:
+                ids = list(c.token_ids)
+                lps = ([lp[t].logprob for lp, t in zip(c.logprobs, ids)] if c.logprobs is not None
+                       else [0.0] * len(ids))
+                samples.append({"response_ids": ids, "logprobs": lps, "finish_reason": c.finish_reason})
+        return samples
+
+    # weight sync (weight_sync.py has the contract); each call fans out to the engine's workers
+    def ws_join(self, addr: str, port: int, rank_offset: int, world: int, timeout_s: float) -> list[int]:
+        return self.llm.collective_rpc("ws_join", args=(addr, port, rank_offset, world, timeout_s))
+
+    def ws_receive(self, plan) -> list[int]:
+        plan = [[(m.name, m.dtype, tuple(m.shape)) for m in bucket] for bucket in plan]
+        return self.llm.collective_rpc("ws_receive", args=(plan,))
+
+    def ws_close(self) -> None:
+        self.llm.collective_rpc("ws_close")
+
+    def reset_prefix_cache(self) -> bool:
+        return self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+
+    def shutdown(self) -> None:
+        from rlhf_system.models.generate import shutdown_vllm
+
+        shutdown_vllm(self.llm)
+
+
+class RolloutGroup:
+    def __init__(self, cfg: RunConfig, model_path: str, placement_groups: list | None = None):
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from rlhf_system.workers.group import ensure_ray
+
+        ensure_ray()
+        r = cfg.rollout
+        self.cfg, self.timeout = cfg, cfg.placement.call_timeout_s
+        self.workers_per_engine = r.tensor_parallel_size
+        gpus = r.tensor_parallel_size if cfg.placement.gpus_per_node > 0 else 0
+        remote = ray.remote(RolloutWorker)
+        self.engines = []
+        for i in range(r.num_engines):
+            opts: dict = {"num_cpus": 0, "num_gpus": gpus if r.tensor_parallel_size == 1 else 0}
+            if placement_groups:
+                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=placement_groups[i])
+            self.engines.append(remote.options(**opts).remote(model_path, i, cfg))
+        self._wait([e.ready.remote() for e in self.engines], "start")
+        self.load = [0] * len(self.engines)  # prompts in flight per engine
+
+    @property
+    def num_workers_total(self) -> int:
+        return len(self.engines) * self.workers_per_engine
+
+    def _wait(self, refs: list, what: str) -> list:
+        import ray
+
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout)
+        if pending:
+            late = [refs.index(p) for p in pending]
+            raise TimeoutError(f"rollout: engine(s) {late} did not finish '{what}' within {self.timeout:g}s")
+        out = []
+        for i, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref))
+            except ray.exceptions.RayError as e:
+                raise RuntimeError(f"rollout engine {i}: '{what}' failed: {e}") from None
+        return out
+
+    def generate(self, prompt_ids: list[list[int]], n: int | None = None, temperature: float | None = None,
+                 seed: int | None = None, max_new_tokens: int | None = None) -> list[dict]:
+        """Samples in prompt-major order (prompt i's n samples are rows i*n .. i*n+n-1)."""
+        import ray
+
+        r = self.cfg.rollout
+        n = r.n_samples_per_prompt if n is None else n
+        temperature = r.temperature if temperature is None else temperature
+        # Chunks of about half an engine's share: enough pieces for the least-loaded rule to balance.
+        chunk = max(1, len(prompt_ids) // (2 * len(self.engines)))
+        refs, where = [], []
+        for start in range(0, len(prompt_ids), chunk):
+            e = min(range(len(self.engines)), key=self.load.__getitem__)
+            part = prompt_ids[start:start + chunk]
+            self.load[e] += len(part)
+            chunk_seed = None if seed is None else seed + start
+            refs.append(self.engines[e].generate.remote(part, n, temperature, chunk_seed, max_new_tokens))
+            where.append((e, len(part)))
+            # Free the load of chunks that already finished, so later chunks see the real queue lengths.
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            for ref in done:
+                i = refs.index(ref)
+                if where[i][1]:
+                    self.load[where[i][0]] -= where[i][1]
+                    where[i] = (where[i][0], 0)
+        try:
+            parts = self._wait(refs, "generate")
+        finally:
+            for e, k in where:
+                self.load[e] -= k
+        return [s for part in parts for s in part]
+
+    def call(self, method: str, *args) -> list:
+        return self._wait([getattr(e, method).remote(*args) for e in self.engines], method)
+
+    def shutdown(self) -> None:
+        import ray
+
+        refs = [e.shutdown.remote() for e in self.engines]
+        ray.wait(refs, num_returns=len(refs), timeout=60)
+        for e in self.engines:
+            ray.kill(e)
