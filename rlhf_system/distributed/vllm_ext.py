@@ -44,8 +44,28 @@ class WeightSyncExtension:
         # In place, from checkpoint-format names: plain model.load_weights fails on CPU once vLLM has
         # repacked its kernels ("Parameter has no attribute weight_loader"); reload_weights re-runs the
         # loader's post-processing.
-        reload_weights(self.vllm_config, self.model_runner.model, iter(named), None, True)
+        model = self.model_runner.model
+        reload_weights(self.vllm_config, model, iter(named), None, True)
+        if self._ws_backend == "gloo":
+            _repack_cpu_lm_heads(model)
         return len(named)
 
     def ws_close(self) -> None:
         self._ws_group = self._ws_store = None
+
+
+def _repack_cpu_lm_heads(model: torch.nn.Module) -> None:
+    """Refresh the CPU GEMM cache of layers that keep their weight (vLLM's embedding-based LM head).
+
+    On CPU, vLLM packs each linear weight for its GEMM kernel once after loading (`cpu_linear`). A
+    tied LM head shares the embedding's parameter, so the reload updates the weight but not the
+    packed copy, and logits keep coming from the OLD head (seen: log-prob gaps of 0.75 nats after a
+    sync that changed the embeddings). Ordinary linears drop their weight after packing (size 0) and
+    are re-packed by the reload itself; these are skipped.
+    """
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if hasattr(m, "cpu_linear") and isinstance(w, torch.Tensor) and w.ndim == 2 and w.numel() > 0:
+            dispatch_cpu_unquantized_gemm(m, remove_weight=False)

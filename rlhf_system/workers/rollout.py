@@ -59,6 +59,18 @@ class RolloutWorker:
                 samples.append({"response_ids": ids, "logprobs": lps, "finish_reason": c.finish_reason})
         return samples
 
+    def score_sequences(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        """The engine's log-probs of given responses (teacher-forced, at the rollout temperature): what
+        the sync-parity check compares with the actor's."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=self.cfg.rollout.temperature or 1.0)
+        seqs = [TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompt_ids, response_ids)]
+        outs = self.llm.generate(seqs, params, use_tqdm=False)
+        return [[lp[t].logprob for lp, t in zip(o.prompt_logprobs[len(p):], r)]
+                for o, p, r in zip(outs, prompt_ids, response_ids)]
+
     # weight sync (weight_sync.py has the contract); each call fans out to the engine's workers
     def ws_join(self, addr: str, port: int, rank_offset: int, world: int, timeout_s: float) -> list[int]:
         return self.llm.collective_rpc("ws_join", args=(addr, port, rank_offset, world, timeout_s))

@@ -55,3 +55,27 @@ def sft_config(model_dir, data_dir, run_dir, **over) -> RunConfig:
         section, _, key = dotted.partition("__")
         setattr(getattr(cfg, section), key, value)
     return validate(RunConfig.model_validate(cfg.model_dump()))
+
+
+def ppo_config(model_dir, data_dir, run_dir, **over) -> RunConfig:
+    """A small PPO config on the synthetic prompts: rule reward only unless a test adds a reward model."""
+    cfg = RunConfig(mode="ppo", run_dir=str(run_dir))
+    cfg.model.path = str(model_dir)
+    cfg.data.train = [{"path": str(data_dir / "rl_train.jsonl")}]
+    cfg.data.eval = [{"path": str(data_dir / "rl_test_seen.jsonl")}]
+    cfg.data.max_len, cfg.data.max_prompt_len = 128, 96
+    cfg.train.rollout_batch_size, cfg.train.global_batch_size, cfg.train.micro_batch_size = 8, 16, 8
+    cfg.train.max_steps, cfg.train.max_eval_samples = 1, 16
+    cfg.rollout.n_samples_per_prompt, cfg.rollout.max_new_tokens = 2, 16
+    cfg.rewards.use_model, cfg.rewards.rules = False, ["synthetic"]
+    cfg.optim.lr, cfg.optim.warmup_ratio, cfg.optim.scheduler = 1e-5, 0.0, "constant"
+    cfg.placement.call_timeout_s = 300
+    cfg.logging.console = False
+    cfg.checkpoint.export_hf = False
+    for dotted, value in over.items():
+        section, _, key = dotted.partition("__")
+        target = cfg
+        for part in section.split("_") if section in ("algorithm_kl",) else [section]:
+            target = getattr(target, part)
+        setattr(target, key, value)
+    return validate(RunConfig.model_validate(cfg.model_dump()))
