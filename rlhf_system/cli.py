@@ -203,15 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("serve-reward", help="HTTP reward server for rewards.remote_url", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: __import__("rlhf_system.rewards.server", fromlist=["main"]).main(a.rest))
+    sub.add_parser("serve-reward", help="HTTP reward server for rewards.remote_url (see rlhf serve-reward -h)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from rlhf_system.data.sources import DataError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve-reward"]:  # its own parser (rewards/server.py): options pass through untouched
+        from rlhf_system.rewards.server import main as serve_main
+
+        return serve_main(argv[1:])
     parser = build_parser()
     # parse_known_args: overrides may follow --config (argparse would otherwise stop at the option).
     args, extra = parser.parse_known_args(argv)

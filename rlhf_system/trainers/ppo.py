@@ -277,6 +277,7 @@ def run(cfg: RunConfig) -> dict:
     a = cfg.algorithm
     kl_ctl = make_kl_controller(a.kl.coef, a.kl.adaptive, a.kl.target, a.kl.horizon)
     groups, shared, rollout, sync = start(cfg, prep)
+    roles = [*groups, "rollout"]
     try:
         step, start_epoch, start_pos = 0, 0, 0
         resume = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.run_dir)
@@ -321,5 +322,5 @@ def run(cfg: RunConfig) -> dict:
     finally:
         tracker.close()
         stop(groups, shared, rollout, sync)
-    return {"steps": step, "seconds": time.perf_counter() - t0, "initial": initial, "final": final,
+    return {"steps": step, "seconds": time.perf_counter() - t0, "roles": roles, "initial": initial, "final": final,
             "export": str(out) if cfg.checkpoint.export_hf else None}

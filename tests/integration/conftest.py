@@ -1,4 +1,9 @@
-"""Expensive shared fixtures for integration tests: synthetic data, tiny models, one Ray cluster."""
+"""Expensive shared fixtures for integration tests: synthetic data, tiny models, one Ray cluster, and
+one SFT run of the shipped tiny config (the SFT learning test checks it; RM and PPO tests start from it)."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +35,22 @@ def kit_model(tmp_path_factory):
     from rlhf_system.models.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("kit"))
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def sft_run(kit_model, synthetic_dir, tmp_path_factory):
+    """`rlhf train sft` with configs/sft/tiny-cpu.yaml on the kit model: the run folder (hf/ inside)."""
+    run = tmp_path_factory.mktemp("sft") / "run"
+    cmd = [sys.executable, "-m", "rlhf_system.cli", "train", "sft", "--config", "configs/sft/tiny-cpu.yaml",
+           f"model.path={kit_model['policy']}", f"run_dir={run}", "logging.console=false",
+           f"data.train=[{{path: {synthetic_dir / 'sft_train.jsonl'}}}]",
+           f"data.eval=[{{path: {synthetic_dir / 'sft_test_seen.jsonl'}}}]"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run
 
 
 @pytest.fixture(scope="module")

@@ -2,26 +2,16 @@
 exact-match accuracy (greedy generation, rule-based verifiers) clearly above the untrained model."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from rlhf_system.eval.generation import evaluate_model, load_prompts
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 
-def test_sft_learns_the_synthetic_tasks(kit_model, synthetic_dir, tmp_path):
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "rlhf_system.cli", "train", "sft", "--config", "configs/sft/tiny-cpu.yaml",
-           f"model.path={kit_model['policy']}", f"run_dir={run}", "logging.console=false",
-           f"data.train=[{{path: {synthetic_dir / 'sft_train.jsonl'}}}]",
-           f"data.eval=[{{path: {synthetic_dir / 'sft_test_seen.jsonl'}}}]"]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
-    assert out.returncode == 0, out.stderr[-3000:]
+def test_sft_learns_the_synthetic_tasks(sft_run, kit_model, synthetic_dir):
+    run = sft_run  # conftest: rlhf train sft --config configs/sft/tiny-cpu.yaml on the kit model
     result = json.loads((run / "result.json").read_text())
     before, after = result["initial"]["eval_loss"], result["final"]["eval_loss"]
     assert after < 0.5 * before, (before, after)
