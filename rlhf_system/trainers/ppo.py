@@ -236,19 +236,32 @@ def train(cfg: RunConfig, groups: dict, exps: list[dict], step: int, kl_coef: fl
 
 
 # -------------------------------------------------------------------------------------- evaluation
+EVAL_SAMPLES = 4  # sampled completions per held-out prompt, for the expected-reward metrics
+
+
 def evaluate(cfg: RunConfig, prep: Prepared, groups: dict, rollout) -> dict:
-    """Greedy completions of every held-out set: rule metrics per family (eval/generation.score) and,
-    with a reward model, its mean score."""
+    """Every held-out set, two ways: greedy completions (what a user of the model sees) and
+    EVAL_SAMPLES samples at the rollout temperature with a fixed seed (the policy's expected reward,
+    which is the quantity RL maximises). Rule metrics per family (eval/generation.score) and, with a
+    reward model, its mean score on the greedy completions."""
     from rlhf_system.eval.generation import score as rule_score
 
     out = {}
     for name, rows in prep.evals.items():
-        gen = rollout.generate([r["prompt_ids"] for r in rows], n=1, temperature=0.0)
+        prompt_ids = [r["prompt_ids"] for r in rows]
+        gen = rollout.generate(prompt_ids, n=1, temperature=0.0)
         texts = [prep.tokenizer.decode(g["response_ids"], skip_special_tokens=True) for g in gen]
         per_family = rule_score([r["meta"] for r in rows], texts)
         for fam, m in per_family.items():
             for k in ("exact", "reward"):
                 out[f"eval/{name}/{fam}/{k}"] = m[k]
+        if cfg.rollout.temperature > 0:
+            sampled = rollout.generate(prompt_ids, n=EVAL_SAMPLES, seed=cfg.seed + 12345)
+            s_texts = [prep.tokenizer.decode(g["response_ids"], skip_special_tokens=True) for g in sampled]
+            s_rows = [rows[i // EVAL_SAMPLES]["meta"] for i in range(len(sampled))]
+            for fam, m in rule_score(s_rows, s_texts).items():
+                for k in ("exact", "reward"):
+                    out[f"eval/{name}/sampled/{fam}/{k}"] = m[k]
         if cfg.rewards.use_model:
             items = [{"messages": r["messages"], "response": t} for r, t in zip(rows, texts)]
             k = len(groups["reward"].workers)

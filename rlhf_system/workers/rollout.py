@@ -30,7 +30,11 @@ class RolloutWorker:
 
         r = cfg.rollout
         on_gpu = torch.cuda.is_available()
-        kwargs = {"gpu_memory_utilization": r.gpu_memory_utilization, "enable_sleep_mode": True} if on_gpu else {}
+        # CPU: no chunked prefill. A prompt split across scheduler steps makes vLLM rewind the request's
+        # seeded generator, which CPU generators cannot do ("CPU Generator does not use offset"); seeded
+        # sampling is what makes rollouts and sampled evaluations reproducible.
+        kwargs = ({"gpu_memory_utilization": r.gpu_memory_utilization, "enable_sleep_mode": True} if on_gpu
+                  else {"enable_chunked_prefill": False})
         self.index, self.cfg = index, cfg
         self.llm = LLM(model=model_path, dtype="auto" if on_gpu else "float32", enforce_eager=r.enforce_eager or not on_gpu,
                        max_model_len=cfg.data.max_prompt_len + r.max_new_tokens, seed=r.seed + index,
