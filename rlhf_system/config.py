@@ -164,7 +164,8 @@ class RolloutConfig(_Section):
     n_samples_per_prompt: int = Field(1, ge=1)
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="< 1 makes vLLM's sampling log-probs (after top-p) differ "
+                         "from the trainer's, which only apply the temperature: mind algorithm.tis_cap.")
     stop: list[str] = Field(default_factory=list, description="Extra stop strings (EOS always stops).")
     seed: int = Field(0, description="Sampling seed of the engines (engine i uses seed + i).")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
@@ -234,7 +235,7 @@ class RewardsConfig(_Section):
     retries: int = Field(3, ge=0)
     timeout_s: float = Field(60.0, gt=0)
     clip: float = Field(0.0, ge=0, description="Clip the combined score to [-clip, clip]; 0: off.")
-    normalize: bool = Field(False, description="Standardise scores with running mean/std.")
+    normalize: bool = Field(False, description="Standardise the scores of each rollout batch (mean 0, std 1).")
 
 
 # ------------------------------------------------------------------------------------- placement
@@ -495,6 +496,18 @@ def validate(cfg: RunConfig) -> RunConfig:
             errors.append(f"train.global_batch_size={t.global_batch_size} is not divisible by placement.critic="
                           f"{cfg.placement.critic} x train.micro_batch_size={t.micro_batch_size}. Fix: use a "
                           f"multiple of {cfg.placement.critic * t.micro_batch_size}")
+        kl = cfg.algorithm.kl
+        if kl.coef > 0 and kl.in_reward and cfg.algorithm.estimator == "grpo":
+            errors.append("algorithm.estimator=grpo normalises outcome scores per group and applies the KL as a loss "
+                          "term, but algorithm.kl.in_reward=true. Fix: algorithm.kl.in_reward=false "
+                          "algorithm.kl.estimator=k3")
+        if kl.coef > 0 and not kl.in_reward and kl.estimator == "k1":
+            errors.append("algorithm.kl.in_reward=false with algorithm.kl.estimator=k1: as a loss, k1's gradient is "
+                          "the score function, zero in expectation on-policy, so it does not regularise. Fix: "
+                          "algorithm.kl.estimator=k3 (or k2)")
+        if cfg.peft.quant.load_in != "none":
+            errors.append(f"peft.quant.load_in={cfg.peft.quant.load_in} with mode ppo: syncing a quantised actor into "
+                          "vLLM is not supported yet. Fix: peft.quant.load_in=none (LoRA alone is fine)")
         if cfg.rewards.use_model and not cfg.model.reward_path:
             errors.append("rewards.use_model=true but model.reward_path is empty. Fix: set model.reward_path to "
                           "a reward model (rlhf train rm), or rewards.use_model=false with rewards.rules")

@@ -17,7 +17,7 @@ Order of calls (the controller, trainers/ppo.py, drives it through `WeightSync`)
            `ws_connect()`. Each side blocks in the group's rendezvous until all have arrived, so the
            two MUST be in flight together; the controller waits for both under one deadline.
  3. send   per sync, with the engines idle (no generate in flight; the controller is synchronous):
-           every actor rank runs `ws_send()` (under ZeRO-3 each bucket is a collective gather; only rank
+           every actor rank runs `ws_send(plan)` (under ZeRO-3 each bucket is a collective gather; only rank
            0 broadcasts) while every engine runs `ws_receive(plan)`. Same deadline rule as 2.
  4. reset  every engine resets its prefix cache: cached KV blocks were computed by the old weights.
  5. close  at shutdown: both sides drop the group; a dead peer must not block it.
@@ -231,7 +231,7 @@ class WeightSync:
         import time
 
         t = time.perf_counter()
-        actor_refs = [w.ws_send.remote() for w in self.actor.workers]
+        actor_refs = [w.ws_send.remote(self.plan) for w in self.actor.workers]  # every rank: ZeRO-3 gathers
         engine_refs = [e.ws_receive.remote(self.plan) for e in self.rollout.engines]
         self._both(actor_refs, engine_refs, "send")
         self._both([], [e.reset_prefix_cache.remote() for e in self.rollout.engines], "reset_prefix_cache")

@@ -289,7 +289,11 @@ def run(cfg: RunConfig) -> dict:
     tracker = Tracker(cfg.run_dir, cfg.logging, prep.steps, config=cfg.model_dump(mode="json"), name=cfg.name)
     a = cfg.algorithm
     kl_ctl = make_kl_controller(a.kl.coef, a.kl.adaptive, a.kl.target, a.kl.horizon)
-    groups, shared, rollout, sync = start(cfg, prep)
+    try:
+        groups, shared, rollout, sync = start(cfg, prep)
+    except BaseException:
+        tracker.close()
+        raise
     roles = [*groups, "rollout"]
     try:
         step, start_epoch, start_pos = 0, 0, 0
@@ -319,7 +323,7 @@ def run(cfg: RunConfig) -> dict:
             metrics |= train(cfg, groups, exps, step, kl_ctl.value, timer)
             timer["time/sync"] = sync.sync()
             if "kl" in metrics:
-                kl_ctl.update(metrics["kl"], cfg.train.rollout_batch_size)
+                kl_ctl.update(metrics["kl"], cfg.train.rollout_batch_size * cfg.rollout.n_samples_per_prompt)
             step, position = step + 1, position + 1
             metrics |= timer | {"kl_coef": kl_ctl.value, "time/step": time.perf_counter() - t_step}
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < prep.steps:

@@ -51,8 +51,21 @@ def _head(path: str) -> str:
 
 
 def critic_init_path(cfg: RunConfig) -> str:
-    """model.critic_path, else the reward model, else the policy (a fresh value head)."""
-    return cfg.model.critic_path or cfg.model.reward_path or cfg.model.path
+    """model.critic_path, else the reward model when it shares the policy's tokenizer (the critic reads
+    the policy's token ids), else the policy with a fresh value head."""
+    if cfg.model.critic_path:
+        return cfg.model.critic_path
+    if cfg.model.reward_path and cfg.rewards.use_model and _same_vocab(cfg):
+        return cfg.model.reward_path
+    return cfg.model.path
+
+
+def _same_vocab(cfg: RunConfig) -> bool:
+    from transformers import AutoTokenizer
+
+    policy = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
+    reward = AutoTokenizer.from_pretrained(cfg.model.reward_path)
+    return policy.get_vocab() == reward.get_vocab()
 
 
 def temperature(cfg: RunConfig) -> float:
@@ -98,11 +111,13 @@ def setup_reward(cfg: RunConfig) -> RoleState:
 def logprobs(state: RoleState, samples: list[dict]) -> list[list[float]]:
     """Response-token log-probs (actor: old log-probs; reference: reference log-probs)."""
     t = temperature(state.cfg)
+    state.engine.eval()  # no dropout: the same function vLLM samples from
     return batched(lambda b: policy_forward(state.engine, b, t)[0], samples, state.tokenizer.pad_token_id,
                    state.cfg.train.micro_batch_size)
 
 
 def values(state: RoleState, samples: list[dict]) -> list[list[float]]:
+    state.engine.eval()
     return batched(lambda b: value_forward(state.engine, b), samples, state.tokenizer.pad_token_id,
                    state.cfg.train.micro_batch_size)
 

@@ -92,13 +92,14 @@ class ActorWorker(BaseWorker):
             self.state.cfg.placement.call_timeout_s, is_master=True)
         return 0
 
-    def ws_send(self) -> int:
-        """Every actor rank calls this (ZeRO-3 gathers are collective); rank 0 broadcasts."""
+    def ws_send(self, plan: list) -> int:
+        """Every actor rank calls this (ZeRO-3 gathers are collective); rank 0 broadcasts. The plan
+        comes from the controller because only rank 0 ran `ws_open`."""
         from rlhf_system.distributed import weight_sync
 
         n = 0
         stage = self.state.cfg.deepspeed.zero_stage
-        for buf in weight_sync.iter_buckets(self.state.engine.module, self._ws_plan, stage, self.rank == 0):
+        for buf in weight_sync.iter_buckets(self.state.engine.module, plan, stage, self.rank == 0):
             if buf is not None:
                 weight_sync.broadcast(self._ws_group, self._ws_backend, buf.contiguous())
                 n += 1

@@ -29,7 +29,9 @@ class RolloutWorker:
         from vllm import LLM
 
         r = cfg.rollout
-        on_gpu = torch.cuda.is_available()
+        # From the config, not torch: an engine with tensor_parallel_size > 1 reserves no GPU itself (vLLM's
+        # Ray executor places its workers), so CUDA is not visible in this process.
+        on_gpu = cfg.placement.gpus_per_node > 0 or torch.cuda.is_available()
         # CPU: no chunked prefill. A prompt split across scheduler steps makes vLLM rewind the request's
         # seeded generator, which CPU generators cannot do ("CPU Generator does not use offset"); seeded
         # sampling is what makes rollouts and sampled evaluations reproducible.
@@ -50,10 +52,17 @@ class RolloutWorker:
         from vllm.inputs import TokensPrompt
 
         r = self.cfg.rollout
-        params = SamplingParams(n=n, temperature=temperature, top_p=r.top_p if temperature > 0 else 1.0,
-                                max_tokens=max_new_tokens or r.max_new_tokens, stop=r.stop or None,
-                                logprobs=0 if temperature > 0 else None, seed=seed)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+
+        def params(k: int) -> SamplingParams:
+            # Prompt k of this call gets seeds seed + k*n .. seed + k*n + n-1 (vLLM offsets the n samples):
+            # no two prompts share a random stream. The caller gives each call a disjoint range.
+            return SamplingParams(n=n, temperature=temperature, top_p=r.top_p if temperature > 0 else 1.0,
+                                  max_tokens=max_new_tokens or r.max_new_tokens, stop=r.stop or None,
+                                  logprobs=0 if temperature > 0 else None,
+                                  seed=None if seed is None else seed + k * n)
+
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids],
+                                 [params(k) for k in range(len(prompt_ids))], use_tqdm=False)
         samples = []
         for o in outs:
             for c in o.outputs:
@@ -120,7 +129,12 @@ class RolloutGroup:
             if placement_groups:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=placement_groups[i])
             self.engines.append(remote.options(**opts).remote(model_path, i, cfg))
-        self._wait([e.ready.remote() for e in self.engines], "start")
+        try:
+            self._wait([e.ready.remote() for e in self.engines], "start")
+        except BaseException:
+            for e in self.engines:  # an engine that failed to start must not outlive the run
+                ray.kill(e)
+            raise
         self.load = [0] * len(self.engines)  # prompts in flight per engine
 
     @property
@@ -157,7 +171,7 @@ class RolloutGroup:
             e = min(range(len(self.engines)), key=self.load.__getitem__)
             part = prompt_ids[start:start + chunk]
             self.load[e] += len(part)
-            chunk_seed = None if seed is None else seed + start
+            chunk_seed = None if seed is None else seed + start * n  # disjoint per prompt (see generate)
             refs.append(self.engines[e].generate.remote(part, n, temperature, chunk_seed, max_new_tokens))
             where.append((e, len(part)))
             # Free the load of chunks that already finished, so later chunks see the real queue lengths.

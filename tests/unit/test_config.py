@@ -185,3 +185,18 @@ def test_shipped_configs_validate(path):
     cfg = load_config(path)
     # configs/<mode>/..., except the critic-free estimators, which are PPO-mode runs in their own folders
     assert cfg.mode == path.parent.name or (cfg.mode == "ppo" and cfg.algorithm.estimator == path.parent.name)
+
+
+def test_ppo_kl_combinations_that_would_do_nothing(tmp_path):
+    with pytest.raises(ConfigError, match="Fix: algorithm.kl.in_reward=false"):
+        load_config(write(tmp_path, PPO), ["algorithm.estimator=grpo"])
+    with pytest.raises(ConfigError, match="k1's gradient is the score function"):
+        load_config(write(tmp_path, PPO), ["algorithm.kl.in_reward=false"])
+    cfg = load_config(write(tmp_path, PPO), ["algorithm.estimator=grpo", "algorithm.kl.in_reward=false",
+                                              "algorithm.kl.estimator=k3"])
+    assert cfg.algorithm.kl.estimator == "k3"
+
+
+def test_ppo_rejects_quantised_actor(tmp_path):
+    with pytest.raises(ConfigError, match="syncing a quantised actor into vLLM is not supported"):
+        load_config(write(tmp_path, PPO), ["peft.quant.load_in=4bit", "peft.lora.enabled=true"])
