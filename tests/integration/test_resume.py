@@ -53,7 +53,7 @@ def kill_after_first_checkpoint(cmd: list[str], run_dir: Path) -> int:
     return json.loads((done[-1] / "run_state.json").read_text())["step"]
 
 
-MODEL_FOR = {"sft": "policy", "rm": "reward", "dpo": "policy"}
+MODEL_FOR = {"sft": "policy", "rm": "policy", "dpo": "policy"}  # rm: value head on the policy (the shipped config)
 
 
 @pytest.mark.parametrize("mode", ["sft", "rm", "dpo"])

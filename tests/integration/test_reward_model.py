@@ -1,12 +1,14 @@
 """Reward-model training under real DeepSpeed (gloo) and real Ray: it learns the synthetic preferences
 through `rlhf train rm`, two Ray workers match one process, and a causal LM becomes a value-head RM.
 
-What "learns" means here: the kit's randomly initialised classifier, trained from preferences alone,
-goes from chance (0.59 on these 200 pairs) to 0.79 held-out pair accuracy with the shipped config, and
-then plateaus whatever the lr, batch, weight decay or number of epochs (0.74-0.82 measured, up to 5
-epochs). It gets every pair whose rejection shows in the answer's shape (refusing, "I don't know.",
-harmful compliance); the others need the task solved (is 7 + 5 = 13 wrong? are the words in order?)
-and stay near chance. So the test asks for >= 0.70 overall and >= 0.95 on those clear pairs.
+What "learns" means here: the shipped config puts a fresh value head on the SFT policy (the conftest's
+SFT run of the shipped SFT config) and trains it on the preference pairs. Held-out pair accuracy goes
+from chance to 0.865 on these 200 pairs (0.90 on the demo's 4000 pairs; the kit's randomly
+initialised classifier plateaus near 0.79 whatever the lr, batch or epochs). It gets every pair whose
+rejection shows in the answer's shape (refusing, "I don't know.", harmful compliance); what is left
+needs the task solved (is 7 + 5 = 13 wrong? are the words in order?), where the SFT model is itself
+weak. So the test asks for >= 0.82 overall and >= 0.95 on the clear pairs. The issue's bar of 0.90 is
+not met on this data.
 
 Tolerance for the equivalence test as in test_sft_distributed.py: fp32 on CPU, two ranks sum gradients
 in another order than one rank, so losses and parameters differ by float rounding only.
@@ -61,10 +63,10 @@ def score_pairs(model_dir: Path, pairs: list[dict]) -> tuple[torch.Tensor, torch
 
 
 # --------------------------------------------------------------------------------------- learning
-def test_rm_learns_held_out_preferences(kit_model, synthetic_dir, tmp_path):
+def test_rm_learns_held_out_preferences(sft_run, synthetic_dir, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "rlhf_system.cli", "train", "rm", "--config", "configs/rm/tiny-cpu.yaml",
-           f"model.path={kit_model['reward']}", f"run_dir={run}", "logging.console=false",
+           f"model.path={sft_run / 'hf'}", f"run_dir={run}", "logging.console=false",
            f"data.train=[{{path: {synthetic_dir / 'pref_train.jsonl'}}}]",
            f"data.eval=[{{path: {synthetic_dir / 'pref_test.jsonl'}}}]"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,
@@ -74,7 +76,7 @@ def test_rm_learns_held_out_preferences(kit_model, synthetic_dir, tmp_path):
     before, after = result["initial"]["eval_accuracy"], result["final"]["eval_accuracy"]
     print(json.dumps({"eval_accuracy": [before, after], "seconds": result["seconds"],
                       "eval_loss": [result["initial"]["eval_loss"], result["final"]["eval_loss"]]}))
-    assert after >= 0.70 and after > before + 0.1, (before, after)
+    assert after >= 0.82 and after > before + 0.2, (before, after)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["step"] == 0 and rows[-1]["step"] == result["steps"]
     assert {"loss", "accuracy", "lr", "pairs"} <= set(rows[1])
