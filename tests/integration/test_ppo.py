@@ -13,12 +13,27 @@ def _metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_one_step_with_all_five_roles(ray_cluster, small_model, synthetic_dir, tmp_path):
-    from rlhf_system.trainers import ppo
+def test_shipped_ppo_config_one_step_with_all_five_roles(small_model, synthetic_dir, tmp_path):
+    """`rlhf train ppo --config configs/ppo/tiny-cpu.yaml` (the README's command) on small models: one
+    step with actor, critic, reference, reward and a vLLM engine; the HF export loads."""
+    import subprocess
+    import sys
 
-    cfg = ppo_config(small_model["policy"], synthetic_dir, tmp_path, model__reward_path=str(small_model["reward"]),
-                     rewards__use_model=True, placement__call_timeout_s=240)
-    result = ppo.run(cfg)  # every remote wait has the 240 s deadline: a hang fails, it does not block
+    from transformers import AutoModelForCausalLM
+
+    from tests.integration.conftest import REPO
+
+    d = synthetic_dir
+    cmd = [sys.executable, "-m", "rlhf_system.cli", "train", "ppo", "--config", "configs/ppo/tiny-cpu.yaml",
+           f"model.path={small_model['policy']}", f"model.reward_path={small_model['reward']}",
+           f"run_dir={tmp_path}", f"data.train=[{{path: {d / 'rl_train.jsonl'}}}]",
+           f"data.eval=[{{path: {d / 'rl_test_seen.jsonl'}}}]", "train.max_steps=1", "train.eval_every=0",
+           "train.rollout_batch_size=8", "train.global_batch_size=16", "train.micro_batch_size=8",
+           "train.max_eval_samples=16", "rollout.max_new_tokens=16", "logging.console=false",
+           "placement.call_timeout_s=240"]  # every remote wait has this deadline: a hang fails, it does not block
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
     assert sorted(result["roles"]) == ["actor", "critic", "reference", "reward", "rollout"]
     assert result["steps"] == 1
     step = next(m for m in _metrics(tmp_path) if m["step"] == 1 and "actor/loss" in m)
@@ -27,6 +42,9 @@ def test_one_step_with_all_five_roles(ray_cluster, small_model, synthetic_dir, t
         assert key in step, key
     assert step["logprob_mismatch"] < 1e-4  # sampling log-probs of vLLM vs the actor's, same weights
     assert "eval/rl_test_seen/all/reward" in result["final"]
+    assert "eval/rl_test_seen/sampled/all/reward" in result["final"]
+    model = AutoModelForCausalLM.from_pretrained(result["export"])
+    assert model.config.architectures == ["LlamaForCausalLM"]
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
