@@ -258,9 +258,10 @@ def test_main_rejects_unknown_rule_and_bad_weights(monkeypatch, capsys):
 
 
 def test_main_serves_and_prints_url(rows):
+    """Through `rlhf serve-reward`, the README's command."""
     env = {**os.environ, "RLHF_REWARD_TOKEN": TOKEN}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rlhf_system.rewards.server", "--rules", "synthetic", "--rules",
+        [sys.executable, "-m", "rlhf_system.cli", "serve-reward", "--rules", "synthetic", "--rules",
          "synthetic_harmless", "--weights", "1,0.5", "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
