@@ -198,22 +198,10 @@ class WeightSync:
         self.plan: Plan | None = None
 
     def _both(self, actor_refs: list, engine_refs: list, what: str) -> list:
-        import ray
+        from rlhf_system.workers.group import wait_all
 
-        refs = actor_refs + engine_refs
-        done, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout)
-        if pending:
-            late = [f"engine {engine_refs.index(r)}" if r in engine_refs else f"actor rank {actor_refs.index(r)}"
-                    for r in pending]
-            raise WeightSyncError(f"weight sync '{what}': {', '.join(late)} did not answer within {self.timeout:g}s")
-        out = []
-        for i, r in enumerate(refs):
-            try:
-                out.append(ray.get(r))
-            except ray.exceptions.RayError as e:
-                who = f"engine {i - len(actor_refs)}" if i >= len(actor_refs) else f"actor rank {i}"
-                raise WeightSyncError(f"weight sync '{what}': {who} failed: {e}") from None
-        return out
+        names = [f"actor rank {i}" for i in range(len(actor_refs))] + [f"engine {i}" for i in range(len(engine_refs))]
+        return wait_all(actor_refs + engine_refs, names, self.timeout, f"weight sync '{what}'", WeightSyncError)
 
     def open(self) -> None:
         import ray

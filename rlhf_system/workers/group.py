@@ -35,6 +35,23 @@ class GroupCallError(RuntimeError):
     """A remote call failed or missed its deadline; the message names role, rank and method."""
 
 
+def wait_all(refs: list, names: list[str], timeout: float, what: str, error: type[Exception] = RuntimeError) -> list:
+    """ray.get every ref under ONE deadline; a late or failed one is named (`names[i]`) in the error."""
+    import ray
+
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    if pending:
+        late = ", ".join(names[refs.index(r)] for r in pending)
+        raise error(f"{what}: {late} did not answer within {timeout:g}s")
+    out = []
+    for name, ref in zip(names, refs):
+        try:
+            out.append(ray.get(ref))
+        except ray.exceptions.RayError as e:
+            raise error(f"{what}: {name} failed: {e}") from None
+    return out
+
+
 def ensure_ray(num_cpus_needed: int = 0) -> None:
     """Connect to RAY_ADDRESS if set, else start a local Ray with at least `num_cpus_needed` CPUs."""
     import ray

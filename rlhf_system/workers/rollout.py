@@ -142,19 +142,9 @@ class RolloutGroup:
         return len(self.engines) * self.workers_per_engine
 
     def _wait(self, refs: list, what: str) -> list:
-        import ray
+        from rlhf_system.workers.group import wait_all
 
-        _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout)
-        if pending:
-            late = [refs.index(p) for p in pending]
-            raise TimeoutError(f"rollout: engine(s) {late} did not finish '{what}' within {self.timeout:g}s")
-        out = []
-        for i, ref in enumerate(refs):
-            try:
-                out.append(ray.get(ref))
-            except ray.exceptions.RayError as e:
-                raise RuntimeError(f"rollout engine {i}: '{what}' failed: {e}") from None
-        return out
+        return wait_all(refs, [f"engine {i}" for i in range(len(refs))], self.timeout, f"rollout '{what}'")
 
     def generate(self, prompt_ids: list[list[int]], n: int | None = None, temperature: float | None = None,
                  seed: int | None = None, max_new_tokens: int | None = None) -> list[dict]:
