@@ -168,3 +168,12 @@ def build_dataset(kind: str, cfg: DataConfig, sources: list[DataSource], tokeniz
 
 def _fingerprint(*parts: str) -> str:
     return hashlib.sha256(("\0".join((CACHE_VERSION,) + parts)).encode()).hexdigest()[:32]
+
+
+def run_datasets(kind: str, cfg, tokenizer):
+    """(train, eval or None) of a run config. Keyed on the tokenizer's folder name, so the controller's
+    `prepare` and every worker's set-up share one tokenisation cache (the workers get cache hits)."""
+    name = cfg.model.tokenizer_path or cfg.model.path
+    train = build_dataset(kind, cfg.data, cfg.data.train, tokenizer, cfg.seed, name)[0]
+    evals = build_dataset(kind, cfg.data, cfg.data.eval, tokenizer, cfg.seed, name)[0] if cfg.data.eval else None
+    return train, evals

@@ -29,3 +29,16 @@ def steps_per_run(n_train: int, global_batch: int, epochs: int, max_steps: int) 
     """Optimiser steps of a run; 0 when the data is smaller than one global batch."""
     total = (n_train // global_batch) * epochs
     return min(total, max_steps) if max_steps > 0 else total
+
+
+def checked_total_steps(cfg, n_train: int, unit: str) -> int:
+    """`steps_per_run` for a run config; a dataset smaller than one global batch is a config error.
+    `unit` names what is counted ("samples (packs)", "preference pairs")."""
+    from rlhf_system.config import ConfigError
+
+    t = cfg.train
+    total = steps_per_run(n_train, t.global_batch_size, t.epochs, t.max_steps)
+    if total == 0:
+        raise ConfigError(f"data.train has {n_train} {unit}, fewer than train.global_batch_size="
+                          f"{t.global_batch_size}. Fix: lower the global batch or add data")
+    return total

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from rlhf_system.algorithms.logprobs import masked_mean, shifted_logprobs
 from rlhf_system.algorithms.losses import dpo_loss, sequence_logps
 from rlhf_system.config import ConfigError, RunConfig
-from rlhf_system.data.build import build_dataset
+from rlhf_system.data.build import run_datasets
 from rlhf_system.data.collate import pad_to
 from rlhf_system.distributed.deepspeed import (
     frozen_engine,
@@ -52,7 +52,7 @@ from rlhf_system.distributed.deepspeed import (
 )
 from rlhf_system.models.export import export_model
 from rlhf_system.models.load import check_lora_targets, check_model_path, load_causal_lm, load_tokenizer
-from rlhf_system.trainers.batching import rank_micro_batches, steps_per_run
+from rlhf_system.trainers.batching import checked_total_steps, rank_micro_batches
 from rlhf_system.trainers.loop import train_with_group
 
 
@@ -93,29 +93,18 @@ def prepare(cfg: RunConfig) -> int:
         if vocab[0] != vocab[1]:
             raise ConfigError(f"model.reference_path: vocabulary of {vocab[1]} tokens, but the policy "
                               f"(model.path) has {vocab[0]}. Fix: use a reference with the policy's tokenizer")
-    name = cfg.model.tokenizer_path or cfg.model.path
-    train_ds, _ = build_dataset("preference", cfg.data, cfg.data.train, tokenizer, cfg.seed, name)
-    if cfg.data.eval:
-        build_dataset("preference", cfg.data, cfg.data.eval, tokenizer, cfg.seed, name)
+    train_ds, _ = run_datasets("preference", cfg, tokenizer)
     return total_steps(cfg, len(train_ds))
 
 
 def total_steps(cfg: RunConfig, n_train: int) -> int:
-    total = steps_per_run(n_train, cfg.train.global_batch_size, cfg.train.epochs, cfg.train.max_steps)
-    if total == 0:
-        raise ConfigError(f"data.train has {n_train} preference pairs, fewer than train.global_batch_size="
-                          f"{cfg.train.global_batch_size} (counted in pairs). Fix: lower the global batch "
-                          "or add data")
-    return total
+    return checked_total_steps(cfg, n_train, "preference pairs")
 
 
 def setup_rank(cfg: RunConfig) -> DPOState:
     """Per-rank set-up inside a worker whose process group is already initialised."""
     tokenizer = load_tokenizer(cfg.model)
-    name = cfg.model.tokenizer_path or cfg.model.path
-    train_ds, _ = build_dataset("preference", cfg.data, cfg.data.train, tokenizer, cfg.seed, name)  # cache hit
-    eval_ds = (build_dataset("preference", cfg.data, cfg.data.eval, tokenizer, cfg.seed, name)[0]
-               if cfg.data.eval else None)
+    train_ds, eval_ds = run_datasets("preference", cfg, tokenizer)  # cache hits
     rank, world = dist.get_rank(), dist.get_world_size()
     total = total_steps(cfg, len(train_ds))
     ref_engine = frozen_engine(load_causal_lm(cfg.model, reference_path(cfg)), cfg, dp_size=world)

@@ -66,6 +66,12 @@ def value_forward(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return head(hidden).squeeze(-1).float()
 
 
+def pad_floats(rows: list[list[float]]) -> torch.Tensor:
+    """Per-sample response-token values -> (B, T) float32, right-padded with 0 (T = longest row, >= 1)."""
+    T = max(1, max(len(r) for r in rows))
+    return torch.tensor([list(r) + [0.0] * (T - len(r)) for r in rows], dtype=torch.float32)
+
+
 def micro_slices(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 

@@ -39,6 +39,7 @@ from rlhf_system.data.build import build_dataset
 from rlhf_system.models.load import check_lora_targets, check_model_path, load_tokenizer
 from rlhf_system.tracking import Tracker
 from rlhf_system.trainers.batching import global_batches
+from rlhf_system.trainers.experience import pad_floats
 
 
 # ---------------------------------------------------------------------------------------- prepare
@@ -130,11 +131,6 @@ def stop(groups: dict, shared: list, rollout, sync) -> None:
 
 
 # ------------------------------------------------------------------------------------ one PPO step
-def _pad(rows: list[list[float]]) -> torch.Tensor:
-    T = max(1, max(len(r) for r in rows))
-    return torch.tensor([r + [0.0] * (T - len(r)) for r in rows], dtype=torch.float32)
-
-
 def score(cfg: RunConfig, prep: Prepared, groups: dict, items: list[dict], texts: list[str]) -> tuple[torch.Tensor, dict]:
     """Combined scores (B,) and their parts' means, for metrics."""
     parts, metrics = [], {}
@@ -187,17 +183,17 @@ def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, rollout, prom
     got = {k: w() for k, w in waits.items()}
     timer["time/inference"] = time.perf_counter() - t
 
-    mask = _pad([[1.0] * len(s["response_ids"]) for s in samples])
-    old = _pad(got["old"])
+    mask = pad_floats([[1.0] * len(s["response_ids"]) for s in samples])
+    old = pad_floats(got["old"])
     a = cfg.algorithm
-    kl = kl_penalty(old, _pad(got["ref"]), a.kl.estimator, mask) if "ref" in got else None
+    kl = kl_penalty(old, pad_floats(got["ref"]), a.kl.estimator, mask) if "ref" in got else None
     adv, returns = compute_advantages(
-        a.estimator, scores=scores, mask=mask, values=_pad(got["values"]) if "values" in got else None,
+        a.estimator, scores=scores, mask=mask, values=pad_floats(got["values"]) if "values" in got else None,
         kl=kl, kl_coef=kl_coef, kl_in_reward=a.kl.in_reward, gamma=a.gamma, lam=a.lam, group_size=n,
         whiten_advantages=a.normalize_advantages)
 
     lengths = mask.sum(-1)
-    vllm_lp = _pad([g["logprobs"] for g in gen])
+    vllm_lp = pad_floats([g["logprobs"] for g in gen])
     metrics |= {
         "response_length": lengths.mean().item(),
         "truncated": sum(g["finish_reason"] == "length" for g in gen) / len(gen),
@@ -206,7 +202,7 @@ def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, rollout, prom
         "logprob_mismatch": masked_mean((old - vllm_lp).abs(), mask).item() if cfg.rollout.temperature > 0 else 0.0,
     }
     if kl is not None:
-        k1 = kl_penalty(old, _pad(got["ref"]), "k1", mask)
+        k1 = kl_penalty(old, pad_floats(got["ref"]), "k1", mask)
         metrics["kl"] = masked_sum(k1, mask, dim=-1).mean().item()  # per sequence, in nats
     exps = []
     for i, s in enumerate(samples):

@@ -29,6 +29,7 @@ from rlhf_system.trainers.experience import (
     batched,
     collate_sequences,
     micro_slices,
+    pad_floats,
     policy_forward,
     value_forward,
 )
@@ -141,8 +142,7 @@ def reward_scores(state: RoleState, items: list[dict]) -> list[float]:
 
 # --------------------------------------------------------------------------------------- updates
 def _padded(samples: list[dict], key: str) -> torch.Tensor:
-    T = max(1, max(len(s["response_ids"]) for s in samples))
-    return torch.tensor([list(s[key]) + [0.0] * (T - len(s[key])) for s in samples], dtype=torch.float32)
+    return pad_floats([s[key] for s in samples])
 
 
 def _order(n: int, seed: int) -> list[int]:

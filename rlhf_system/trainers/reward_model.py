@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from rlhf_system.algorithms.losses import pairwise_rm_loss
 from rlhf_system.config import ConfigError, ModelConfig, PeftConfig, RunConfig
-from rlhf_system.data.build import build_dataset
+from rlhf_system.data.build import run_datasets
 from rlhf_system.data.collate import pad_to
 from rlhf_system.distributed.deepspeed import gathered_state_dict, grad_accum_steps, train_engine
 from rlhf_system.models.export import export_model
@@ -46,7 +46,7 @@ from rlhf_system.models.load import (
     load_tokenizer,
     quantization_config,
 )
-from rlhf_system.trainers.batching import rank_micro_batches, steps_per_run
+from rlhf_system.trainers.batching import checked_total_steps, rank_micro_batches
 from rlhf_system.trainers.loop import train_with_group
 
 # algorithm.rm.head -> the architecture suffix its checkpoint must have (a mismatch is an error:
@@ -115,29 +115,18 @@ def prepare(cfg: RunConfig) -> int:
     tokenizer = load_tokenizer(cfg.model)  # fails fast on a bad path
     check_head(cfg.model, cfg.algorithm.rm.head)
     check_lora_targets(cfg.model, cfg.peft)
-    name = cfg.model.tokenizer_path or cfg.model.path
-    train_ds, _ = build_dataset("preference", cfg.data, cfg.data.train, tokenizer, cfg.seed, name)
-    if cfg.data.eval:
-        build_dataset("preference", cfg.data, cfg.data.eval, tokenizer, cfg.seed, name)
+    train_ds, _ = run_datasets("preference", cfg, tokenizer)
     return total_steps(cfg, len(train_ds))
 
 
 def total_steps(cfg: RunConfig, n_train: int) -> int:
-    total = steps_per_run(n_train, cfg.train.global_batch_size, cfg.train.epochs, cfg.train.max_steps)
-    if total == 0:
-        raise ConfigError(f"data.train has {n_train} preference pairs, fewer than train.global_batch_size="
-                          f"{cfg.train.global_batch_size}. Fix: lower the global batch or add data")
-    return total
+    return checked_total_steps(cfg, n_train, "preference pairs")
 
 
 def setup_rank(cfg: RunConfig) -> RMState:
     """Per-rank set-up inside a worker whose process group is already initialised."""
     tokenizer = load_tokenizer(cfg.model)
-    name = cfg.model.tokenizer_path or cfg.model.path
-    train_ds, _ = build_dataset("preference", cfg.data, cfg.data.train, tokenizer, cfg.seed, name)  # cache hit
-    eval_ds = None
-    if cfg.data.eval:
-        eval_ds = build_dataset("preference", cfg.data, cfg.data.eval, tokenizer, cfg.seed, name)[0]
+    train_ds, eval_ds = run_datasets("preference", cfg, tokenizer)  # cache hits
     rank, world = dist.get_rank(), dist.get_world_size()
     total = total_steps(cfg, len(train_ds))
     torch.manual_seed(cfg.seed)  # identical weights (and value head init) on every rank and launch mode

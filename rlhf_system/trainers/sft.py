@@ -23,13 +23,13 @@ import torch
 import torch.distributed as dist
 
 from rlhf_system.algorithms.losses import sft_loss_sum
-from rlhf_system.config import ConfigError, RunConfig
-from rlhf_system.data.build import build_dataset
+from rlhf_system.config import RunConfig
+from rlhf_system.data.build import run_datasets
 from rlhf_system.data.collate import collate_packed, collate_sft
 from rlhf_system.distributed.deepspeed import gathered_state_dict, grad_accum_steps, train_engine
 from rlhf_system.models.export import export_model
 from rlhf_system.models.load import check_lora_targets, check_model_path, load_causal_lm, load_tokenizer
-from rlhf_system.trainers.batching import rank_micro_batches, steps_per_run
+from rlhf_system.trainers.batching import checked_total_steps, rank_micro_batches
 from rlhf_system.trainers.loop import train_with_group
 
 
@@ -51,27 +51,18 @@ def prepare(cfg: RunConfig) -> int:
     tokenizer = load_tokenizer(cfg.model)  # fails fast on a bad path
     check_model_path(cfg.model.path, "model.path")
     check_lora_targets(cfg.model, cfg.peft)
-    name = cfg.model.tokenizer_path or cfg.model.path
-    train_ds, _ = build_dataset("sft", cfg.data, cfg.data.train, tokenizer, cfg.seed, name)
-    if cfg.data.eval:
-        build_dataset("sft", cfg.data, cfg.data.eval, tokenizer, cfg.seed, name)
+    train_ds, _ = run_datasets("sft", cfg, tokenizer)
     return total_steps(cfg, len(train_ds))
 
 
 def total_steps(cfg: RunConfig, n_train: int) -> int:
-    total = steps_per_run(n_train, cfg.train.global_batch_size, cfg.train.epochs, cfg.train.max_steps)
-    if total == 0:
-        raise ConfigError(f"data.train has {n_train} samples (packs), fewer than train.global_batch_size="
-                          f"{cfg.train.global_batch_size}. Fix: lower the global batch or add data")
-    return total
+    return checked_total_steps(cfg, n_train, "samples (packs)")
 
 
 def setup_rank(cfg: RunConfig) -> SFTState:
     """Per-rank set-up inside a worker whose process group is already initialised."""
     tokenizer = load_tokenizer(cfg.model)
-    name = cfg.model.tokenizer_path or cfg.model.path
-    train_ds, _ = build_dataset("sft", cfg.data, cfg.data.train, tokenizer, cfg.seed, name)  # cache hit
-    eval_ds = build_dataset("sft", cfg.data, cfg.data.eval, tokenizer, cfg.seed, name)[0] if cfg.data.eval else None
+    train_ds, eval_ds = run_datasets("sft", cfg, tokenizer)  # cache hits
     rank, world = dist.get_rank(), dist.get_world_size()
     total = total_steps(cfg, len(train_ds))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every launch mode
