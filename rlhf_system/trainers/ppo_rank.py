@@ -21,9 +21,8 @@ import torch.distributed as dist
 from rlhf_system.algorithms import losses
 from rlhf_system.algorithms.logprobs import masked_mean
 from rlhf_system.config import RunConfig
-from rlhf_system.data.collate import pad_to
-from rlhf_system.data.tokenize import render_conversation
 from rlhf_system.distributed.deepspeed import frozen_engine, train_engine
+from rlhf_system.eval.reward_score import score_conversations
 from rlhf_system.models.load import load_causal_lm, load_tokenizer
 from rlhf_system.trainers.experience import (
     batched,
@@ -128,16 +127,8 @@ def reward_scores(state: RoleState, items: list[dict]) -> list[float]:
     """Reward-model scores of {"messages": prompt turns, "response": text} items. The conversation is
     rendered with the reward model's tokenizer and template, exactly as in reward-model training, so
     the policy and the reward model need not share a tokenizer."""
-    tok, template = state.tokenizer, state.cfg.data.template
-    out: list[float] = []
-    for sl in micro_slices(len(items), state.cfg.train.micro_batch_size):
-        seqs = [tok(render_conversation(tok, [*it["messages"], {"role": "assistant", "content": it["response"]}],
-                                        template), add_special_tokens=False)["input_ids"] for it in items[sl]]
-        ids = pad_to(seqs, tok.pad_token_id)
-        attn = pad_to([[1] * len(s) for s in seqs], 0)
-        dev = state.engine.device
-        out += state.engine(input_ids=ids.to(dev), attention_mask=attn.to(dev)).logits[:, 0].float().cpu().tolist()
-    return out
+    return score_conversations(state.engine, state.tokenizer, items, state.cfg.data.template,
+                               state.cfg.train.micro_batch_size)
 
 
 # --------------------------------------------------------------------------------------- updates
