@@ -43,6 +43,11 @@ class ModelConfig(_Section):
     reward_path: str = Field("", description="Reward model (sequence classifier) for PPO / eval.")
     critic_path: str = Field("", description="Critic init; empty means the reward model, else the policy.")
     reference_path: str = Field("", description="Frozen reference for KL / DPO; empty means `path`.")
+    reference_quant: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="PPO's frozen reference loaded in 4-bit NF4 / 8-bit (bitsandbytes); the KL then "
+        "includes the quantisation error (nonzero at step 0).")
+    reward_quant: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="PPO's frozen reward model loaded in 4-bit NF4 / 8-bit (bitsandbytes).")
 
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":
@@ -535,6 +540,15 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.peft.quant.load_in != "none" and cfg.deepspeed.zero_stage == 3:
         errors.append("peft.quant.load_in with deepspeed.zero_stage=3 is unsupported (bitsandbytes weights "
                       "cannot be partitioned). Fix: deepspeed.zero_stage=2")
+
+    for field, role in (("reference_quant", "reference"), ("reward_quant", "reward")):
+        value = getattr(cfg.model, field)
+        if value != "none" and role not in roles:
+            errors.append(f"model.{field}={value} quantises PPO's frozen {role} role, which this {cfg.mode} run does "
+                          f"not start. Fix: model.{field}=none")
+        elif value != "none" and cfg.deepspeed.frozen_zero_stage == 3:
+            errors.append(f"model.{field}={value} with deepspeed.frozen_zero_stage=3: bitsandbytes weights cannot be "
+                          f"partitioned. Fix: deepspeed.frozen_zero_stage=0 (or model.{field}=none)")
 
     if cfg.placement.launcher == "local" and (role_slots(cfg, trained) > 1 or cfg.placement.nodes > 1):
         errors.append(f"placement.launcher=local runs one in-process worker, but placement.{trained}="

@@ -4,6 +4,8 @@ Only local folders are loaded in tests and CI (HF_HUB_OFFLINE=1); a hub id works
 allow it. `peft.quant` loads the base in 4-bit NF4 / FP4 or 8-bit through bitsandbytes; `peft.lora`
 wraps the model with LoRA adapters (QLoRA = both). `check_lora_targets` runs on an empty (meta)
 model so a target module that does not exist is an error before any worker or weight loads.
+Frozen, inference-only models (evaluation, the PPO reference and reward roles) load quantised through
+`frozen_quantization`: the same bitsandbytes configs, without the k-bit training preparation.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_system.config import ConfigError, ModelConfig, PeftConfig
+from rlhf_system.config import ConfigError, ModelConfig, PeftConfig, QuantConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,6 +53,39 @@ def quantization_config(peft: PeftConfig, dtype: torch.dtype):
                               bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute)
 
 
+def check_bitsandbytes(load_in: str, field: str) -> None:
+    """bitsandbytes imports and quantises a small tensor on this machine's device, or a one-line
+    ConfigError naming `field`: before any model loads, rather than deep inside from_pretrained."""
+    if load_in == "none":
+        return
+    try:
+        import bitsandbytes.functional as bnb_f
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if load_in == "4bit":
+            bnb_f.quantize_4bit(torch.ones(64, 64, device=device), quant_type="nf4")
+        else:
+            bnb_f.int8_vectorwise_quant(torch.ones(4, 64, dtype=torch.float16, device=device))
+    except Exception as e:  # ImportError, a missing native library, an unsupported device: all one answer
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        raise ConfigError(f"{field}={load_in} needs bitsandbytes, which cannot quantise on this machine "
+                          f"({reason}). Fix: install bitsandbytes>=0.48 (CPU or CUDA build), or {field}=none") from None
+
+
+def frozen_quantization(load_in: str, dtype: torch.dtype, field: str = "quant"):
+    """bitsandbytes config for a frozen, inference-only model, or None for "none": 4bit is NF4 with
+    double quantisation computing in `dtype`, 8bit is LLM.int8 (peft.quant's defaults)."""
+    if load_in == "none":
+        return None
+    check_bitsandbytes(load_in, field)
+    return quantization_config(PeftConfig(quant=QuantConfig(load_in=load_in)), dtype)
+
+
+def param_bytes(model) -> int:
+    """Bytes held by the parameters as stored (packed 4-bit weights count as their uint8 storage)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def check_lora_targets(cfg: ModelConfig, peft: PeftConfig, path: str | None = None) -> None:
     """Every `peft.lora.target_modules` entry must name modules of the model (checked on meta tensors)."""
     if not peft.lora.enabled:
@@ -83,16 +118,20 @@ def apply_peft(model, peft: PeftConfig, task_type: str, gradient_checkpointing: 
     return model
 
 
-def load_causal_lm(cfg: ModelConfig, path: str | None = None, peft: PeftConfig | None = None):
-    """A causal LM for training or inference: full precision, or quantised and/or with LoRA adapters."""
+def load_causal_lm(cfg: ModelConfig, path: str | None = None, peft: PeftConfig | None = None,
+                   frozen_quant: str = "none"):
+    """A causal LM for training or inference: full precision, or quantised and/or with LoRA adapters.
+    `frozen_quant` (none|4bit|8bit) quantises a model that is only run, never trained (no peft then)."""
     from transformers import AutoModelForCausalLM
 
+    if peft is not None and frozen_quant != "none":
+        raise ValueError("load_causal_lm: frozen_quant is for models without peft; use peft.quant to train one")
     path = check_model_path(path or cfg.path, "model.path")
     dtype = DTYPES[cfg.resolved_dtype()]
     kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation != "auto":
         kwargs["attn_implementation"] = cfg.attn_implementation
-    quant = quantization_config(peft, dtype) if peft else None
+    quant = quantization_config(peft, dtype) if peft else frozen_quantization(frozen_quant, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

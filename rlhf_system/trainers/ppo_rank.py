@@ -94,7 +94,7 @@ def setup_critic(cfg: RunConfig, total_steps: int) -> RoleState:
 
 def setup_reference(cfg: RunConfig) -> RoleState:
     tok = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, cfg.model.reference_path or cfg.model.path)
+    model = load_causal_lm(cfg.model, cfg.model.reference_path or cfg.model.path, frozen_quant=cfg.model.reference_quant)
     return RoleState(cfg, tok, frozen_engine(model, cfg, dist.get_world_size()), dist.get_rank(), dist.get_world_size())
 
 
@@ -103,7 +103,7 @@ def setup_reward(cfg: RunConfig) -> RoleState:
 
     rm_cfg = cfg.model.model_copy(update={"path": cfg.model.reward_path, "tokenizer_path": ""})
     tok = load_tokenizer(rm_cfg)  # the reward model's own tokenizer: it may differ from the policy's
-    model = load_reward_model(rm_cfg, "classifier", tok.pad_token_id)
+    model = load_reward_model(rm_cfg, "classifier", tok.pad_token_id, frozen_quant=cfg.model.reward_quant)
     return RoleState(cfg, tok, frozen_engine(model, cfg, dist.get_world_size()), dist.get_rank(), dist.get_world_size())
 
 

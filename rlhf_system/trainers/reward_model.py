@@ -43,6 +43,7 @@ from rlhf_system.models.load import (
     apply_peft,
     check_lora_targets,
     check_model_path,
+    frozen_quantization,
     load_tokenizer,
     quantization_config,
 )
@@ -83,17 +84,19 @@ def check_head(cfg: ModelConfig, head: str, path: str | None = None) -> str:
 
 
 def load_reward_model(cfg: ModelConfig, head: str, pad_token_id: int, path: str | None = None,
-                      peft: PeftConfig | None = None):
+                      peft: PeftConfig | None = None, frozen_quant: str = "none"):
     """A one-label sequence classifier (see the module docstring for the two heads), with adapters if
-    `peft` asks for them."""
+    `peft` asks for them; `frozen_quant` (none|4bit|8bit) quantises one that is only run (no peft)."""
     from transformers import AutoModelForSequenceClassification
 
+    if peft is not None and frozen_quant != "none":
+        raise ValueError("load_reward_model: frozen_quant is for models without peft; use peft.quant to train one")
     path = check_head(cfg, head, path)
     dtype = DTYPES[cfg.resolved_dtype()]
     kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, "num_labels": 1}
     if cfg.attn_implementation != "auto":
         kwargs["attn_implementation"] = cfg.attn_implementation
-    quant = quantization_config(peft, dtype) if peft else None
+    quant = quantization_config(peft, dtype) if peft else frozen_quantization(frozen_quant, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
     model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
