@@ -3,7 +3,8 @@
 Greedy completions for each prompt, scored with the synthetic tasks' verifiers: exact match, rule
 reward, format and refusal rates, overall and per family. It works with any HF checkpoint whose
 prompt file carries the `check`/`answer` fields the verifiers read. This is the in-process
-evaluator; `rlhf eval` (with reward models and quantised loading) builds on it.
+evaluator; `rlhf eval` (eval/report.py: reward rules, reward models, quantised loading, the
+alignment table) builds on it, and PPO's held-out evaluation reuses `score`.
 """
 
 from __future__ import annotations
@@ -12,10 +13,44 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+# What the synthetic verifiers read from a prompt row (synthetic._spec).
+VERIFIER_KEYS = ("answer", "task")
+
 
 def load_prompts(path: str | Path, limit: int = 0) -> list[dict]:
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return rows[:limit] if limit else rows
+    """Rows of a prompt JSONL file (the first `limit`, or all). A missing file, a malformed line or a
+    row without a "prompt" (string or message list) is a DataError naming the file and line."""
+    from rlhf_system.data.sources import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"prompt file {path} not found. Fix: rlhf make-data OUT writes OUT/rl_test_*.jsonl")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON line: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            prompt = row.get("prompt")
+            if not (isinstance(prompt, str) and prompt) and not (isinstance(prompt, list) and prompt):
+                raise DataError(f"{path}:{lineno}: no \"prompt\" (a non-empty string or message list); "
+                                f"keys found: {sorted(row)}")
+            rows.append(row)
+            if limit and len(rows) == limit:
+                break
+    if not rows:
+        raise DataError(f"prompt file {path} holds no prompts")
+    return rows
+
+
+def verifiable(rows: list[dict]) -> bool:
+    """Whether every row carries what the synthetic verifiers need (answer, task, check or family)."""
+    return all(all(k in r for k in VERIFIER_KEYS) and ("check" in r or "family" in r) for r in rows)
 
 
 def score(rows: list[dict], completions: list[str]) -> dict:
@@ -39,31 +74,42 @@ def score(rows: list[dict], completions: list[str]) -> dict:
             for fam, items in sorted(groups.items())}
 
 
-def evaluate_model(model_path: str | Path, prompts: list[dict], max_new_tokens: int = 24,
-                   batch_size: int = 64) -> tuple[dict, list[str]]:
-    """Greedy HF generation + scoring. Returns (metrics by family, completions)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_for_eval(model_path: str | Path, quant: str = "none"):
+    """(causal LM in eval mode, tokenizer): float32, or bitsandbytes 4bit (NF4) / 8bit (LLM.int8)."""
+    import logging
 
+    from rlhf_system.config import ModelConfig
+    from rlhf_system.models.load import load_causal_lm, load_tokenizer
+
+    cfg = ModelConfig(path=str(model_path), dtype="float32")
+    if quant == "8bit":  # LLM.int8 casts fp32 activations to fp16 and logs it on every matmul
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    return load_causal_lm(cfg, frozen_quant=quant).eval(), load_tokenizer(cfg)
+
+
+def memory(model) -> dict:
+    """What a loaded model holds: transformers' get_memory_footprint (parameters and buffers) and the
+    parameters alone, in bytes."""
+    from rlhf_system.models.load import param_bytes
+
+    return {"footprint_bytes": int(model.get_memory_footprint()), "param_bytes": int(param_bytes(model))}
+
+
+def generate_greedy(model, tokenizer, prompts: list[dict], max_new_tokens: int = 24,
+                    batch_size: int = 64) -> list[str]:
+    """Greedy completions (special tokens stripped), one per prompt row, in order."""
     from rlhf_system.models.generate import chat_prompts, hf_generate
 
-    tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    ids = chat_prompts(tok, [r["prompt"] for r in prompts])
+    ids = chat_prompts(tokenizer, [r["prompt"] for r in prompts])
     outs: list[list[int]] = []
     for i in range(0, len(ids), batch_size):
-        outs += hf_generate(model, tok, ids[i:i + batch_size], max_new_tokens)
-    texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
+        outs += hf_generate(model, tokenizer, ids[i:i + batch_size], max_new_tokens)
+    return [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+
+
+def evaluate_model(model_path: str | Path, prompts: list[dict], max_new_tokens: int = 24,
+                   batch_size: int = 64) -> tuple[dict, list[str]]:
+    """Greedy HF generation (float32) + scoring. Returns (metrics by family, completions)."""
+    model, tok = load_for_eval(model_path)
+    texts = generate_greedy(model, tok, prompts, max_new_tokens, batch_size)
     return score(prompts, texts), texts
-
-
-def markdown_table(report: dict[str, dict]) -> str:
-    """Models as rows, overall and per-family exact match as columns."""
-    families = sorted({f for metrics in report.values() for f in metrics if f != "all"})
-    head = ["model", "exact", "reward", "format_ok", "refused"] + [f"exact:{f}" for f in families]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for model, m in report.items():
-        cells = [model] + [f"{m['all'][k]:.3f}" for k in ("exact", "reward", "format_ok", "refused")]
-        cells += [f"{m[f]['exact']:.3f}" if f in m else "-" for f in families]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
