@@ -6,7 +6,9 @@
     rlhf prepare-data MODE --config X [k=v] tokenise (and cache) a run's datasets, print statistics
     rlhf train sft|rm|dpo|ppo --config X    SFT, reward model, DPO or PPO/GRPO/RLOO/REINFORCE++ (Ray + vLLM)
     rlhf bench sft --config X [k=v ...]     SFT tokens/s and peak memory (packing x ZeRO 2/3) as JSON
-    rlhf eval MODEL... --prompts P.jsonl    exact match / reward / format / refusal rates per family
+    rlhf eval MODEL... --prompts P.jsonl    greedy generation scored by rules / a reward model, per family
+                                            (--reward-model RM, --quant 4bit|8bit --compare-full-precision)
+    rlhf export SRC --out OUT [--base B]    merge a LoRA adapter (or re-save a model) as a plain HF checkpoint
     rlhf sample MODEL PROMPTS.jsonl         sample completions with vLLM (or --backend hf)
     rlhf serve-reward --rules synthetic     HTTP reward server (bearer token from $RLHF_REWARD_TOKEN)
 
@@ -121,16 +123,37 @@ def cmd_bench(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from rlhf_system.eval.generation import evaluate_model, load_prompts, markdown_table
+    from rlhf_system.eval.generation import load_prompts
+    from rlhf_system.eval.report import EvalOptions, evaluate_models, markdown_report
 
+    names = [n.strip() for n in args.names.split(",")] if args.names else list(args.models)
+    if len(names) != len(args.models) or len(set(names)) != len(names) or not all(names):
+        raise ConfigError(f"--names: {len(names)} names {names} for {len(args.models)} models; give one distinct "
+                          "name per model, comma-separated")
+    rules = tuple(r.strip() for r in args.rules.split(",") if r.strip() and r.strip() != "none")
+    opts = EvalOptions(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, rules=rules,
+                       reward_model=args.reward_model or "", rm_quant=args.rm_quant, template=args.template,
+                       quant=args.quant, compare_full_precision=args.compare_full_precision)
+    models = dict(zip(names, args.models))
     prompts = load_prompts(args.prompts, args.limit)
-    report = {}
-    for model in args.models:
-        if not Path(model, "config.json").exists():
-            raise ConfigError(f"rlhf eval: '{model}' is not a model folder (no config.json)")
-        report[model], _ = evaluate_model(model, prompts, max_new_tokens=args.max_new_tokens)
-    print(markdown_table(report), file=sys.stderr)
-    print(json.dumps(report, indent=2))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stderr carries the markdown tables
+    report = evaluate_models(models, prompts, opts)  # checks every input before a model loads
+    text, md = json.dumps(report, indent=2), markdown_report(report)
+    for path, content in ((args.out_json, text + "\n"), (args.out_md, md + "\n")):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(content)
+    print(md, file=sys.stderr)
+    print(text)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from rlhf_system.models.export import export_checkpoint
+
+    print(json.dumps(export_checkpoint(args.src, args.out, args.base), indent=2))
     return 0
 
 
@@ -187,12 +210,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("eval", help="greedy generation + rule-based verifiers on a prompt set, per family")
+    p = sub.add_parser("eval", help="greedy generation scored by reward rules / a reward model, per family")
     p.add_argument("models", nargs="+", help="one or more HF model folders (compared side by side)")
-    p.add_argument("--prompts", required=True, help="RL prompt JSONL with answer/family/check fields")
-    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--prompts", required=True, help="RL prompt JSONL (answer/family/check fields for the verifiers)")
+    p.add_argument("--limit", type=int, default=0, help="the first N prompts (0: all)")
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per generate() call")
+    p.add_argument("--names", default="", help="comma-separated names for the models (default: their paths)")
+    p.add_argument("--rules", default="synthetic",
+                   help="comma-separated reward rules (rewards registry names or file.py:fn), or none")
+    p.add_argument("--reward-model", default="", help="reward model folder (rlhf train rm's run_dir/hf)")
+    p.add_argument("--rm-quant", choices=["none", "4bit", "8bit"], default="none",
+                   help="load the reward model quantised (bitsandbytes)")
+    p.add_argument("--template", choices=["chat", "plain"], default="chat",
+                   help="how the reward model renders a conversation (data.template of its training)")
+    p.add_argument("--quant", choices=["none", "4bit", "8bit"], default="none",
+                   help="load the evaluated models in 4-bit NF4 or 8-bit (bitsandbytes)")
+    p.add_argument("--compare-full-precision", action="store_true",
+                   help="with --quant: also evaluate in float32 on the same prompts, report deltas and memory ratio")
+    p.add_argument("--out-json", default="", help="also write the JSON report here")
+    p.add_argument("--out-md", default="", help="also write the markdown tables here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="merge a LoRA adapter into its base (or re-save a model) as a plain HF checkpoint")
+    p.add_argument("src", help="adapter folder, model folder, or run directory (its hf/)")
+    p.add_argument("--out", required=True, help="new folder for the checkpoint")
+    p.add_argument("--base", default=None, help="base model for an adapter (default: the run's model.path or "
+                   "the adapter's base_model_name_or_path)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sample", help="sample completions for prompts from a JSONL file")
     p.add_argument("model")
