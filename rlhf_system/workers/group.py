@@ -20,6 +20,7 @@ Ordering contract:
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -58,7 +59,10 @@ def ensure_ray(num_cpus_needed: int = 0) -> None:
 
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    # Inside a Ray Job (`ray job submit`, launch/ray_submit.sh) the job's runtime_env already carries its
+    # env_vars to every worker, and Ray refuses a driver runtime_env that sets any of the same keys again.
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and k not in (job_env.get("env_vars") or {})}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=True)
     else:
