@@ -1,0 +1,85 @@
+"""`bash launch/ray_submit.sh` against a real Ray head with token auth (a `ray start --head` of its own,
+see ray_nodes.py): the tiny PPO config runs as a Ray Job and writes its run folder at an absolute
+run_dir; a config error fails the job, the script exits non-zero, and our one-line message is in
+`ray job logs`."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.integration.conftest import REPO
+from tests.integration.ray_nodes import RAY, start_cluster, stop_cluster
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def head():
+    cluster = start_cluster([{"num_cpus": 4}], dashboard=True)
+    yield cluster
+    stop_cluster(cluster)
+
+
+def submit(head, *args, timeout=600) -> tuple[subprocess.CompletedProcess, str]:
+    """Run the launcher; returns the finished process and the job's submission id."""
+    cmd = ["bash", "launch/ray_submit.sh", "--address", head.dashboard_url, *args]
+    out = subprocess.run(cmd, cwd=REPO, env=head.env, capture_output=True, text=True, timeout=timeout,
+                         stdin=subprocess.DEVNULL)
+    ids = re.findall(r"\[ray_submit\] job (rlhf-\S+)", out.stderr)
+    assert ids, out.stdout[-2000:] + out.stderr[-3000:]
+    return out, ids[0]
+
+
+def ray_job(head, *args) -> str:
+    out = subprocess.run([RAY, "job", *args, "--address", head.dashboard_url], env=head.env, capture_output=True,
+                         text=True, timeout=120, stdin=subprocess.DEVNULL)
+    return out.stdout + out.stderr
+
+
+def job_status(head, job_id) -> str:
+    code = ("import sys; from ray.job_submission import JobSubmissionClient as C; "
+            "print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)")
+    out = subprocess.run([sys.executable, "-c", code, head.dashboard_url, job_id],
+                         env=head.env, capture_output=True, text=True, timeout=120)
+    return out.stdout.strip() or out.stderr[-1000:]
+
+
+def test_tiny_ppo_config_runs_as_a_ray_job(head, small_model, synthetic_dir, tmp_path):
+    """The README's PPO command, shrunk like test_ppo's, through the launcher (code uploaded as the
+    job's working_dir): SUCCEEDED, exit 0, and the run folder at the absolute run_dir."""
+    run_dir = tmp_path / "ppo"
+    d = synthetic_dir
+    out, job_id = submit(
+        head, "--env", "RLHF_SUBMIT_TEST=1", "--",
+        "rlhf", "train", "ppo", "--config", "configs/ppo/tiny-cpu.yaml",
+        f"model.path={small_model['policy']}", f"run_dir={run_dir}",
+        f"data.train=[{{path: {d / 'rl_train.jsonl'}}}]", f"data.eval=[{{path: {d / 'rl_test_seen.jsonl'}}}]",
+        # one step, two roles + one engine: the five-role run is test_ppo's; this test is about the launcher
+        "algorithm.estimator=rloo", "rewards.use_model=false", "train.max_steps=1", "train.eval_every=0",
+        "train.rollout_batch_size=8", "train.global_batch_size=16", "train.micro_batch_size=8",
+        "train.max_eval_samples=8", "rollout.max_new_tokens=16", "logging.console=false",
+        "placement.call_timeout_s=240")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert job_status(head, job_id) == "SUCCEEDED"
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["steps"] == 1 and sorted(result["roles"]) == ["actor", "reference", "rollout"]
+    assert (run_dir / "hf" / "config.json").exists() and (run_dir / "config.yaml").exists()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("step") == 1 and "actor/loss" in r for r in rows)
+    # the job's own logs are the run's output (streamed by the launcher as well)
+    assert '"steps": 1' in out.stdout
+
+
+def test_failed_job_exits_nonzero_with_our_message(head):
+    """A mistyped key fails the job at config validation; no upload (--no-upload) is needed for that:
+    the command runs in this checkout on the head node."""
+    out, job_id = submit(head, "--no-upload", "--", "rlhf", "train", "ppo", "--config", "configs/ppo/tiny-cpu.yaml",
+                         "optim.lrr=1", timeout=300)
+    assert out.returncode != 0
+    assert job_status(head, job_id) == "FAILED"
+    logs = ray_job(head, "logs", job_id)
+    assert re.search(r"error: unknown config key 'optim\.lrr'.*: did you mean 'optim\.lr'\?", logs), logs[-2000:]
+    assert f"job {job_id}: FAILED" in out.stderr
