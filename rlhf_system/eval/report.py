@@ -83,14 +83,14 @@ def check_inputs(models: dict[str, str], prompts: list[dict], opts: EvalOptions)
     if opts.reward_model:
         check_reward_model(opts.reward_model)
     if opts.rules:
-        _rules(opts.rules, prompts)
+        _check_rules(opts.rules, prompts)
     check_bitsandbytes(opts.quant, "--quant")
     if opts.reward_model:
         check_bitsandbytes(opts.rm_quant, "--rm-quant")
 
 
-def _rules(names: tuple[str, ...], prompts: list[dict]):
-    """RuleRewards for `names`, dry-run on every prompt row with an empty response: a rule that is
+def _check_rules(names: tuple[str, ...], prompts: list[dict]) -> None:
+    """Load the rules and dry-run them on every prompt row with an empty response: a rule that is
     unknown, or a row missing a key a rule reads, is an error now rather than after generation."""
     from rlhf_system.rewards.registry import RewardError, RuleRewards
 
@@ -107,7 +107,6 @@ def _rules(names: tuple[str, ...], prompts: list[dict]):
                                   "fields (rlhf make-data) or other rules (--rules none)") from None
             except Exception:  # a user rule may reject an empty response: the real call, later, will tell
                 continue
-    return rules
 
 
 def _prompt_text(row: dict) -> str:
@@ -169,11 +168,12 @@ def _delta(new: dict, old: dict) -> dict:
 def evaluate_models(models: dict[str, str] | list[str], prompts: list[dict], opts: EvalOptions | None = None) -> dict:
     """The report (module docstring) for `models` (name -> folder, or folders named by their path)."""
     from rlhf_system.eval.reward_score import load_reward_scorer
+    from rlhf_system.rewards.registry import RuleRewards
 
     opts = opts or EvalOptions()
     models = dict(models) if isinstance(models, dict) else {str(m): str(m) for m in models}
     check_inputs(models, prompts, opts)
-    rules = _rules(opts.rules, prompts) if opts.rules else None
+    rules = RuleRewards(list(opts.rules)) if opts.rules else None  # checked (and dry-run) just above
     scorer = load_reward_scorer(opts.reward_model, opts.rm_quant, opts.template) if opts.reward_model else None
     report = {}
     for name, path in models.items():
