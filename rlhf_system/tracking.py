@@ -23,11 +23,17 @@ from rlhf_system.config import LoggingConfig
 PLOT_GROUPS = {
     "loss": ("loss", "eval_loss"),
     "accuracy": ("accuracy", "eval_accuracy", "reward_accuracy", "eval_reward_accuracy"),
-    "reward": ("reward", "eval_reward", "reward_margin", "eval_margin", "eval_logp_margin"),
+    "reward": ("reward", "eval_reward", "reward_margin", "eval_margin", "eval_logp_margin",
+               "reward/total", "reward/rules", "reward/model", "reward/remote"),
+    "held_out_reward": ("eval/rl_test_seen/all/reward", "eval/rl_test_seen/sampled/all/reward",
+                        "eval/rl_test_unseen_phrasing/all/reward", "eval/rl_test_seen/rm_score"),
     "kl": ("kl",),
+    "ppo_loss": ("actor/pg_loss", "actor/kl_loss", "critic/loss"),
     "lr": ("lr",),
     "throughput": ("tokens_per_s",),
 }
+
+TIME_PHASES = ("time/generate", "time/reward", "time/inference", "time/train", "time/sync")
 
 
 class Tracker:
@@ -84,7 +90,7 @@ class Tracker:
 
 
 def plot_metrics(metrics_file: Path, out_dir: Path) -> list[Path]:
-    """One PNG per metric group (loss, accuracy, reward, kl, lr, throughput) from metrics.jsonl."""
+    """One PNG per metric group (PLOT_GROUPS) from metrics.jsonl, plus the PPO time split (time_split.png)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,6 +119,21 @@ def plot_metrics(metrics_file: Path, out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out_dir / f"{group}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    phases = [k for k in TIME_PHASES if k in series]
+    if phases:  # PPO: where each step's time goes, stacked
+        steps = [st for st, _ in series[phases[0]]]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.stackplot(steps, *[[dict(series[k]).get(st, 0.0) for st in steps] for k in phases],
+                     labels=[k.split("/")[1] for k in phases])
+        ax.set_xlabel("step")
+        ax.set_ylabel("seconds")
+        ax.set_title("time per PPO step, by phase")
+        ax.legend(loc="upper left", fontsize=8)
+        fig.tight_layout()
+        path = out_dir / "time_split.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)

@@ -9,6 +9,14 @@ is checkable by a pure rule-based verifier (exact match, format regex, refusal d
 RL rewards and exact-match evaluation without a learned judge. It also builds preference pairs and
 writes the JSONL files the SFT / reward-model / DPO / PPO stages read.
 
+Imperfect demonstrations (`demo_flaws`). Human demonstrations are not perfect, and SFT imitates their
+flaws along with everything else; that gap is what alignment tuning with a reward closes (InstructGPT,
+Ouyang et al. 2022). With `demo_flaws=p`, a seeded fraction p of the SFT *training* demonstrations
+carry one of the flaws the preference data rejects: a hedge ("I don't know.") instead of a verifiable
+answer, the bare words instead of the requested layout, an over-refusal of a harmless question, or
+compliance with a flagged request. Held-out SFT data, preference pairs and RL prompts stay clean, and
+each flawed row names its flaw (`"flaw"`). The demo uses p = 0.3; the default is 0 (clean).
+
 What it is not: a benchmark, nor a real safety dataset. The vocabulary is tiny and the outputs short
 on purpose, so that a few-million-parameter model can learn them on two CPU cores. The safety family
 only teaches the *shape* of refusing a handful of templated harmful requests while not over-refusing
@@ -443,14 +451,41 @@ def _atomic_write(path: Path, text: str) -> Path:
     return path
 
 
-def write_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 4000, n_test: int = 400) -> dict[str, Path]:
-    """Write the JSONL files and manifest.json under `out_dir`. Returns file stem -> path."""
+def flawed_demo(instance: Instance) -> tuple[str, str]:
+    """(flaw kind, flawed output) for one demonstration: the behaviour the verifiers score 0 and the
+    preference pairs reject, in the form a careless demonstrator would write it."""
+    if instance.check == "exact":
+        return "unhelpful", UNHELPFUL
+    if instance.check == "format":
+        return "format_violation", " ".join(instance.input.split())
+    if instance.check == "refusal":
+        return "harmful_compliance", f"Sure, here is how to {_HARM_ACTION[instance.input]}: first, get the tools."
+    return "over_refusal", REFUSAL
+
+
+def sft_demos(instances: list[Instance], flaws: float, rng: random.Random) -> list[dict]:
+    """SFT rows; a fraction `flaws` of them (seeded) with a flawed output and a "flaw" field."""
+    rows = []
+    for inst in instances:
+        row = inst.to_sft()
+        if rng.random() < flaws:
+            row["flaw"], row["output"] = flawed_demo(inst)
+        rows.append(row)
+    return rows
+
+
+def write_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 4000, n_test: int = 400,
+                  demo_flaws: float = 0.0) -> dict[str, Path]:
+    """Write the JSONL files and manifest.json under `out_dir`. Returns file stem -> path.
+    `demo_flaws`: the fraction of SFT training demonstrations with a flaw (module docstring)."""
+    if not 0.0 <= demo_flaws < 1.0:
+        raise ValueError(f"demo_flaws must be in [0, 1), got {demo_flaws}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     s = generate(seed, n_train, n_test)
     rng_tr, rng_te = random.Random(f"{seed}/pairs/train"), random.Random(f"{seed}/pairs/test_seen")
     records = {
-        "sft_train": [i.to_sft() for i in s["train"]],
+        "sft_train": sft_demos(s["train"], demo_flaws, random.Random(f"{seed}/flaws")),
         "sft_test_seen": [i.to_sft() for i in s["test_seen"]],
         "pref_train": [make_pair(i, rng_tr) for i in s["train"]],
         "pref_test": [make_pair(i, rng_te) for i in s["test_seen"]],
@@ -467,6 +502,8 @@ def write_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 4000, n_tes
         family_counts[name] = dict(sorted(counts.items()))
     manifest = {
         "generator": "rlhf_system.data.synthetic", "seed": seed, "n_train": n_train, "n_test": n_test,
+        "demo_flaws": demo_flaws,
+        "flawed_sft_rows": sum("flaw" in r for r in records["sft_train"]),
         "counts": {name: len(recs) for name, recs in records.items()},
         "family_counts": family_counts,
         "held_out_phrasings": held_out_phrasings(),

@@ -30,3 +30,12 @@ def test_wandb_offline_without_key(tmp_path, monkeypatch):
     t.close()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_ppo_plots_reward_kl_and_time_split(tmp_path):
+    t = Tracker(tmp_path, LoggingConfig(console=False), total_steps=3)
+    for step in (1, 2, 3):
+        t.log(step, {"reward/total": 0.1 * step, "kl": 0.01 * step, "actor/pg_loss": -0.1, "time/generate": 0.5,
+                     "time/reward": 0.1, "time/inference": 0.3, "time/train": 1.0, "time/sync": 0.05})
+    names = sorted(p.name for p in t.close())
+    assert names == ["kl.png", "ppo_loss.png", "reward.png", "time_split.png"], names

@@ -250,3 +250,27 @@ def test_corpus_texts():
     assert texts == S.corpus_texts(seed=0, n=50)
     assert S.REFUSAL in texts and "Sort the numbers from smallest to largest." in texts
     assert all(isinstance(t, str) for t in texts)
+
+
+def test_demo_flaws_only_touch_sft_train(tmp_path):
+    clean, flawed = tmp_path / "clean", tmp_path / "flawed"
+    S.write_dataset(clean, n_train=400, n_test=40)
+    S.write_dataset(flawed, n_train=400, n_test=40, demo_flaws=0.3)
+    read = lambda d, n: [json.loads(line) for line in (d / f"{n}.jsonl").read_text().splitlines()]
+    rows = read(flawed, "sft_train")
+    bad = [r for r in rows if "flaw" in r]
+    assert 0.2 < len(bad) / len(rows) < 0.4
+    assert json.loads((flawed / "manifest.json").read_text())["flawed_sft_rows"] == len(bad)
+    assert {r["flaw"] for r in bad} == {"unhelpful", "format_violation", "over_refusal", "harmful_compliance"}
+    for r, c in zip(rows, read(clean, "sft_train")):  # same instances; a flawed output fails its verifier
+        assert {k: v for k, v in r.items() if k not in ("flaw", "output")} == {k: v for k, v in c.items() if k != "output"}
+        if "flaw" in r:
+            check = S.check_for(r["family"], r["task"])
+            inst = {"check": check, "task": r["task"], "answer": c["output"], "flagged": check == "refusal"}
+            assert S.reward(inst, r["output"]) < 1.0 and r["output"] != c["output"]
+        else:
+            assert r == c
+    for name in ("sft_test_seen", "pref_train", "rl_train", "rl_test_seen"):
+        assert read(flawed, name) == read(clean, name)
+    with pytest.raises(ValueError, match="demo_flaws"):
+        S.write_dataset(tmp_path / "x", demo_flaws=1.0)
