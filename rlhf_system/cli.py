@@ -38,7 +38,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_make_data(args) -> int:
     from rlhf_system.data.synthetic import write_dataset
 
-    paths = write_dataset(args.out, seed=args.seed, n_train=args.n_train, n_test=args.n_test)
+    paths = write_dataset(args.out, seed=args.seed, n_train=args.n_train, n_test=args.n_test,
+                          demo_flaws=args.demo_flaws)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -179,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-test", type=int, default=400)
+    p.add_argument("--demo-flaws", type=float, default=0.0,
+                   help="fraction of SFT training demonstrations with a flaw (hedge, bare words, over-refusal, "
+                        "harmful compliance), as in real demonstration data; the demo uses 0.3")
     p.set_defaults(func=cmd_make_data)
 
     p = sub.add_parser("make-tiny-model", help="train a tokenizer and save tiny policy/reward models")
@@ -249,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     sub.add_parser("serve-reward", help="HTTP reward server for rewards.remote_url (see rlhf serve-reward -h)")
+    sub.add_parser("demo", help="the whole pipeline on the synthetic tasks: data, SFT, RM, PPO, eval table "
+                                "(see rlhf demo -h; launch/demo.sh)")
     return parser
 
 
@@ -260,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         from rlhf_system.rewards.server import main as serve_main
 
         return serve_main(argv[1:])
+    if argv[:1] == ["demo"]:  # its own parser (demo.py)
+        from rlhf_system.demo import main as demo_main
+
+        return demo_main(argv[1:])
     parser = build_parser()
     # parse_known_args: overrides may follow --config (argparse would otherwise stop at the option).
     args, extra = parser.parse_known_args(argv)

@@ -21,23 +21,27 @@ def test_readme_config_command():
     assert cfg["optim"]["lr"] == 2e-5 and cfg["data"]["max_len"] == 512 and cfg["mode"] == "sft"
 
 
-def test_demo_runs_end_to_end():
-    """`bash launch/demo.sh`: data, tiny models, SFT, evaluation and vLLM samples, under runs/demo."""
-    env = {**os.environ, "CI": "true"}
-    # One SFT epoch instead of three keeps CI quick; the override path is the README's too.
-    out = subprocess.run(["bash", "launch/demo.sh", "train.epochs=1"], cwd=REPO, capture_output=True, text=True, timeout=900,
-                         stdin=subprocess.DEVNULL, env=env)
+def test_demo_smoke_runs_every_stage(tmp_path):
+    """`bash launch/demo.sh --smoke` (CI's variant of the main job): data, tiny model, SFT, reward model,
+    PPO and the base / SFT / RLHF evaluation at toy sizes; every stage leaves its outputs."""
+    from rlhf_system.demo import expected_outputs
+
+    out_dir = tmp_path / "demo"
+    out = subprocess.run(["bash", "launch/demo.sh", "--smoke", "--out", str(out_dir)], cwd=REPO, capture_output=True,
+                         text=True, timeout=900, stdin=subprocess.DEVNULL, env={**os.environ, "CI": "true"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    run = REPO / "runs" / "demo"
-    manifest = json.loads((run / "data" / "manifest.json").read_text())
-    assert manifest["seed"] == 0
-    assert (run / "tiny" / "policy" / "model.safetensors").exists()
-    assert yaml.safe_load((run / "sft" / "config.yaml").read_text())["data"]["packing"] is True
-    assert (run / "sft" / "hf" / "model.safetensors").exists() and (run / "sft" / "plots" / "loss.png").exists()
-    sft = json.loads((run / "sft" / "result.json").read_text())
-    assert sft["final"]["eval_loss"] < sft["initial"]["eval_loss"]
-    seen = json.loads((run / "eval_test_seen.json").read_text())
-    assert seen["runs/demo/sft/hf"]["all"]["n"] == 200
-    assert seen["runs/demo/sft/hf"]["all"]["exact"] > seen["runs/demo/tiny/policy"]["all"]["exact"]
-    last = json.loads(next(line for line in out.stdout.splitlines() if line.startswith('{"backend"')))
-    assert last["backend"] == "vllm" and last["prompts"] == 64
+    for path in expected_outputs(out_dir):
+        assert path.exists(), path
+    for stage in ("1/6: data", "3/6: sft", "4/6: rm", "5/6: ppo", "6/6: eval"):
+        assert f"stage {stage}" in out.stdout, stage
+    manifest = json.loads((out_dir / "data" / "manifest.json").read_text())
+    assert manifest["demo_flaws"] == 0.3 and manifest["flawed_sft_rows"] > 0
+    ppo = json.loads((out_dir / "ppo" / "result.json").read_text())
+    assert ppo["steps"] == 2 and sorted(ppo["roles"]) == ["actor", "critic", "reference", "reward", "rollout"]
+    report = json.loads((out_dir / "eval.json").read_text())
+    assert list(report) == ["base", "SFT", "RLHF (PPO)"]
+    for entry in report.values():
+        a = entry["alignment"]
+        assert a["n_exact_unseen"] > 0 and a["n_harmless"] > 0 and a["rm_score"] is not None
+    table = (out_dir / "report.md").read_text()
+    assert "| RLHF (PPO) |" in table and "harmless" in table
