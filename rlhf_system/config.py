@@ -346,11 +346,13 @@ def _dotted(loc: tuple) -> str:
     return ".".join(f"[{k}]" if isinstance(k, int) else str(k) for k in loc).replace(".[", "[")
 
 
-def _describe(err: dict, source: str) -> str:
+def _describe(err: dict, source: str, overrides: list[str] = ()) -> str:
     loc = tuple(err["loc"])
     where = _dotted(loc)
     got = err.get("input")
-    origin = f" (from {source})" if source else ""
+    # The override that set this key (or a section above it) is the origin, else the YAML file.
+    given = [o for o in overrides if (k := tuple(parse_override(o)[0])) == tuple(loc[:len(k)])]
+    origin = f" (from the override '{given[-1]}')" if given else f" (from {source})" if source else ""
     if err["type"] == "extra_forbidden":
         section = _section_at(loc)
         valid = _field_names(section) if section else []
@@ -370,11 +372,11 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
-def _from_dict(raw: dict, source: str = "") -> RunConfig:
+def _from_dict(raw: dict, source: str = "", overrides: list[str] = ()) -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError("\n".join(_describe(err, source) for err in e.errors())) from None
+        raise ConfigError("\n".join(_describe(err, source, overrides) for err in e.errors())) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -433,7 +435,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
                               f"Fix: use 'rlhf train {raw['mode']}' or set mode: {mode}")
         raw["mode"] = mode
     apply_overrides(raw, overrides or [])
-    cfg = _from_dict(raw, source=str(path) if path else "")
+    cfg = _from_dict(raw, source=str(path) if path else "", overrides=list(overrides or []))
     validate(cfg)
     return cfg
 

@@ -200,3 +200,12 @@ def test_ppo_kl_combinations_that_would_do_nothing(tmp_path):
 def test_ppo_rejects_quantised_actor(tmp_path):
     with pytest.raises(ConfigError, match="syncing a quantised actor into vLLM is not supported"):
         load_config(write(tmp_path, PPO), ["peft.quant.load_in=4bit", "peft.lora.enabled=true"])
+
+
+def test_error_names_the_override_or_the_file_it_came_from(tmp_path):
+    with pytest.raises(ConfigError, match=r"'optim.lrr' \(from the override 'optim.lrr=1'\): did you mean 'optim.lr'"):
+        load_config("configs/sft/tiny-cpu.yaml", ["optim.lrr=1"], mode="sft")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mode: sft\noptim: {lrr: 1}\n")
+    with pytest.raises(ConfigError, match=rf"'optim.lrr' \(from {bad}\)"):
+        load_config(bad, ["optim.lr=1e-3"], mode="sft")
