@@ -144,6 +144,10 @@ def evaluate(out: Path, base: Path, runs: dict[str, Path], d: Path, limit: int) 
         "words, over-refusals, harmful compliance), as human demonstrations are; RLHF optimises the "
         "reward instead of imitating.", "", table, "",
         f"RLHF - SFT: {json.dumps(delta)}", "",
+        "## PPO's own held-out evaluation (SFT = before the first step, RLHF = after the last)", "",
+        "Rule reward and exact match on each held-out set: greedy, and the mean of 4 seeded samples at the "
+        "rollout temperature (the policy's expected reward, the quantity RL maximises).", "",
+        ppo_table(ppo), "",
         "## Per family", "", family_table(report), "",
         "## Stages", "",
         f"- SFT: held-out loss {sft['initial']['eval_loss']:.3f} -> {sft['final']['eval_loss']:.3f} "
@@ -154,6 +158,17 @@ def evaluate(out: Path, base: Path, runs: dict[str, Path], d: Path, limit: int) 
         "held_out_reward.png, ppo_loss.png, time_split.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     return report
+
+
+def ppo_table(result: dict) -> str:
+    """Before/after rows of the PPO run's held-out evaluations (trainers/ppo.py evaluate)."""
+    lines = ["| held-out set | decoding | rule reward SFT -> RLHF | exact SFT -> RLHF |", "|---|---|---|---|"]
+    before, after = result["initial"], result["final"]
+    for key in sorted(k for k in before if k.endswith("/all/reward")):
+        name, mode = key.split("/")[1], "sampled" if "/sampled/" in key else "greedy"
+        ex = key.replace("/reward", "/exact")
+        lines.append(f"| {name} | {mode} | {before[key]:.3f} -> {after[key]:.3f} | {before[ex]:.3f} -> {after[ex]:.3f} |")
+    return "\n".join(lines)
 
 
 def expected_outputs(out: Path) -> list[Path]:
