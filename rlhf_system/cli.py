@@ -115,6 +115,12 @@ def cmd_train(args) -> int:
 def cmd_bench(args) -> int:
     from rlhf_system.bench import sft as bench_sft
 
+    if args.what == "ppo":
+        from rlhf_system.bench import ppo as bench_ppo
+
+        cfg = load_config(args.config, args.overrides, mode="ppo")
+        print(json.dumps(bench_ppo.run(cfg, args.steps), indent=2))
+        return 0
     cfg = load_config(args.config, args.overrides, mode="sft")
     results = bench_sft.run(cfg, args.steps)
     print(json.dumps({"benchmark": "sft", "model": cfg.model.path, "global_batch_size": cfg.train.global_batch_size,
@@ -208,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("bench", help="benchmarks that print JSON: sft (packing x ZeRO stage)")
-    p.add_argument("what", choices=["sft"])
+    p = sub.add_parser("bench", help="benchmarks that print JSON: sft (packing x ZeRO stage), ppo (phases, "
+                                     "vLLM vs HF generate, weight sync)")
+    p.add_argument("what", choices=["sft", "ppo"])
     p.add_argument("--steps", type=int, default=5)
     _add_config_args(p)
     p.set_defaults(func=cmd_bench)
@@ -282,6 +289,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from rlhf_system.distributed.weight_sync import WeightSyncError
+        from rlhf_system.workers.group import GroupCallError
+
+        if not isinstance(e, (GroupCallError, WeightSyncError)):
+            raise
+        # A worker or engine died or missed its deadline: the message names it. Checkpoints already
+        # written are complete (atomic), so checkpoint.resume=auto goes on from the latest.
+        print(f"error: {e}\n(resume from the latest checkpoint with checkpoint.resume=auto)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

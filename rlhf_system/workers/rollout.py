@@ -142,9 +142,10 @@ class RolloutGroup:
         return len(self.engines) * self.workers_per_engine
 
     def _wait(self, refs: list, what: str) -> list:
-        from rlhf_system.workers.group import wait_all
+        from rlhf_system.workers.group import GroupCallError, wait_all
 
-        return wait_all(refs, [f"engine {i}" for i in range(len(refs))], self.timeout, f"rollout '{what}'")
+        return wait_all(refs, [f"engine {i}" for i in range(len(refs))], self.timeout, f"rollout '{what}'",
+                        GroupCallError)
 
     def generate(self, prompt_ids: list[list[int]], n: int | None = None, temperature: float | None = None,
                  seed: int | None = None, max_new_tokens: int | None = None) -> list[dict]:

@@ -153,3 +153,17 @@ def test_packing_through_build(tmp_path, bpe_tokenizer):
     for row in packed:
         assert len(row["input_ids"]) == sum(row["seq_lens"]) <= 64
         assert row["position_ids"].count(0) == len(row["seq_lens"])
+
+
+def test_long_rl_prompts_truncated_from_the_left_or_dropped(tmp_path, bpe_tokenizer):
+    """RL prompts longer than data.max_prompt_len keep their end (the question and the generation
+    prompt), or are dropped with truncation=drop; none is ever longer than the limit."""
+    p = jsonl(tmp_path / "rl.jsonl", [{"prompt": "word " * 200 + "3 + 4", "answer": "7"},
+                                      {"prompt": "5 + 5", "answer": "10"}])
+    kept, _ = build_dataset("prompt", cfg(p, max_len=64, max_prompt_len=24, truncation="left"), cfg(p).train,
+                            bpe_tokenizer)
+    assert len(kept) == 2 and all(len(r["prompt_ids"]) <= 24 for r in kept)
+    assert kept[0]["prompt"].endswith("3 + 4<|im_end|>\n<|im_start|>assistant\n") and kept[0]["answer"] == "7"
+    dropped, _ = build_dataset("prompt", cfg(p, max_len=64, max_prompt_len=24, truncation="drop"), cfg(p).train,
+                               bpe_tokenizer)
+    assert [r["answer"] for r in dropped] == ["10"]

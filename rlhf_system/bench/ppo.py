@@ -1,0 +1,103 @@
+"""`rlhf bench ppo`: where a PPO step's time goes, rollout throughput vLLM vs HF generate, weight-sync
+speed, as JSON.
+
+    rlhf bench ppo --config configs/ppo/tiny-cpu.yaml --steps 3 [overrides]
+
+It starts the run's worker groups and rollout engines exactly as `rlhf train ppo` does, runs one
+warm-up step and then `--steps` timed PPO steps (the real ones: rollout, reward, inference, advantages,
+updates, sync), and reports the mean seconds and share of each phase. Then, on the same prompts with
+the same sampling settings, it times generation through the vLLM engines and through Hugging Face
+`generate` (one process, in this controller, on the device it has), counting generated tokens. Weight
+sync: the bytes the plan moves per sync over the mean sync seconds. A benchmark, not a test: nothing
+here asserts a speed. On a shared or small machine the figures move with the load; compare runs made
+on the same machine.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from rlhf_system.config import RunConfig
+from rlhf_system.tracking import TIME_PHASES
+
+
+def plan_bytes(plan) -> int:
+    return sum(m.numel * torch.empty((), dtype=getattr(torch, m.dtype)).element_size() for b in plan for m in b)
+
+
+def hf_tokens_per_s(cfg: RunConfig, prompt_ids: list[list[int]], n: int) -> dict:
+    """Sampled generation with transformers on this process's device: same prompts, n, temperature."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_system.models.generate import hf_generate
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype).to(device).eval()
+    batch = [p for p in prompt_ids for _ in range(n)]
+    hf_generate(model, tok, batch[:2], 4, cfg.rollout.temperature)  # warm-up
+    t = time.perf_counter()
+    outs = hf_generate(model, tok, batch, cfg.rollout.max_new_tokens, cfg.rollout.temperature)
+    seconds = time.perf_counter() - t
+    tokens = sum(len(o) for o in outs)
+    return {"seconds": round(seconds, 3), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
+            "device": device}
+
+
+def run(cfg: RunConfig, steps: int) -> dict:
+    from rlhf_system.algorithms.kl import make_kl_controller
+    from rlhf_system.trainers import ppo
+    from rlhf_system.trainers.batching import global_batches
+
+    prep = ppo.prepare(cfg)
+    batches = global_batches(len(prep.train), cfg.train.rollout_batch_size, cfg.seed, 0)
+    if len(batches) < steps + 1:
+        raise ValueError(f"only {len(batches)} rollout batches of prompts; lower --steps or train.rollout_batch_size")
+    a = cfg.algorithm
+    kl_ctl = make_kl_controller(a.kl.coef, a.kl.adaptive, a.kl.target, a.kl.horizon)
+    groups, shared, rollout, sync = ppo.start(cfg, prep)
+    try:
+        timings: list[dict] = []
+        for step in range(steps + 1):  # step 0: warm-up, not counted
+            timer: dict = {}
+            t = time.perf_counter()
+            prompts = [prep.train[i] for i in batches[step]]
+            exps, _ = ppo.make_experiences(cfg, prep, groups, rollout, prompts, step, kl_ctl.value, timer)
+            ppo.train(cfg, groups, exps, step, kl_ctl.value, timer)
+            timer["time/sync"] = sync.sync()
+            timer["time/step"] = time.perf_counter() - t
+            if step:
+                timings.append(timer)
+        # Rollout throughput on one fixed prompt batch, vLLM first (its engines are up).
+        prompt_ids = [prep.train[i]["prompt_ids"] for i in batches[0]]
+        n = cfg.rollout.n_samples_per_prompt
+        t = time.perf_counter()
+        gen = rollout.generate(prompt_ids, seed=cfg.rollout.seed)
+        v_seconds = time.perf_counter() - t
+        v_tokens = sum(len(g["response_ids"]) for g in gen)
+        sync_bytes = plan_bytes(sync.plan)
+    finally:
+        ppo.stop(groups, shared, rollout, sync)
+    hf = hf_tokens_per_s(cfg, prompt_ids, n)  # after the engines are gone: they no longer hold the cores
+
+    mean = {k: sum(t[k] for t in timings) / len(timings) for k in (*TIME_PHASES, "time/step")}
+    step_s = mean["time/step"]
+    sync_s = mean["time/sync"]
+    return {
+        "benchmark": "ppo", "model": cfg.model.path, "estimator": a.estimator, "roles": sorted(groups),
+        "engines": cfg.rollout.num_engines, "prompts_per_step": cfg.train.rollout_batch_size,
+        "samples_per_prompt": n, "max_new_tokens": cfg.rollout.max_new_tokens, "steps": steps,
+        "step_s": round(step_s, 4),
+        "phases": {k.split("/")[1]: {"seconds": round(mean[k], 4), "share": round(mean[k] / step_s, 4)}
+                   for k in TIME_PHASES},
+        "rollout": {"prompts": len(prompt_ids), "samples": len(gen),
+                    "vllm": {"seconds": round(v_seconds, 3), "tokens": v_tokens,
+                             "tokens_per_s": round(v_tokens / v_seconds, 1)},
+                    "hf_generate": hf},
+        "weight_sync": {"bytes": sync_bytes, "seconds": round(sync_s, 4),
+                        "bytes_per_s": round(sync_bytes / sync_s, 1) if sync_s > 0 else None,
+                        "buckets": len(sync.plan)},
+    }
