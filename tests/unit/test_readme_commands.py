@@ -44,5 +44,5 @@ def test_readme_command_parses_and_validates(line):
     args, extra = build_parser().parse_known_args(argv)
     assert not [e for e in extra if e.startswith("-")], extra
     if argv[0] in ("train", "config", "bench"):
-        mode = getattr(args, "mode", None) or ("sft" if argv[0] == "bench" else None)
+        mode = args.what if argv[0] == "bench" else getattr(args, "mode", None)
         load_config(args.config, list(args.overrides) + extra, mode=mode)
