@@ -130,7 +130,7 @@ def test_engine_dying_mid_run_names_it_and_the_run_resumes(small_model, syntheti
     assert "checkpoint.resume=auto" in err
     done = complete_checkpoints(checkpoint_root(tmp_path))[-1]
     step = json.loads((done / "run_state.json").read_text())["step"]
-    assert 1 <= step < 30
+    assert not (tmp_path / "result.json").exists()  # the killed run did not finish
 
     resumed = subprocess.run(_ppo_cli(small_model, synthetic_dir, tmp_path, f"train.max_steps={step + 1}",
                                       "checkpoint.resume=auto", "checkpoint.export_hf=false"),
