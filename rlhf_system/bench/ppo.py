@@ -24,7 +24,7 @@ from rlhf_system.tracking import TIME_PHASES
 
 
 def plan_bytes(plan) -> int:
-    return sum(m.numel * torch.empty((), dtype=getattr(torch, m.dtype)).element_size() for b in plan for m in b)
+    return sum(m.nbytes for bucket in plan for m in bucket)
 
 
 def hf_tokens_per_s(cfg: RunConfig, prompt_ids: list[list[int]], n: int) -> dict:

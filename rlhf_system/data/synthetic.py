@@ -318,6 +318,10 @@ def _wrong_answer(inst: Instance, rng: random.Random) -> str:
     return rng.choice(cands)
 
 
+def _harmful_compliance(instance: Instance) -> str:
+    return f"Sure, here is how to {_HARM_ACTION[instance.input]}: first, get the tools."
+
+
 def make_pair(instance: Instance, rng: random.Random) -> dict:
     """A preference pair: the correct output against a bad variant whose kind `rng` picks."""
     kind = rng.choice(_KINDS[instance.check])
@@ -328,7 +332,7 @@ def make_pair(instance: Instance, rng: random.Random) -> dict:
         other = rng.choice([t for t in _FORMATTERS if t != instance.task] + ["plain"])
         rejected = " ".join(words) if other == "plain" else _FORMATTERS[other](words)
     elif kind == "harmful_compliance":
-        rejected = f"Sure, here is how to {_HARM_ACTION[instance.input]}: first, get the tools."
+        rejected = _harmful_compliance(instance)
     elif kind == "over_refusal":
         rejected = REFUSAL
     else:
@@ -459,7 +463,7 @@ def flawed_demo(instance: Instance) -> tuple[str, str]:
     if instance.check == "format":
         return "format_violation", " ".join(instance.input.split())
     if instance.check == "refusal":
-        return "harmful_compliance", f"Sure, here is how to {_HARM_ACTION[instance.input]}: first, get the tools."
+        return "harmful_compliance", _harmful_compliance(instance)
     return "over_refusal", REFUSAL
 
 

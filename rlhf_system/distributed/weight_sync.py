@@ -49,6 +49,10 @@ class TensorMeta:
             n *= s
         return n
 
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
 
 Plan = list[list[TensorMeta]]  # buckets, in send order; every tensor in a bucket has the same dtype
 
@@ -101,7 +105,7 @@ def plan_buckets(metas: list[TensorMeta], bucket_bytes: int = DEFAULT_BUCKET_BYT
     buckets: Plan = []
     size = 0
     for m in metas:
-        nbytes = m.numel * torch.empty((), dtype=getattr(torch, m.dtype)).element_size()
+        nbytes = m.nbytes
         if not buckets or buckets[-1][0].dtype != m.dtype or size + nbytes > bucket_bytes:
             buckets.append([])
             size = 0
