@@ -62,15 +62,10 @@ def run(cfg: RunConfig, steps: int) -> dict:
     try:
         timings: list[dict] = []
         for step in range(steps + 1):  # step 0: warm-up, not counted
-            timer: dict = {}
-            t = time.perf_counter()
             prompts = [prep.train[i] for i in batches[step]]
-            exps, _ = ppo.make_experiences(cfg, prep, groups, rollout, prompts, step, kl_ctl.value, timer)
-            ppo.train(cfg, groups, exps, step, kl_ctl.value, timer)
-            timer["time/sync"] = sync.sync()
-            timer["time/step"] = time.perf_counter() - t
+            metrics = ppo.ppo_step(cfg, prep, groups, rollout, sync, prompts, step, kl_ctl.value)
             if step:
-                timings.append(timer)
+                timings.append(metrics)
         # Rollout throughput on one fixed prompt batch, vLLM first (its engines are up).
         prompt_ids = [prep.train[i]["prompt_ids"] for i in batches[0]]
         n = cfg.rollout.n_samples_per_prompt

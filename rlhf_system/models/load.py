@@ -118,26 +118,35 @@ def apply_peft(model, peft: PeftConfig, task_type: str, gradient_checkpointing: 
     return model
 
 
-def load_causal_lm(cfg: ModelConfig, path: str | None = None, peft: PeftConfig | None = None,
-                   frozen_quant: str = "none"):
-    """A causal LM for training or inference: full precision, or quantised and/or with LoRA adapters.
-    `frozen_quant` (none|4bit|8bit) quantises a model that is only run, never trained (no peft then)."""
-    from transformers import AutoModelForCausalLM
-
+def load_pretrained(auto_class, cfg: ModelConfig, path: str, task_type: str, peft: PeftConfig | None = None,
+                    frozen_quant: str = "none", configure=None, **kwargs):
+    """`auto_class.from_pretrained(path)` as our config asks: dtype, attention, quantisation (peft.quant
+    to train with adapters, or `frozen_quant` none|4bit|8bit for a model that is only run), gradient
+    checkpointing, then LoRA adapters of `task_type`. `configure(model)` runs before the adapters wrap it."""
     if peft is not None and frozen_quant != "none":
-        raise ValueError("load_causal_lm: frozen_quant is for models without peft; use peft.quant to train one")
-    path = check_model_path(path or cfg.path, "model.path")
+        raise ValueError("frozen_quant is for models without peft; use peft.quant to train one")
     dtype = DTYPES[cfg.resolved_dtype()]
-    kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    kwargs |= {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation != "auto":
         kwargs["attn_implementation"] = cfg.attn_implementation
     quant = quantization_config(peft, dtype) if peft else frozen_quantization(frozen_quant, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = auto_class.from_pretrained(path, **kwargs)
+    if configure is not None:
+        configure(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if peft is not None and (peft.lora.enabled or quant is not None):
-        model = apply_peft(model, peft, "CAUSAL_LM", cfg.gradient_checkpointing)
+        model = apply_peft(model, peft, task_type, cfg.gradient_checkpointing)
     return model
+
+
+def load_causal_lm(cfg: ModelConfig, path: str | None = None, peft: PeftConfig | None = None,
+                   frozen_quant: str = "none"):
+    """A causal LM for training or inference: full precision, or quantised and/or with LoRA adapters."""
+    from transformers import AutoModelForCausalLM
+
+    path = check_model_path(path or cfg.path, "model.path")
+    return load_pretrained(AutoModelForCausalLM, cfg, path, "CAUSAL_LM", peft, frozen_quant)

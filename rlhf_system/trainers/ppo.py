@@ -231,6 +231,18 @@ def train(cfg: RunConfig, groups: dict, exps: list[dict], step: int, kl_coef: fl
     return metrics
 
 
+def ppo_step(cfg: RunConfig, prep: Prepared, groups: dict, rollout, sync, prompts: list[dict], step: int,
+             kl_coef: float) -> dict:
+    """One PPO step on a batch of prompts (steps 1-6 of the module docstring): its metrics, with the
+    seconds of each phase (time/*) and of the whole step. `rlhf bench ppo` times this same function."""
+    t = time.perf_counter()
+    timer: dict = {}
+    exps, metrics = make_experiences(cfg, prep, groups, rollout, prompts, step, kl_coef, timer)
+    metrics |= train(cfg, groups, exps, step, kl_coef, timer)
+    timer["time/sync"] = sync.sync()
+    return metrics | timer | {"time/step": time.perf_counter() - t}
+
+
 # -------------------------------------------------------------------------------------- evaluation
 EVAL_SAMPLES = 4  # sampled completions per held-out prompt, for the expected-reward metrics
 
@@ -312,16 +324,12 @@ def run(cfg: RunConfig) -> dict:
             if position >= len(batches):
                 epoch, position = epoch + 1, 0
                 continue
-            t_step = time.perf_counter()
-            timer: dict = {}
             prompts = [prep.train[i] for i in batches[position]]
-            exps, metrics = make_experiences(cfg, prep, groups, rollout, prompts, step, kl_ctl.value, timer)
-            metrics |= train(cfg, groups, exps, step, kl_ctl.value, timer)
-            timer["time/sync"] = sync.sync()
+            metrics = ppo_step(cfg, prep, groups, rollout, sync, prompts, step, kl_ctl.value)
             if "kl" in metrics:
                 kl_ctl.update(metrics["kl"], cfg.train.rollout_batch_size * cfg.rollout.n_samples_per_prompt)
             step, position = step + 1, position + 1
-            metrics |= timer | {"kl_coef": kl_ctl.value, "time/step": time.perf_counter() - t_step}
+            metrics["kl_coef"] = kl_ctl.value
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < prep.steps:
                 metrics |= evaluate(cfg, prep, groups, rollout)
             tracker.log(step, metrics)

@@ -38,15 +38,7 @@ from rlhf_system.data.build import run_datasets
 from rlhf_system.data.collate import pad_to
 from rlhf_system.distributed.deepspeed import gathered_state_dict, grad_accum_steps, train_engine
 from rlhf_system.models.export import export_model
-from rlhf_system.models.load import (
-    DTYPES,
-    apply_peft,
-    check_lora_targets,
-    check_model_path,
-    frozen_quantization,
-    load_tokenizer,
-    quantization_config,
-)
+from rlhf_system.models.load import check_lora_targets, check_model_path, load_pretrained, load_tokenizer
 from rlhf_system.trainers.batching import checked_total_steps, rank_micro_batches
 from rlhf_system.trainers.loop import train_with_group
 
@@ -89,27 +81,14 @@ def load_reward_model(cfg: ModelConfig, head: str, pad_token_id: int, path: str 
     `peft` asks for them; `frozen_quant` (none|4bit|8bit) quantises one that is only run (no peft)."""
     from transformers import AutoModelForSequenceClassification
 
-    if peft is not None and frozen_quant != "none":
-        raise ValueError("load_reward_model: frozen_quant is for models without peft; use peft.quant to train one")
-    path = check_head(cfg, head, path)
-    dtype = DTYPES[cfg.resolved_dtype()]
-    kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, "num_labels": 1}
-    if cfg.attn_implementation != "auto":
-        kwargs["attn_implementation"] = cfg.attn_implementation
-    quant = quantization_config(peft, dtype) if peft else frozen_quantization(frozen_quant, dtype)
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-    model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-    # The score is read at the rightmost token that is not pad_token_id (without one, HF refuses
-    # batches of more than one row). Where the tokenizer pads with EOS (load_tokenizer's fallback), a
-    # trailing EOS counts as padding too: the score then sits on the token before it, for every row alike.
-    model.config.pad_token_id = pad_token_id
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if peft is not None and (peft.lora.enabled or quant is not None):
-        model = apply_peft(model, peft, "SEQ_CLS", cfg.gradient_checkpointing)
-    return model
+    def set_pad(model):
+        # The score is read at the rightmost token that is not pad_token_id (without one, HF refuses
+        # batches of more than one row). Where the tokenizer pads with EOS (load_tokenizer's fallback), a
+        # trailing EOS counts as padding too: the score then sits on the token before it, for every row alike.
+        model.config.pad_token_id = pad_token_id
+
+    return load_pretrained(AutoModelForSequenceClassification, cfg, check_head(cfg, head, path), "SEQ_CLS",
+                           peft, frozen_quant, configure=set_pad, num_labels=1)
 
 
 # ------------------------------------------------------------------------------------------ setup
