@@ -41,7 +41,7 @@ def _shared_group(cfg: RunConfig, roles: list[str], name: str):
 
     n = max(role_slots(cfg, r) for r in roles)
     bundles = bundles_for(cfg.placement, n)
-    check_resources("+".join(roles), bundles)
+    check_resources("+".join(roles), bundles, cfg.placement.strategy)
     pg = placement_group(bundles, strategy=cfg.placement.strategy, name=f"{name}-{os.getpid()}")
     try:
         ray.get(pg.ready(), timeout=cfg.placement.timeout_s)

@@ -118,6 +118,17 @@ def apply_peft(model, peft: PeftConfig, task_type: str, gradient_checkpointing: 
     return model
 
 
+def check_dtype_supported(dtype: str) -> None:
+    """fp16 needs an accelerator with fp16 kernels (DeepSpeed would stop with a traceback later, CPUs
+    without AVX-512 FP16 among them); checked on the worker, whose device is the one that matters."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if dtype == "float16" and not acc.is_fp16_supported():
+        raise ConfigError(f"model.dtype=float16 is not supported on this worker's device ({acc.device_name()}). "
+                          "Fix: model.dtype=bfloat16 or float32 (auto picks bfloat16 on GPU, float32 on CPU)")
+
+
 def load_pretrained(auto_class, cfg: ModelConfig, path: str, task_type: str, peft: PeftConfig | None = None,
                     frozen_quant: str = "none", configure=None, **kwargs):
     """`auto_class.from_pretrained(path)` as our config asks: dtype, attention, quantisation (peft.quant
@@ -125,6 +136,7 @@ def load_pretrained(auto_class, cfg: ModelConfig, path: str, task_type: str, pef
     checkpointing, then LoRA adapters of `task_type`. `configure(model)` runs before the adapters wrap it."""
     if peft is not None and frozen_quant != "none":
         raise ValueError("frozen_quant is for models without peft; use peft.quant to train one")
+    check_dtype_supported(cfg.resolved_dtype())
     dtype = DTYPES[cfg.resolved_dtype()]
     kwargs |= {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation != "auto":

@@ -79,8 +79,10 @@ def bundles_for(placement: PlacementConfig, n: int) -> list[dict[str, float]]:
     return [dict(bundle) for _ in range(n)]
 
 
-def check_resources(role: str, bundles: list[dict[str, float]]) -> None:
-    """Fail now, naming what is missing, when the cluster cannot hold these bundles at all."""
+def check_resources(role: str, bundles: list[dict[str, float]], strategy: str = "PACK") -> None:
+    """Fail now, naming what is missing, when the cluster cannot hold these bundles at all: in total,
+    or (STRICT_SPREAD: one node per bundle; STRICT_PACK: all on one node) node by node. Ray would
+    otherwise leave the placement group pending until placement.timeout_s."""
     import ray
 
     have = ray.cluster_resources()
@@ -89,6 +91,18 @@ def check_resources(role: str, bundles: list[dict[str, float]]) -> None:
         if need > have.get(res, 0):
             raise ConfigError(f"placement: role '{role}' needs {need:g} {res} ({len(bundles)} workers) but the Ray "
                               f"cluster has {have.get(res, 0):g}. Fix: shrink placement.{role}, or add nodes")
+    if strategy not in ("STRICT_SPREAD", "STRICT_PACK"):
+        return
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if strategy == "STRICT_SPREAD":
+        fits = sum(all(node.get(r, 0) >= bundles[0].get(r, 0) for r in ("CPU", "GPU")) for node in nodes)
+        if fits < len(bundles):
+            raise ConfigError(f"placement: role '{role}' has {len(bundles)} workers under STRICT_SPREAD (one node "
+                              f"each) but only {fits} of the cluster's {len(nodes)} nodes can hold one "
+                              f"({bundles[0]}). Fix: add nodes, shrink placement.{role}, or placement.strategy=SPREAD")
+    elif not any(all(node.get(r, 0) >= sum(b.get(r, 0) for b in bundles) for r in ("CPU", "GPU")) for node in nodes):
+        raise ConfigError(f"placement: role '{role}' needs {len(bundles)} workers on one node (STRICT_PACK) but no "
+                          f"node of the cluster holds them all. Fix: placement.strategy=PACK, or shrink placement.{role}")
 
 
 class WorkerGroup:
@@ -106,7 +120,7 @@ class WorkerGroup:
         ensure_ray(int(sum(b["CPU"] for b in bundles)))
         self._own_pg = placement_group is None
         if self._own_pg:
-            check_resources(role, bundles)
+            check_resources(role, bundles, placement.strategy)
             placement_group = make_pg(bundles, strategy=placement.strategy, name=f"{role}-{os.getpid()}")
             try:
                 ray.get(placement_group.ready(), timeout=placement.timeout_s)

@@ -43,3 +43,22 @@ def test_unplaceable_request_fails_before_workers_start(ray_cluster, small_model
                      train__global_batch_size=64, train__rollout_batch_size=32, algorithm__estimator="rloo")
     with pytest.raises(ConfigError, match="role 'actor' needs 8 CPU"):
         start_roles(cfg, {"actor": ActorWorker})
+
+
+@pytest.mark.parametrize("colocate", [False, True])
+def test_strict_spread_over_too_few_nodes_fails_at_once(ray_cluster, small_model, synthetic_dir, tmp_path, colocate):
+    """The test cluster is one node with 4 CPUs: 2 CPUs fit in total, but STRICT_SPREAD wants 2 nodes.
+    Ray alone would keep the placement group pending for placement.timeout_s (an hour here)."""
+    from rlhf_system.config import ConfigError
+    from rlhf_system.distributed.placement import start_roles
+    from rlhf_system.workers.actor import ActorWorker
+    from rlhf_system.workers.reference import ReferenceWorker
+
+    over = {"placement__colocate": [["actor", "reference"]], "placement__reference": 2} if colocate else {}
+    cfg = ppo_config(small_model["policy"], synthetic_dir, tmp_path, placement__actor=2,
+                     placement__strategy="STRICT_SPREAD", placement__timeout_s=3600, algorithm__estimator="rloo",
+                     **over)
+    roles = {"actor": ActorWorker, "reference": ReferenceWorker} if colocate else {"actor": ActorWorker}
+    with pytest.raises(ConfigError, match=r"2 workers under STRICT_SPREAD \(one node each\) but only 1 of the "
+                                          r"cluster's 1 nodes can hold one"):
+        start_roles(cfg, roles)

@@ -48,3 +48,18 @@ def test_bitsandbytes_that_cannot_load_is_one_line(monkeypatch):
         check_bitsandbytes("4bit", "model.reference_quant")
     msg = str(e.value)
     assert msg.startswith("model.reference_quant=4bit needs bitsandbytes") and "Fix:" in msg and "\n" not in msg
+
+
+def test_fp16_on_a_device_without_fp16_is_a_config_error():
+    from deepspeed.accelerator import get_accelerator
+
+    from rlhf_system.models.load import check_dtype_supported
+
+    for ok in ("float32", "bfloat16"):
+        check_dtype_supported(ok)
+    if get_accelerator().is_fp16_supported():  # a GPU, or a CPU with fp16 kernels: nothing to refuse
+        check_dtype_supported("float16")
+    else:
+        with pytest.raises(ConfigError, match=r"model.dtype=float16 is not supported on this worker's device "
+                                              r"\(cpu\). Fix: model.dtype=bfloat16 or float32"):
+            check_dtype_supported("float16")
