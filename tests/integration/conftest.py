@@ -40,16 +40,27 @@ def kit_model(tmp_path_factory):
 REPO = Path(__file__).resolve().parents[2]
 
 
+def rlhf(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`rlhf ARGS` as a user runs it (a fresh process, from the repo root, no standard input, as in CI);
+    a non-zero exit fails the test with the end of its stderr."""
+    out = subprocess.run([sys.executable, "-m", "rlhf_system.cli", *args], cwd=REPO, capture_output=True,
+                         text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def train_args(mode: str, config: str, model, run_dir, train, evaluate, *extra: str) -> list[str]:
+    """`train MODE --config CONFIG` on a test model and test data files, console off, then `extra`."""
+    return ["train", mode, "--config", config, f"model.path={model}", f"run_dir={run_dir}", "logging.console=false",
+            f"data.train=[{{path: {train}}}]", f"data.eval=[{{path: {evaluate}}}]", *extra]
+
+
 @pytest.fixture(scope="session")
 def sft_run(kit_model, synthetic_dir, tmp_path_factory):
     """`rlhf train sft` with configs/sft/tiny-cpu.yaml on the kit model: the run folder (hf/ inside)."""
     run = tmp_path_factory.mktemp("sft") / "run"
-    cmd = [sys.executable, "-m", "rlhf_system.cli", "train", "sft", "--config", "configs/sft/tiny-cpu.yaml",
-           f"model.path={kit_model['policy']}", f"run_dir={run}", "logging.console=false",
-           f"data.train=[{{path: {synthetic_dir / 'sft_train.jsonl'}}}]",
-           f"data.eval=[{{path: {synthetic_dir / 'sft_test_seen.jsonl'}}}]"]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
-    assert out.returncode == 0, out.stderr[-3000:]
+    rlhf(*train_args("sft", "configs/sft/tiny-cpu.yaml", kit_model["policy"], run,
+                     synthetic_dir / "sft_train.jsonl", synthetic_dir / "sft_test_seen.jsonl"))
     return run
 
 

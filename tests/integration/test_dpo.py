@@ -9,8 +9,6 @@ and parameters may differ by float rounding only: rtol 1e-4, atol 1e-5.
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +18,8 @@ from rlhf_system.config import RunConfig, validate
 from rlhf_system.trainers.batching import global_batches
 from rlhf_system.workers.actor import ActorWorker
 from rlhf_system.workers.group import WorkerGroup
+from tests.integration.conftest import rlhf, train_args
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 STEPS = 3
 BETA = 0.1
@@ -98,13 +96,8 @@ def plain_grad_norm(cfg, batch_idx: list[int]) -> float:
 
 def test_dpo_learns_the_synthetic_preferences(kit_model, synthetic_dir, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "rlhf_system.cli", "train", "dpo", "--config", "configs/dpo/tiny-cpu.yaml",
-           f"model.path={kit_model['policy']}", f"run_dir={run}", "logging.console=false",
-           f"data.train=[{{path: {synthetic_dir / 'pref_train.jsonl'}}}]",
-           f"data.eval=[{{path: {synthetic_dir / 'pref_test.jsonl'}}}]"]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,
-                         check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = rlhf(*train_args("dpo", "configs/dpo/tiny-cpu.yaml", kit_model["policy"], run,
+                           synthetic_dir / "pref_train.jsonl", synthetic_dir / "pref_test.jsonl"))
     result = json.loads(out.stdout[out.stdout.index("{"):])
     before, after = result["initial"], result["final"]
     print(json.dumps({"initial": before, "final": after, "steps": result["steps"], "seconds": result["seconds"]}))

@@ -3,20 +3,19 @@ through `rlhf train rm`, two Ray workers match one process, and a causal LM beco
 
 What "learns" means here: the shipped config puts a fresh value head on the SFT policy (the conftest's
 SFT run of the shipped SFT config) and trains it on the preference pairs. Held-out pair accuracy goes
-from chance to 0.865 on these 200 pairs (0.90 on the demo's 4000 pairs; the kit's randomly
-initialised classifier plateaus near 0.79 whatever the lr, batch or epochs). It gets every pair whose
-rejection shows in the answer's shape (refusing, "I don't know.", harmful compliance); what is left
-needs the task solved (is 7 + 5 = 13 wrong? are the words in order?), where the SFT model is itself
-weak. So the test asks for >= 0.82 overall and >= 0.95 on the clear pairs. The issue's bar of 0.90 is
-not met on this data.
+from chance to 0.865 on these 200 pairs. It gets every pair whose rejection shows in the answer's shape
+(refusing, "I don't know.", harmful compliance, wrong layout); what is left needs the task solved (is
+7 + 5 = 13 wrong? are the words in order?), where the tiny SFT model is itself weak. So the test asks for
+>= 0.82 overall and >= 0.95 on the clear pairs. The issue's bar of 0.90 is reached with twice the data
+(4000 pairs: 0.900, 0.915 from an 8-epoch SFT), which would cost this suite about 5 more minutes; with
+2000 pairs no SFT length, lr, LoRA or LM regulariser got past 0.875 at the end of a run
+(configs/rm/tiny-cpu.yaml lists the runs).
 
 Tolerance for the equivalence test as in test_sft_distributed.py: fp32 on CPU, two ranks sum gradients
 in another order than one rank, so losses and parameters differ by float rounding only.
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,12 +25,12 @@ from rlhf_system.config import ConfigError, load_config
 from rlhf_system.trainers.batching import global_batches
 from rlhf_system.workers.group import GroupCallError, WorkerGroup
 from rlhf_system.workers.reward import RewardWorker
+from tests.integration.conftest import rlhf, train_args
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 STEPS = 3
 # Rejections a reward model can tell from the answer's shape alone, without solving the task.
-CLEAR = ("unhelpful", "harmful_compliance", "over_refusal")
+CLEAR = ("unhelpful", "harmful_compliance", "over_refusal", "format_violation")
 
 
 def rm_config(model_dir, data_dir, run_dir, *overrides: str):
@@ -65,13 +64,8 @@ def score_pairs(model_dir: Path, pairs: list[dict]) -> tuple[torch.Tensor, torch
 # --------------------------------------------------------------------------------------- learning
 def test_rm_learns_held_out_preferences(sft_run, synthetic_dir, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "rlhf_system.cli", "train", "rm", "--config", "configs/rm/tiny-cpu.yaml",
-           f"model.path={sft_run / 'hf'}", f"run_dir={run}", "logging.console=false",
-           f"data.train=[{{path: {synthetic_dir / 'pref_train.jsonl'}}}]",
-           f"data.eval=[{{path: {synthetic_dir / 'pref_test.jsonl'}}}]"]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,
-                         check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
+    rlhf(*train_args("rm", "configs/rm/tiny-cpu.yaml", sft_run / "hf", run, synthetic_dir / "pref_train.jsonl",
+                     synthetic_dir / "pref_test.jsonl"))
     result = json.loads((run / "result.json").read_text())
     before, after = result["initial"]["eval_accuracy"], result["final"]["eval_accuracy"]
     print(json.dumps({"eval_accuracy": [before, after], "seconds": result["seconds"],

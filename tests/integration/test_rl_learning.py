@@ -11,20 +11,12 @@ clean demonstrations the same run gained under 0.02 (RL sharpens or removes beha
 teach this 3.5M-parameter model new arithmetic facts in 20 steps)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.integration.conftest import REPO
+from tests.integration.conftest import rlhf, train_args
 
 pytestmark = pytest.mark.integration
-
-
-def _cli(*args: str, timeout: int = 900) -> None:
-    out = subprocess.run([sys.executable, "-m", "rlhf_system.cli", *args], cwd=REPO, capture_output=True,
-                         text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    assert out.returncode == 0, out.stderr[-3000:]
 
 
 def test_grpo_raises_held_out_reward_and_accuracy(kit_model, tmp_path):
@@ -33,14 +25,12 @@ def test_grpo_raises_held_out_reward_and_accuracy(kit_model, tmp_path):
     data = tmp_path / "data"
     write_dataset(data, seed=0, n_train=2000, n_test=200, demo_flaws=0.3)
     sft = tmp_path / "sft"
-    _cli("train", "sft", "--config", "configs/sft/tiny-cpu.yaml", f"model.path={kit_model['policy']}",
-         f"run_dir={sft}", "logging.console=false", "train.epochs=5",
-         f"data.train=[{{path: {data / 'sft_train.jsonl'}}}]", f"data.eval=[{{path: {data / 'sft_test_seen.jsonl'}}}]")
+    rlhf(*train_args("sft", "configs/sft/tiny-cpu.yaml", kit_model["policy"], sft, data / "sft_train.jsonl",
+                     data / "sft_test_seen.jsonl", "train.epochs=5"))
     rl = tmp_path / "grpo"
-    _cli("train", "ppo", "--config", "configs/grpo/tiny-cpu.yaml", f"model.path={sft / 'hf'}", f"run_dir={rl}",
-         "logging.console=false", "train.eval_every=0", "checkpoint.export_hf=false",
-         f"data.train=[{{path: {data / 'rl_train.jsonl'}}}]", f"data.eval=[{{path: {data / 'rl_test_seen.jsonl'}}}]",
-         "placement.call_timeout_s=300")
+    rlhf(*train_args("ppo", "configs/grpo/tiny-cpu.yaml", sft / "hf", rl, data / "rl_train.jsonl",
+                     data / "rl_test_seen.jsonl", "train.eval_every=0", "checkpoint.export_hf=false",
+                     "placement.call_timeout_s=300"))
     result = json.loads((rl / "result.json").read_text())
     assert result["steps"] == 20
     before, after = result["initial"], result["final"]
