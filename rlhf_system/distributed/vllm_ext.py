@@ -11,6 +11,8 @@ themselves arrive by broadcast on the sync group.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from rlhf_system.distributed import weight_sync
@@ -45,6 +47,7 @@ class WeightSyncExtension:
         # repacked its kernels ("Parameter has no attribute weight_loader"); reload_weights re-runs the
         # loader's post-processing.
         model = self.model_runner.model
+        _quiet_expected_reload_warnings(self.vllm_config.model_config.hf_config)
         reload_weights(self.vllm_config, model, iter(named), None, True)
         if self._ws_backend == "gloo":
             _repack_cpu_lm_heads(model)
@@ -52,6 +55,26 @@ class WeightSyncExtension:
 
     def ws_close(self) -> None:
         self._ws_group = self._ws_store = None
+
+
+class ExpectedUnloaded(logging.Filter):
+    """Drops vLLM's "<Layer>: Failed to load weights" for layers a sync never sends on purpose: the
+    rotary embedding (a cos/sin cache computed from the config, not a weight) and, with tied embeddings,
+    the LM head (it is the embedding, which is sent). Any other layer's warning still shows: that one
+    would be a real gap in the sync."""
+
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.layers = {"RotaryEmbedding"} | ({"ParallelLMHead"} if tied else set())
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and record.args and record.args[0] in self.layers)
+
+
+def _quiet_expected_reload_warnings(hf_config) -> None:
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, ExpectedUnloaded) for f in log.filters):
+        log.addFilter(ExpectedUnloaded(bool(getattr(hf_config, "tie_word_embeddings", False))))
 
 
 def _repack_cpu_lm_heads(model: torch.nn.Module) -> None:
