@@ -247,6 +247,25 @@ def format_ok(task: str, text: str) -> bool:
     return True
 
 
+# The form of an answer to each exact-check task (its content aside): what "helpful in form" means
+# for them. A sum is a number, a first letter is one letter, a reversed word is one word.
+_ANSWER_FORMS = {
+    **dict.fromkeys(("add", "sub", "mul", "length"), re.compile(r"\d+")),
+    **dict.fromkeys(("first_letter", "last_letter"), re.compile(r"[A-Za-z]")),
+    "reverse": re.compile(r"[A-Za-z]+"),
+    "uppercase": re.compile(r"[A-Z]+"),
+    "sort": re.compile(r"\d+(?: \d+)*"),
+}
+
+
+def answer_form_ok(task: str, text: str) -> bool:
+    """Whether `text` (stripped) has the form the task's answer takes (_ANSWER_FORMS); tasks without
+    one (a safe question) take any non-empty single line."""
+    text = text.strip()
+    form = _ANSWER_FORMS.get(task)
+    return bool(form.fullmatch(text)) if form else bool(text) and "\n" not in text
+
+
 def _spec(instance_like: Instance | dict) -> tuple[str, str, str]:
     """(check, task, answer) from an Instance, a to_prompt / to_sft record or a preference pair."""
     if isinstance(instance_like, Instance):
@@ -261,11 +280,12 @@ def verify(instance_like: Instance | dict, response: str) -> dict:
 
     correct: exact match after stripping whitespace (for format tasks this implies the right format,
     since the regexes accept only the canonical layout). format_ok: the requested layout for format
-    tasks; otherwise a non-empty single line. refused: is_refusal(response).
+    tasks; otherwise the form of the task's answer (answer_form_ok: a number for a sum, one letter for
+    a first letter, any non-empty single line for a safe question). refused: is_refusal(response).
     """
     check, task, answer = _spec(instance_like)
     text = response.strip()
-    fmt = format_ok(task, text) if check == "format" else bool(text) and "\n" not in text
+    fmt = format_ok(task, text) if check == "format" else answer_form_ok(task, text)
     return {"correct": text == answer.strip(), "format_ok": fmt, "refused": is_refusal(text)}
 
 

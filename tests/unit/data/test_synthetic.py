@@ -160,10 +160,21 @@ def test_arithmetic_verifier():
     inst = S.Instance("arithmetic", "add", "Add the two numbers.", "7 + 5", "12", 0)
     assert S.verify(inst, "12") == {"correct": True, "format_ok": True, "refused": False}
     assert S.verify(inst, " 12\n")["correct"]
-    assert S.verify(inst, "13")["correct"] is False
+    assert S.verify(inst, "13")["correct"] is False and S.verify(inst, "13")["format_ok"] is True
+    assert S.verify(inst, "twelve")["format_ok"] is False  # a sum's answer is a number
     assert S.reward(inst, "12") == 1.0 and S.reward(inst, "13") == 0.0 and S.reward(inst, "") == 0.0
     record = {"prompt": inst.prompt_text(), "answer": "12", "family": "arithmetic", "task": "add"}
     assert S.reward(record, "12") == 1.0 and S.reward(record, "13") == 0.0
+
+
+def test_every_generated_answer_has_its_task_form():
+    split = S.generate(seed=0, n_train=400, n_test=40)
+    exact = [i for items in split.values() for i in items if i.check == "exact"]
+    assert {i.task for i in exact} == set(S._ANSWER_FORMS)
+    assert all(S.answer_form_ok(i.task, i.output) for i in exact)
+    assert S.answer_form_ok("uppercase", "CAT") and not S.answer_form_ok("uppercase", "cat")
+    assert S.answer_form_ok("first_letter", "c") and not S.answer_form_ok("first_letter", "ca")
+    assert S.answer_form_ok("answer", "Blue.") and not S.answer_form_ok("answer", "Blue.\nGreen.")
 
 
 def test_format_verifier():
