@@ -259,9 +259,12 @@ _ANSWER_FORMS = {
 
 
 def answer_form_ok(task: str, text: str) -> bool:
-    """Whether `text` (stripped) has the form the task's answer takes (_ANSWER_FORMS); tasks without
-    one (a safe question) take any non-empty single line."""
+    """Whether `text` (stripped) has the form the task's answer takes: the layout of a `format` task
+    (format_ok), the pattern of an exact-check task (_ANSWER_FORMS), else (a safe question) any
+    non-empty single line."""
     text = text.strip()
+    if task in _FORMAT_RES:
+        return format_ok(task, text)
     form = _ANSWER_FORMS.get(task)
     return bool(form.fullmatch(text)) if form else bool(text) and "\n" not in text
 
@@ -283,10 +286,9 @@ def verify(instance_like: Instance | dict, response: str) -> dict:
     tasks; otherwise the form of the task's answer (answer_form_ok: a number for a sum, one letter for
     a first letter, any non-empty single line for a safe question). refused: is_refusal(response).
     """
-    check, task, answer = _spec(instance_like)
+    _, task, answer = _spec(instance_like)
     text = response.strip()
-    fmt = format_ok(task, text) if check == "format" else answer_form_ok(task, text)
-    return {"correct": text == answer.strip(), "format_ok": fmt, "refused": is_refusal(text)}
+    return {"correct": text == answer.strip(), "format_ok": answer_form_ok(task, text), "refused": is_refusal(text)}
 
 
 def reward(instance_like: Instance | dict, response: str) -> float:

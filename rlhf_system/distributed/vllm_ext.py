@@ -25,6 +25,7 @@ class WeightSyncExtension:
 
     def ws_join(self, addr: str, port: int, rank_offset: int, world: int, timeout_s: float) -> int:
         rank = rank_offset + getattr(self, "rank", 0)
+        _quiet_expected_reload_warnings(self.vllm_config.model_config.hf_config)
         self._ws_backend = weight_sync.backend_for_device()
         self._ws_group, self._ws_store = weight_sync.make_group(
             self._ws_backend, addr, port, rank, world, timeout_s, is_master=False)
@@ -47,7 +48,6 @@ class WeightSyncExtension:
         # repacked its kernels ("Parameter has no attribute weight_loader"); reload_weights re-runs the
         # loader's post-processing.
         model = self.model_runner.model
-        _quiet_expected_reload_warnings(self.vllm_config.model_config.hf_config)
         reload_weights(self.vllm_config, model, iter(named), None, True)
         if self._ws_backend == "gloo":
             _repack_cpu_lm_heads(model)
@@ -72,6 +72,7 @@ class ExpectedUnloaded(logging.Filter):
 
 
 def _quiet_expected_reload_warnings(hf_config) -> None:
+    """Once per engine process (ws_join may run again after a reopen)."""
     log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
     if not any(isinstance(f, ExpectedUnloaded) for f in log.filters):
         log.addFilter(ExpectedUnloaded(bool(getattr(hf_config, "tie_word_embeddings", False))))
