@@ -111,7 +111,8 @@ class RolloutWorker:
 
 
 class RolloutGroup:
-    def __init__(self, cfg: RunConfig, model_path: str, placement_groups: list | None = None):
+    def __init__(self, cfg: RunConfig, model_path: str, placement_groups: list | None = None,
+                 engine_cls: type = RolloutWorker):
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -122,7 +123,7 @@ class RolloutGroup:
         self.cfg, self.timeout = cfg, cfg.placement.call_timeout_s
         self.workers_per_engine = r.tensor_parallel_size
         gpus = r.tensor_parallel_size if cfg.placement.gpus_per_node > 0 else 0
-        remote = ray.remote(RolloutWorker)
+        remote = ray.remote(engine_cls)  # engine_cls: a stand-in lets tests drive the dispatch
         self.engines = []
         for i in range(r.num_engines):
             opts: dict = {"num_cpus": 0, "num_gpus": gpus if r.tensor_parallel_size == 1 else 0}
@@ -141,11 +142,12 @@ class RolloutGroup:
     def num_workers_total(self) -> int:
         return len(self.engines) * self.workers_per_engine
 
-    def _wait(self, refs: list, what: str) -> list:
+    def _wait(self, refs: list, what: str, engine_of: list[int] | None = None) -> list:
+        """Wait for one ref per engine, or for refs whose engines are `engine_of` (generate's chunks)."""
         from rlhf_system.workers.group import GroupCallError, wait_all
 
-        return wait_all(refs, [f"engine {i}" for i in range(len(refs))], self.timeout, f"rollout '{what}'",
-                        GroupCallError)
+        names = [f"engine {i}" for i in (engine_of if engine_of is not None else range(len(refs)))]
+        return wait_all(refs, names, self.timeout, f"rollout '{what}'", GroupCallError)
 
     def generate(self, prompt_ids: list[list[int]], n: int | None = None, temperature: float | None = None,
                  seed: int | None = None, max_new_tokens: int | None = None) -> list[dict]:
@@ -173,7 +175,7 @@ class RolloutGroup:
                     self.load[where[i][0]] -= where[i][1]
                     where[i] = (where[i][0], 0)
         try:
-            parts = self._wait(refs, "generate")
+            parts = self._wait(refs, "generate", [e for e, _ in where])
         finally:
             for e, k in where:
                 self.load[e] -= k

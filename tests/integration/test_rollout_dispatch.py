@@ -1,0 +1,63 @@
+"""RolloutGroup's dispatch (chunks to the least-loaded engine, prompt-major reassembly, naming a failed
+engine) with stand-in engines: the engines are Ray actors, only vLLM is left out."""
+
+import time
+
+import pytest
+
+from rlhf_system.config import RunConfig
+from rlhf_system.workers.group import GroupCallError
+from rlhf_system.workers.rollout import RolloutGroup
+
+
+class EchoEngine:
+    """Answers each prompt with n samples [prompt[0], engine, k]. An engine listed in `broken` (passed in
+    cfg.name) answers its first call and raises from its second on, like an engine that dies mid-step.
+    Each call takes 0.5 s, so no chunk finishes while generate hands them out: with two engines the
+    chunks alternate 0, 1, 0, 1 and each engine's second call is a chunk whose list index is not its own."""
+
+    def __init__(self, model_path: str, index: int, cfg: RunConfig):
+        self.index, self.broken, self.calls = index, cfg.name.split(","), 0
+
+    def ready(self) -> int:
+        return self.index
+
+    def generate(self, prompts, n, temperature, seed=None, max_new_tokens=None):
+        time.sleep(0.5)
+        self.calls += 1
+        if str(self.index) in self.broken and self.calls > 1:
+            raise RuntimeError(f"engine {self.index} is broken")
+        return [{"response_ids": [p[0], self.index, k], "logprobs": [0.0] * 3, "finish_reason": "stop"}
+                for p in prompts for k in range(n)]
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _group(engines: int, broken: str = "") -> RolloutGroup:
+    cfg = RunConfig(mode="ppo", name=broken or "none")
+    cfg.rollout.num_engines, cfg.placement.call_timeout_s = engines, 60
+    return RolloutGroup(cfg, "unused", engine_cls=EchoEngine)
+
+
+def test_samples_come_back_prompt_major_from_both_engines(ray_cluster):
+    group = _group(2)
+    try:
+        out = group.generate([[p] for p in range(10)], n=3)
+    finally:
+        group.shutdown()
+    assert [(s["response_ids"][0], s["response_ids"][2]) for s in out] == [(p, k) for p in range(10) for k in range(3)]
+    assert {s["response_ids"][1] for s in out} == {0, 1}  # both engines got work
+    assert group.load == [0, 0]  # nothing left counted as in flight
+
+
+@pytest.mark.parametrize("engines,broken", [(1, "0"), (2, "1"), (2, "0")])
+def test_a_failed_engine_is_named_by_its_index_not_its_chunk(ray_cluster, engines, broken):
+    group = _group(engines, broken)
+    try:
+        with pytest.raises(GroupCallError) as err:
+            group.generate([[p] for p in range(8)], n=2)  # 8 prompts: several chunks per engine
+    finally:
+        group.shutdown()
+    # the failing chunk is not the engine's first, so its place in the chunk list is not the engine index
+    assert f"engine {broken} failed" in str(err.value) and f"engine {broken} is broken" in str(err.value)
