@@ -36,21 +36,55 @@ class GroupCallError(RuntimeError):
     """A remote call failed or missed its deadline; the message names role, rank and method."""
 
 
-def wait_all(refs: list, names: list[str], timeout: float, what: str, error: type[Exception] = RuntimeError) -> list:
-    """ray.get every ref under ONE deadline; a late or failed one is named (`names[i]`) in the error."""
+def collect(refs: list, timeout: float) -> tuple[dict[int, Any], dict[int, Exception], list[int]]:
+    """Results and Ray errors by position in `refs`, and the positions still running, under ONE deadline.
+
+    Returns early once a worker's process has died: its peers in a collective (an all-reduce, a
+    weight-sync broadcast) would otherwise sit out the whole deadline waiting for it."""
+    import time
+
     import ray
 
-    _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-    if pending:
-        late = ", ".join(names[refs.index(r)] for r in pending)
+    deadline = time.monotonic() + timeout
+    where = {ref: i for i, ref in enumerate(refs)}
+    pending, results, errors = list(refs), {}, {}
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        for ref in ready:
+            try:
+                results[where[ref]] = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                errors[where[ref]] = e
+        if any(isinstance(e, ray.exceptions.RayActorError) for e in errors.values()):
+            break
+    return results, errors, sorted(where[r] for r in pending)
+
+
+def root_cause(errors: dict[int, Exception]) -> int:
+    """The position to blame first: a worker whose process died (its peers then fail *because* of it,
+    so the first failure in list order may point at a healthy process), else the lowest failed one."""
+    import ray
+
+    died = [i for i, e in sorted(errors.items()) if isinstance(e, ray.exceptions.RayActorError)]
+    return (died or sorted(errors))[0]
+
+
+def wait_all(refs: list, names: list[str], timeout: float, what: str, error: type[Exception] = RuntimeError) -> list:
+    """ray.get every ref under ONE deadline; a failed or late one is named (`names[i]`) in the error,
+    the root cause first."""
+    results, errors, running = collect(refs, timeout)
+    if errors:
+        first = root_cause(errors)
+        others = [names[i] for i in sorted(errors) if names[i] != names[first]]
+        others += [f"{names[i]} (still running)" for i in running]
+        also = f" (also: {', '.join(dict.fromkeys(others))})" if others else ""  # chunks share an engine's name
+        raise error(f"{what}: {names[first]} failed{also}: {errors[first]}") from None
+    if running:
+        late = ", ".join(dict.fromkeys(names[i] for i in running))
         raise error(f"{what}: {late} did not answer within {timeout:g}s")
-    out = []
-    for name, ref in zip(names, refs):
-        try:
-            out.append(ray.get(ref))
-        except ray.exceptions.RayError as e:
-            raise error(f"{what}: {name} failed: {e}") from None
-    return out
+    return [results[i] for i in range(len(refs))]
 
 
 def ensure_ray(num_cpus_needed: int = 0) -> None:
@@ -150,21 +184,20 @@ class WorkerGroup:
         import ray
 
         timeout = timeout or self.timeout
-        out = []
-        _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-        if pending:
-            late = [refs.index(r) for r in pending]
-            raise GroupCallError(f"{self.role}: rank(s) {late} did not finish '{method}' within {timeout:g}s")
-        for rank, ref in enumerate(refs):
-            try:
-                out.append(ray.get(ref))
-            except ray.exceptions.RayTaskError as e:
-                cause = e.cause if getattr(e, "cause", None) is not None else e
-                raise GroupCallError(f"{self.role} rank {rank}: '{method}' failed: "
-                                     f"{type(cause).__name__}: {cause}") from cause
-            except ray.exceptions.RayActorError as e:
-                raise GroupCallError(f"{self.role} rank {rank}: worker died during '{method}': {e}") from None
-        return out
+        results, errors, running = collect(refs, timeout)
+        if errors:
+            rank = root_cause(errors)
+            e = errors[rank]
+            others = [f"rank {r} failed" for r in sorted(errors) if r != rank] + [f"rank {r} still running" for r in running]
+            also = f" (also: {', '.join(others)})" if others else ""
+            if isinstance(e, ray.exceptions.RayActorError):
+                raise GroupCallError(f"{self.role} rank {rank}: worker died during '{method}'{also}: {e}") from None
+            cause = e.cause if getattr(e, "cause", None) is not None else e  # the worker's own exception: short
+            raise GroupCallError(f"{self.role} rank {rank}: '{method}' failed: {type(cause).__name__}: {cause}{also}"
+                                 ) from cause
+        if running:
+            raise GroupCallError(f"{self.role}: rank(s) {running} did not finish '{method}' within {timeout:g}s")
+        return [results[r] for r in range(len(refs))]
 
     def call(self, method: str, *args, timeout: float | None = None, **kwargs) -> list[Any]:
         """Run `method` on every rank with the same arguments; results by rank."""
