@@ -9,6 +9,7 @@
     rlhf eval MODEL... --prompts P.jsonl    greedy generation scored by rules / a reward model, per family
                                             (--reward-model RM, --quant 4bit|8bit --compare-full-precision)
     rlhf export SRC --out OUT [--base B]    merge a LoRA adapter (or re-save a model) as a plain HF checkpoint
+                                            (--base-quant 4bit|8bit: the base a QLoRA adapter trained on)
     rlhf sample MODEL PROMPTS.jsonl         sample completions with vLLM (or --backend hf)
     rlhf serve-reward --rules synthetic     HTTP reward server (bearer token from $RLHF_REWARD_TOKEN)
 
@@ -160,7 +161,7 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from rlhf_system.models.export import export_checkpoint
 
-    print(json.dumps(export_checkpoint(args.src, args.out, args.base), indent=2))
+    print(json.dumps(export_checkpoint(args.src, args.out, args.base, args.base_quant), indent=2))
     return 0
 
 
@@ -248,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new folder for the checkpoint")
     p.add_argument("--base", default=None, help="base model for an adapter (default: the run's model.path or "
                    "the adapter's base_model_name_or_path)")
+    p.add_argument("--base-quant", choices=["none", "4bit", "8bit"], default=None,
+                   help="how the adapter's base was loaded in training (default: the run's peft.quant or the "
+                   "adapter's rlhf_base.json; full precision without either): a QLoRA adapter merges onto "
+                   "the dequantised 4-bit base it was trained against")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sample", help="sample completions for prompts from a JSONL file")

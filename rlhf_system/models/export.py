@@ -5,8 +5,10 @@ With LoRA the adapter is saved to OUT/adapter, then merged into the base weights
 4-bit base is first dequantised, so the merged model computes what the adapter model computed
 (up to the 4-bit kernels' own rounding) rather than re-quantising the merged weights.
 
-`rlhf export SRC --out OUT [--base BASE]` (`export_checkpoint`) does the same merge after training,
-outside any run: SRC is a PEFT adapter folder, a model folder or a run directory.
+`rlhf export SRC --out OUT [--base BASE] [--base-quant Q]` (`export_checkpoint`) does the same merge
+after training, outside any run: SRC is a PEFT adapter folder, a model folder or a run directory. A
+trained adapter carries BASE_FILE (the base's dtype and quantisation), so an adapter copied out of its
+run still merges onto the base it was trained against; --base-quant says it for adapters from elsewhere.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlhf_system.config import RunConfig
+
+BASE_FILE = "rlhf_base.json"  # next to adapter_config.json: {"dtype": ..., "quant": peft.quant as trained}
 
 
 def merge_adapter(cfg: RunConfig, adapter_dir: str | Path, out: str | Path, task: str = "causal_lm") -> Path:
@@ -51,6 +55,10 @@ def export_model(engine, tokenizer, out: str | Path, cfg: RunConfig, task: str =
         return export_hf(engine, tokenizer, out, cfg.deepspeed.zero_stage)
     export_hf(engine, None, out / "adapter", cfg.deepspeed.zero_stage)  # PeftModel saves the adapter only
     if dist.get_rank() == 0:
+        import json
+
+        base = {"dtype": cfg.model.resolved_dtype(), "quant": cfg.peft.quant.model_dump()}
+        (out / "adapter" / BASE_FILE).write_text(json.dumps(base, indent=2) + "\n")
         merge_adapter(cfg, out / "adapter", out, task)
         tokenizer.save_pretrained(out)
     dist.barrier()
@@ -73,27 +81,44 @@ def _export_source(src: Path) -> tuple[str, Path]:
                       "directory")
 
 
-def _adapter_run_config(adapter: Path, base: str | None) -> tuple[RunConfig, str]:
+def _adapter_run_config(adapter: Path, base: str | None, base_quant: str | None = None) -> tuple[RunConfig, str, str]:
     """The config to merge with: the training run's config.yaml when the adapter is RUN/hf/adapter
-    (base path, dtype and peft.quant as trained), else the adapter's base_model_name_or_path; --base
-    overrides the base either way. Returns (config, where the base came from)."""
+    (base path, dtype and peft.quant as trained), else the adapter's base_model_name_or_path with the
+    dtype and quantisation from its BASE_FILE (full precision without one); --base and --base-quant
+    override. Returns (config, where the base came from, where its quantisation came from)."""
     import json
+
+    from pydantic import ValidationError
 
     from rlhf_system.config import ConfigError, load_config
 
     run_yaml = adapter.parent.parent / "config.yaml"
     if run_yaml.is_file() and adapter.name == "adapter" and adapter.parent.name == "hf":
         cfg, origin = load_config(run_yaml), f"model.path in {run_yaml}"
+        quant_origin = f"peft.quant in {run_yaml}"
     else:
         recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
-        cfg = RunConfig.model_validate({"model": {"path": recorded}})
+        tree: dict = {"model": {"path": recorded}}
+        quant_origin = "none recorded: full precision"
+        if (adapter / BASE_FILE).is_file():
+            saved = json.loads((adapter / BASE_FILE).read_text())
+            tree = {"model": {"path": recorded, "dtype": saved["dtype"]}, "peft": {"quant": saved["quant"]}}
+            quant_origin = str(adapter / BASE_FILE)
+        try:
+            cfg = RunConfig.model_validate(tree)
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(k) for k in err["loc"])
+            raise ConfigError(f"rlhf export: {adapter / BASE_FILE}: {field}: {err['msg']}") from None
         origin = f"base_model_name_or_path in {adapter / 'adapter_config.json'}"
     if base:
         cfg.model.path, origin = base, "--base"
+    if base_quant:
+        cfg.peft.quant.load_in, quant_origin = base_quant, "--base-quant"
     if not cfg.model.path or not (Path(cfg.model.path) / "config.json").is_file():
         raise ConfigError(f"rlhf export: base model '{cfg.model.path}' ({origin}) not found (no config.json). "
                           "Fix: --base BASE_MODEL_DIR")
-    return cfg, origin
+    return cfg, origin, quant_origin
 
 
 def _copy_tokenizer(candidates: list[Path], out: Path) -> str | None:
@@ -106,7 +131,8 @@ def _copy_tokenizer(candidates: list[Path], out: Path) -> str | None:
     return None
 
 
-def export_checkpoint(src: str | Path, out: str | Path, base: str | None = None) -> dict:
+def export_checkpoint(src: str | Path, out: str | Path, base: str | None = None,
+                      base_quant: str | None = None) -> dict:
     """`rlhf export`: a plain HF checkpoint (safetensors + tokenizer) in `out` from a LoRA adapter
     (merged into its base with merge_adapter) or from a model / run folder (re-saved). Written to a
     temporary sibling and renamed, so `out` is complete or absent. Returns what was done."""
@@ -122,20 +148,21 @@ def export_checkpoint(src: str | Path, out: str | Path, base: str | None = None)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"rlhf export: --out '{out}' exists and is not empty. Fix: choose a new folder")
     kind, folder = _export_source(src)
-    if kind == "model" and base:
-        raise ConfigError(f"rlhf export: '{folder}' is a full model, not an adapter; --base applies to adapters only")
+    if kind == "model" and (base or base_quant):
+        raise ConfigError(f"rlhf export: '{folder}' is a full model, not an adapter; --base and --base-quant "
+                          "apply to adapters only")
     tmp = out.parent / f".{out.name}.export-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         if kind == "adapter":
-            cfg, origin = _adapter_run_config(folder, base)
+            cfg, origin, quant_origin = _adapter_run_config(folder, base, base_quant)
             task_type = json.loads((folder / "adapter_config.json").read_text()).get("task_type") or "CAUSAL_LM"
             task = "seq_cls" if task_type == "SEQ_CLS" else "causal_lm"
             merge_adapter(cfg, folder, tmp, task)
             tokenizer = _copy_tokenizer([folder, Path(cfg.model.tokenizer_path or cfg.model.path)], tmp)
             info = {"source": str(folder), "kind": "adapter", "base": cfg.model.path, "base_from": origin,
-                    "task": task, "quant_base": cfg.peft.quant.load_in}
+                    "task": task, "quant_base": cfg.peft.quant.load_in, "quant_base_from": quant_origin}
         else:
             from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 

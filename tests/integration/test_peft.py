@@ -53,6 +53,30 @@ def test_lora_and_qlora_train_and_merge(quant, atol, small_model, synthetic_dir,
     untrained = logits_of(AutoModelForCausalLM.from_pretrained(small_model["policy"]), ids)
     assert (want - untrained).abs().max() > 10 * atol  # the adapter changed the model: not a vacuous match
     torch.testing.assert_close(got, want, rtol=0, atol=atol)
+    if quant != "none":
+        check_moved_qlora_adapter_merges_onto_its_quantised_base(export, merged, ids, tmp_path)
+
+
+def check_moved_qlora_adapter_merges_onto_its_quantised_base(export, merged, ids, tmp_path):
+    """An adapter copied out of its run (no config.yaml beside it) still merges onto the dequantised
+    4-bit base it was trained against (its rlhf_base.json says so), giving the run's own merged model;
+    `--base-quant none` merges onto the full-precision base instead, which is a different model."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_system.models.export import export_checkpoint
+
+    shutil.copytree(export / "adapter", tmp_path / "moved")
+    info = export_checkpoint(tmp_path / "moved", tmp_path / "m_quant")
+    assert info["quant_base"] == "4bit" and info["quant_base_from"].endswith("rlhf_base.json"), info
+    run_merged = logits_of(merged, ids)
+    torch.testing.assert_close(logits_of(AutoModelForCausalLM.from_pretrained(tmp_path / "m_quant"), ids),
+                               run_merged, rtol=0, atol=1e-5)
+    info = export_checkpoint(tmp_path / "moved", tmp_path / "m_full", base_quant="none")
+    assert info["quant_base"] == "none" and info["quant_base_from"] == "--base-quant"
+    full = logits_of(AutoModelForCausalLM.from_pretrained(tmp_path / "m_full"), ids)
+    assert (full - run_merged).abs().max() > 1e-2, (full - run_merged).abs().max()
 
 
 def test_unknown_lora_target_fails_before_workers(small_model, synthetic_dir, tmp_path):

@@ -74,6 +74,10 @@ def test_export_errors_are_one_line(setup, capsys):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp / "gone"),
                                                              "task_type": "CAUSAL_LM"}))
+    bad_base = tmp / "bad_base"
+    bad_base.mkdir()
+    (bad_base / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": model}))
+    (bad_base / "rlhf_base.json").write_text(json.dumps({"dtype": "float32", "quant": {"load_in": "3bit"}}))
     busy = tmp / "busy"
     busy.mkdir()
     (busy / "x").write_text("x")
@@ -83,7 +87,9 @@ def test_export_errors_are_one_line(setup, capsys):
         (["export", str(adapter), "--out", str(tmp / "o3")], f"base model '{tmp / 'gone'}' (base_model_name_or_path"),
         (["export", str(adapter), "--out", str(tmp / "o4"), "--base", str(empty)], "(--base) not found"),
         (["export", model, "--out", str(busy)], "exists and is not empty"),
-        (["export", model, "--out", str(tmp / "o5"), "--base", model], "--base applies to adapters only"),
+        (["export", model, "--out", str(tmp / "o5"), "--base", model], "--base and --base-quant apply to adapters only"),
+        (["export", model, "--out", str(tmp / "o6"), "--base-quant", "4bit"], "apply to adapters only"),
+        (["export", str(bad_base), "--out", str(tmp / "o7")], f"{bad_base / 'rlhf_base.json'}: peft.quant.load_in: "),
     ]
     for argv, needle in cases:
         rc, err = run(capsys, argv)
