@@ -62,13 +62,17 @@ def collect(refs: list, timeout: float) -> tuple[dict[int, Any], dict[int, Excep
     return results, errors, sorted(where[r] for r in pending)
 
 
-def root_cause(errors: dict[int, Exception]) -> int:
-    """The position to blame first: a worker whose process died (its peers then fail *because* of it,
-    so the first failure in list order may point at a healthy process), else the lowest failed one."""
+def blame(errors: dict[int, Exception], running: list[int], names: list[str]) -> tuple[int, str]:
+    """(position to name first, " (also: ...)" listing the rest). First is a worker whose process died:
+    its peers then fail *because* of it, so the first failure in list order may be a healthy process."""
     import ray
 
     died = [i for i, e in sorted(errors.items()) if isinstance(e, ray.exceptions.RayActorError)]
-    return (died or sorted(errors))[0]
+    first = (died or sorted(errors))[0]
+    others = [names[i] for i in sorted(errors) if names[i] != names[first]]
+    others += [f"{names[i]} (still running)" for i in running]
+    others = list(dict.fromkeys(others))  # generate's chunks share an engine's name
+    return first, f" (also: {', '.join(others)})" if others else ""
 
 
 def wait_all(refs: list, names: list[str], timeout: float, what: str, error: type[Exception] = RuntimeError) -> list:
@@ -76,10 +80,7 @@ def wait_all(refs: list, names: list[str], timeout: float, what: str, error: typ
     the root cause first."""
     results, errors, running = collect(refs, timeout)
     if errors:
-        first = root_cause(errors)
-        others = [names[i] for i in sorted(errors) if names[i] != names[first]]
-        others += [f"{names[i]} (still running)" for i in running]
-        also = f" (also: {', '.join(dict.fromkeys(others))})" if others else ""  # chunks share an engine's name
+        first, also = blame(errors, running, names)
         raise error(f"{what}: {names[first]} failed{also}: {errors[first]}") from None
     if running:
         late = ", ".join(dict.fromkeys(names[i] for i in running))
@@ -186,10 +187,8 @@ class WorkerGroup:
         timeout = timeout or self.timeout
         results, errors, running = collect(refs, timeout)
         if errors:
-            rank = root_cause(errors)
+            rank, also = blame(errors, running, [f"rank {r}" for r in range(len(refs))])
             e = errors[rank]
-            others = [f"rank {r} failed" for r in sorted(errors) if r != rank] + [f"rank {r} still running" for r in running]
-            also = f" (also: {', '.join(others)})" if others else ""
             if isinstance(e, ray.exceptions.RayActorError):
                 raise GroupCallError(f"{self.role} rank {rank}: worker died during '{method}'{also}: {e}") from None
             cause = e.cause if getattr(e, "cause", None) is not None else e  # the worker's own exception: short

@@ -11,13 +11,15 @@ from rlhf_system.workers.rollout import RolloutGroup
 
 
 class EchoEngine:
-    """Answers each prompt with n samples [prompt[0], engine, k]. An engine listed in `broken` (passed in
-    cfg.name) answers its first call and raises from its second on, like an engine that dies mid-step.
+    """Answers each prompt with n samples [prompt[0], engine, k]. An engine listed in BROKEN answers its
+    first call and raises from its second on, like an engine that dies mid-step.
     Each call takes 0.5 s, so no chunk finishes while generate hands them out: with two engines the
     chunks alternate 0, 1, 0, 1 and each engine's second call is a chunk whose list index is not its own."""
 
+    BROKEN: tuple[int, ...] = ()
+
     def __init__(self, model_path: str, index: int, cfg: RunConfig):
-        self.index, self.broken, self.calls = index, cfg.name.split(","), 0
+        self.index, self.calls = index, 0
 
     def ready(self) -> int:
         return self.index
@@ -25,7 +27,7 @@ class EchoEngine:
     def generate(self, prompts, n, temperature, seed=None, max_new_tokens=None):
         time.sleep(0.5)
         self.calls += 1
-        if str(self.index) in self.broken and self.calls > 1:
+        if self.index in self.BROKEN and self.calls > 1:
             raise RuntimeError(f"engine {self.index} is broken")
         return [{"response_ids": [p[0], self.index, k], "logprobs": [0.0] * 3, "finish_reason": "stop"}
                 for p in prompts for k in range(n)]
@@ -34,10 +36,10 @@ class EchoEngine:
         pass
 
 
-def _group(engines: int, broken: str = "") -> RolloutGroup:
-    cfg = RunConfig(mode="ppo", name=broken or "none")
+def _group(engines: int, broken: tuple[int, ...] = ()) -> RolloutGroup:
+    cfg = RunConfig(mode="ppo")
     cfg.rollout.num_engines, cfg.placement.call_timeout_s = engines, 60
-    return RolloutGroup(cfg, "unused", engine_cls=EchoEngine)
+    return RolloutGroup(cfg, "unused", engine_cls=type("Engine", (EchoEngine,), {"BROKEN": broken}))
 
 
 def test_samples_come_back_prompt_major_from_both_engines(ray_cluster):
@@ -51,9 +53,9 @@ def test_samples_come_back_prompt_major_from_both_engines(ray_cluster):
     assert group.load == [0, 0]  # nothing left counted as in flight
 
 
-@pytest.mark.parametrize("engines,broken", [(1, "0"), (2, "1"), (2, "0")])
+@pytest.mark.parametrize("engines,broken", [(1, 0), (2, 1), (2, 0)])
 def test_a_failed_engine_is_named_by_its_index_not_its_chunk(ray_cluster, engines, broken):
-    group = _group(engines, broken)
+    group = _group(engines, (broken,))
     try:
         with pytest.raises(GroupCallError) as err:
             group.generate([[p] for p in range(8)], n=2)  # 8 prompts: several chunks per engine
