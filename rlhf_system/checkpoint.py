@@ -13,7 +13,7 @@ Contract, in order (the controller drives it; every rank takes part):
 3. The controller writes run_state.json last, then renames `.tmp` to the final name: the rename is
    atomic, so a kill at any point leaves either a complete checkpoint or an ignored `.tmp`.
 4. Older complete checkpoints beyond `checkpoint.keep_last` are deleted.
-The data order needs no saving: batches come from `seed + epoch` (trainers/batching.py), so
+The data order needs no saving: batches come from `seed + epoch` (data/batching.py), so
 (epoch, position) replays it exactly. Checkpoints must be on storage every rank can reach.
 """
 

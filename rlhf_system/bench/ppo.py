@@ -49,8 +49,8 @@ def hf_tokens_per_s(cfg: RunConfig, prompt_ids: list[list[int]], n: int) -> dict
 
 def run(cfg: RunConfig, steps: int) -> dict:
     from rlhf_system.algorithms.kl import make_kl_controller
+    from rlhf_system.data.batching import global_batches
     from rlhf_system.trainers import ppo
-    from rlhf_system.trainers.batching import global_batches
 
     prep = ppo.prepare(cfg)
     batches = global_batches(len(prep.train), cfg.train.rollout_batch_size, cfg.seed, 0)

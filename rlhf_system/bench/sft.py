@@ -14,28 +14,28 @@ from __future__ import annotations
 import time
 
 from rlhf_system.config import RunConfig, validate
-from rlhf_system.trainers.batching import global_batches
+from rlhf_system.data.batching import global_batches
 
 VARIANTS = [{"packing": p, "zero_stage": z} for z in (2, 3) for p in (False, True)]
 
 
 def bench_variant(cfg: RunConfig, steps: int) -> dict:
     from rlhf_system.trainers import sft
-    from rlhf_system.workers.actor import ActorWorker
     from rlhf_system.workers.group import WorkerGroup
+    from rlhf_system.workers.sft import SFTWorker
 
     sft.prepare(cfg)
-    group = WorkerGroup("actor", ActorWorker, cfg.placement.actor, cfg.placement)
+    group = WorkerGroup("actor", SFTWorker, cfg.placement.actor, cfg.placement)
     try:
-        n = group.call("sft_setup", cfg)[0]["train_samples"]
+        n = group.call("setup", cfg)[0]["train_samples"]
         batches = global_batches(n, cfg.train.global_batch_size, cfg.seed, 0)
         if len(batches) < steps + 1:
             raise ValueError(f"only {len(batches)} global batches; lower --steps or train.global_batch_size")
-        group.call("sft_step", batches[0], 0)  # warm-up: allocator, kernels, first-touch costs
+        group.call("train_step", batches[0], 0)  # warm-up: allocator, kernels, first-touch costs
         t0 = time.perf_counter()
         tokens = trained = 0
         for step in range(1, steps + 1):
-            m = group.call("sft_step", batches[step], step)[0]
+            m = group.call("train_step", batches[step], step)[0]
             tokens += m["input_tokens"]
             trained += m["tokens"]
         seconds = time.perf_counter() - t0

@@ -1,13 +1,13 @@
 """Scoring (prompt, response) pairs with a reward model: one function for PPO's reward role and `rlhf eval`.
 
-A reward model is a one-label sequence classifier (trainers/reward_model.py). The conversation is
+A reward model is a one-label sequence classifier (models/load.load_reward_model). The conversation is
 rendered with the reward model's OWN tokenizer and chat template, exactly as in reward-model training
 (data/tokenize.render_conversation), so a policy and its reward model need not share a tokenizer. The
 score is the classifier's logit, read by transformers at the last non-pad token of each right-padded
 row.
 
 What this is not: a trainer or a server. PPO calls `score_conversations` on its DeepSpeed engine
-(trainers/ppo_rank.reward_scores); evaluation loads a plain (optionally quantised) model with
+(workers/reward.py); evaluation loads a plain (optionally quantised) model with
 `load_reward_scorer`.
 """
 
@@ -78,8 +78,7 @@ def load_reward_scorer(path: str | Path, quant: str = "none", template: str = "c
     """The reward model at `path` in eval mode: float32 on CPU (bf16 on CUDA), or 4bit / 8bit."""
     from rlhf_system.config import ModelConfig
     from rlhf_system.data.tokenize import check_template
-    from rlhf_system.models.load import load_tokenizer
-    from rlhf_system.trainers.reward_model import load_reward_model
+    from rlhf_system.models.load import load_reward_model, load_tokenizer
 
     path = check_reward_model(path)
     cfg = ModelConfig(path=path)

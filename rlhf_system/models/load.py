@@ -162,3 +162,43 @@ def load_causal_lm(cfg: ModelConfig, path: str | None = None, peft: PeftConfig |
 
     path = check_model_path(path or cfg.path, "model.path")
     return load_pretrained(AutoModelForCausalLM, cfg, path, "CAUSAL_LM", peft, frozen_quant)
+
+
+# algorithm.rm.head -> the architecture suffix its checkpoint must have (a mismatch is an error:
+# a classifier head silently re-initialised, or a trained one kept as a "fresh" value head, is a bug).
+HEAD_ARCHITECTURE = {"classifier": "ForSequenceClassification", "value_head": "ForCausalLM"}
+
+
+def check_head(cfg: ModelConfig, head: str, path: str | None = None) -> str:
+    """The checkpoint at `path` (default model.path) fits algorithm.rm.head; returns the path."""
+    from transformers import AutoConfig
+
+    path = check_model_path(path or cfg.path, "model.path")
+    archs = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code).architectures or []
+    want = HEAD_ARCHITECTURE[head]
+    if archs and not any(a.endswith(want) for a in archs):
+        fits = [h for h, suffix in HEAD_ARCHITECTURE.items() if any(a.endswith(suffix) for a in archs)]
+        fix = f"algorithm.rm.head={fits[0]}" if fits else f"point model.path at a *{want} checkpoint"
+        raise ConfigError(f"algorithm.rm.head={head} needs a *{want} checkpoint, but model.path '{path}' is "
+                          f"{archs}. Fix: {fix}")
+    return path
+
+
+def load_reward_model(cfg: ModelConfig, head: str, pad_token_id: int, path: str | None = None,
+                      peft: PeftConfig | None = None, frozen_quant: str = "none"):
+    """A one-label sequence classifier, with adapters if
+    `peft` asks for them; `frozen_quant` (none|4bit|8bit) quantises one that is only run (no peft).
+
+    Heads (algorithm.rm.head): "classifier" loads a *ForSequenceClassification checkpoint as it is;
+    "value_head" loads a causal LM through AutoModelForSequenceClassification, which keeps the
+    backbone, drops the LM head and initialises a fresh linear `score` head (hidden -> 1)."""
+    from transformers import AutoModelForSequenceClassification
+
+    def set_pad(model):
+        # The score is read at the rightmost token that is not pad_token_id (without one, HF refuses
+        # batches of more than one row). Where the tokenizer pads with EOS (load_tokenizer's fallback), a
+        # trailing EOS counts as padding too: the score then sits on the token before it, for every row alike.
+        model.config.pad_token_id = pad_token_id
+
+    return load_pretrained(AutoModelForSequenceClassification, cfg, check_head(cfg, head, path), "SEQ_CLS",
+                           peft, frozen_quant, configure=set_pad, num_labels=1)

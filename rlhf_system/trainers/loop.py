@@ -1,8 +1,8 @@
 """The controller's step loop shared by the SFT, reward-model and DPO trainers.
 
-    result = fit(cfg, group, n_train, steps, tracker, step_verb="sft_step", eval_verb="sft_evaluate")
+    result = fit(cfg, group, n_train, steps, tracker)   # group: SFTWorker, RewardModelWorker or DPOWorker ranks
 
-It walks epochs and global batches (trainers/batching.py), calls the group's step verb on every
+It walks epochs and global batches (data/batching.py), calls the group's `train_step` on every
 rank, evaluates and logs, writes checkpoints every `checkpoint.save_every` steps (checkpoint.py), and
 resumes from one: the engines are restored by the workers, and the loop skips to the saved
 (epoch, position), so an interrupted run continues on exactly the batches it would have seen.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 from rlhf_system import checkpoint
 from rlhf_system.config import RunConfig
+from rlhf_system.data.batching import global_batches
 from rlhf_system.tracking import Tracker
-from rlhf_system.trainers.batching import global_batches
 
 
 def save(cfg: RunConfig, group, step: int, epoch: int, position: int, initial: dict) -> None:
@@ -26,7 +26,7 @@ def save(cfg: RunConfig, group, step: int, epoch: int, position: int, initial: d
                             "initial": initial}, cfg.checkpoint.keep_last)
 
 
-def fit(cfg: RunConfig, group, n_train: int, steps: int, tracker: Tracker, step_verb: str, eval_verb: str) -> dict:
+def fit(cfg: RunConfig, group, n_train: int, steps: int, tracker: Tracker) -> dict:
     t0 = time.perf_counter()
     resume = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.run_dir)
     if resume is not None:
@@ -36,7 +36,7 @@ def fit(cfg: RunConfig, group, n_train: int, steps: int, tracker: Tracker, step_
         tracker.log(step, {"resumed_from": str(resume)})
     else:
         step, start_epoch, start_pos = 0, 0, 0
-        initial = group.call(eval_verb)[0]
+        initial = group.call("evaluate")[0]
         tracker.log(0, initial)
     every = cfg.checkpoint.save_every
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -45,27 +45,27 @@ def fit(cfg: RunConfig, group, n_train: int, steps: int, tracker: Tracker, step_
             if step >= steps:
                 break
             t = time.perf_counter()
-            metrics = group.call(step_verb, batches[position], step)[0]
+            metrics = group.call("train_step", batches[position], step)[0]
             step += 1
             metrics["step_s"] = time.perf_counter() - t
             if "tokens" in metrics:
                 metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_s"]
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                metrics.update(group.call(eval_verb)[0])
+                metrics.update(group.call("evaluate")[0])
             if step % cfg.logging.log_every == 0 or step == steps:
                 tracker.log(step, metrics)
             if every and (step % every == 0 or step == steps):
                 save(cfg, group, step, epoch, position + 1, initial)
-    final = group.call(eval_verb)[0]
+    final = group.call("evaluate")[0]
     tracker.log(step, final)
     tracker.close()  # wandb / tensorboard flushed, plots written
     return {"steps": step, "seconds": time.perf_counter() - t0, "initial": initial, "final": final}
 
 
-def train_with_group(cfg: RunConfig, steps: int, role: str, worker_cls: type, num_workers: int, verb: str) -> dict:
+def train_with_group(cfg: RunConfig, steps: int, role: str, worker_cls: type, num_workers: int) -> dict:
     """The controller's hand-over, the same for every trainer: write the resolved config, start the
-    role's group, set every rank up (`{verb}_setup`), `fit` with `{verb}_step` / `{verb}_evaluate`,
-    export to run_dir/hf, and always shut the group down."""
+    role's group of `worker_cls` ranks, set every rank up (`setup`), `fit` with `train_step` /
+    `evaluate`, export to run_dir/hf, and always shut the group down."""
     from rlhf_system.workers.group import make_group
 
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
@@ -73,8 +73,8 @@ def train_with_group(cfg: RunConfig, steps: int, role: str, worker_cls: type, nu
     tracker = Tracker(cfg.run_dir, cfg.logging, steps, config=cfg.model_dump(mode="json"), name=cfg.name)
     group = make_group(role, worker_cls, num_workers, cfg.placement)
     try:
-        n_train = group.call(f"{verb}_setup", cfg)[0]["train_samples"]
-        result = fit(cfg, group, n_train, steps, tracker, step_verb=f"{verb}_step", eval_verb=f"{verb}_evaluate")
+        n_train = group.call("setup", cfg)[0]["train_samples"]
+        result = fit(cfg, group, n_train, steps, tracker)
         out = Path(cfg.run_dir) / "hf"
         if cfg.checkpoint.export_hf:
             group.call("save_hf", str(out))

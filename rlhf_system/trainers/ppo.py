@@ -35,11 +35,12 @@ from rlhf_system.algorithms.advantages import compute_advantages
 from rlhf_system.algorithms.kl import kl_penalty, make_kl_controller
 from rlhf_system.algorithms.logprobs import masked_mean, masked_sum
 from rlhf_system.config import ConfigError, RunConfig
+from rlhf_system.data.batching import global_batches
 from rlhf_system.data.build import build_dataset
+from rlhf_system.data.experience import Experience
 from rlhf_system.models.load import check_lora_targets, check_model_path, load_tokenizer
 from rlhf_system.tracking import Tracker
-from rlhf_system.trainers.batching import global_batches
-from rlhf_system.trainers.experience import pad_floats
+from rlhf_system.workers.update import one_optimizer_step
 
 
 # ---------------------------------------------------------------------------------------- prepare
@@ -103,10 +104,10 @@ def start(cfg: RunConfig, prep: Prepared):
     classes = {"actor": ActorWorker, "critic": CriticWorker, "reference": ReferenceWorker, "reward": RewardWorker}
     roles = roles_for(cfg)
     groups, shared = start_roles(cfg, {r: c for r, c in classes.items() if r in roles})
-    waits = [groups["actor"].submit("ppo_setup", cfg, prep.optimizer_steps)]
+    waits = [groups["actor"].submit("setup", cfg, prep.optimizer_steps)]
     if "critic" in groups:
-        waits.append(groups["critic"].submit("ppo_setup", cfg, prep.optimizer_steps))
-    waits += [groups[r].submit("ppo_setup", cfg) for r in ("reference", "reward") if r in groups]
+        waits.append(groups["critic"].submit("setup", cfg, prep.optimizer_steps))
+    waits += [groups[r].submit("setup", cfg) for r in ("reference", "reward") if r in groups]
     rollout = None
     try:
         rollout = RolloutGroup(cfg, cfg.model.path)  # loads while the trainers set up
@@ -131,6 +132,17 @@ def stop(groups: dict, shared: list, rollout, sync) -> None:
 
 
 # ------------------------------------------------------------------------------------ one PPO step
+def in_turn_or_together(cfg: RunConfig, calls: dict) -> dict:
+    """Run several roles' calls (`start() -> wait`); results by key. On GPUs each role owns its devices,
+    so they work at the same time. On a CPU-only placement every role computes with all of the node's
+    cores (distributed/threads.py), so they take turns: side by side they would oversubscribe the
+    cores and each run slower than alone."""
+    if cfg.placement.gpus_per_node > 0:
+        waits = {k: start() for k, start in calls.items()}
+        return {k: w() for k, w in waits.items()}
+    return {k: start()() for k, start in calls.items()}
+
+
 def score(cfg: RunConfig, prep: Prepared, groups: dict, items: list[dict], texts: list[str]) -> tuple[torch.Tensor, dict]:
     """Combined scores (B,) and their parts' means, for metrics."""
     parts, metrics = [], {}
@@ -146,7 +158,7 @@ def score(cfg: RunConfig, prep: Prepared, groups: dict, items: list[dict], texts
         parts.append(cfg.rewards.remote_weight * remote)
         metrics["reward/remote"] = remote.mean().item()
     if rm_wait is not None:
-        rm = torch.tensor(rm_wait())
+        rm = rm_wait()
         parts.append(cfg.rewards.model_weight * rm)
         metrics["reward/model"] = rm.mean().item()
     total = torch.stack(parts).sum(0)
@@ -158,15 +170,24 @@ def score(cfg: RunConfig, prep: Prepared, groups: dict, items: list[dict], texts
     return total, metrics
 
 
+def needs_old_logprobs(cfg: RunConfig) -> bool:
+    """Whether the actor's old log-probs need a forward of their own before the update. Not when the
+    step makes one optimiser step (the update's own forward, detached, gives them: workers/update.py)
+    and no KL enters the reward (that needs them before the advantages)."""
+    kl_in_reward = cfg.algorithm.kl.coef > 0 and cfg.algorithm.kl.in_reward
+    return kl_in_reward or not one_optimizer_step(cfg)
+
+
 def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, rollout, prompts: list[dict], step: int,
-                     kl_coef: float, timer: dict) -> tuple[list[dict], dict]:
+                     kl_coef: float, timer: dict) -> tuple[Experience, dict]:
     n = cfg.rollout.n_samples_per_prompt
     t = time.perf_counter()
     gen = rollout.generate([p["prompt_ids"] for p in prompts], seed=cfg.rollout.seed + 7919 * step)
     timer["time/generate"] = time.perf_counter() - t
-    samples = [{"prompt_ids": prompts[i // n]["prompt_ids"], "response_ids": g["response_ids"]}
-               for i, g in enumerate(gen)]
-    texts = [prep.tokenizer.decode(g["response_ids"], skip_special_tokens=True) for g in gen]
+    exp = Experience.from_rollout([prompts[i // n]["prompt_ids"] for i in range(len(gen))],
+                                  [g["response_ids"] for g in gen], prep.tokenizer.pad_token_id,
+                                  [g["logprobs"] for g in gen])
+    texts = prep.tokenizer.batch_decode([g["response_ids"] for g in gen], skip_special_tokens=True)
     items = [{"messages": prompts[i // n]["messages"], "meta": prompts[i // n]["meta"], "response": texts[i]}
              for i in range(len(gen))]
 
@@ -175,59 +196,56 @@ def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, rollout, prom
     timer["time/reward"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    waits = {"old": groups["actor"].submit_sharded("logprobs", samples)}
+    calls = {}
+    if needs_old_logprobs(cfg):
+        calls["old"] = lambda: groups["actor"].submit_sharded("logprobs", exp)
     if "reference" in groups:
-        waits["ref"] = groups["reference"].submit_sharded("logprobs", samples)
+        calls["ref"] = lambda: groups["reference"].submit_sharded("logprobs", exp)
     if "critic" in groups:
-        waits["values"] = groups["critic"].submit_sharded("values", samples)
-    got = {k: w() for k, w in waits.items()}
+        calls["values"] = lambda: groups["critic"].submit_sharded("values", exp)
+    got = in_turn_or_together(cfg, calls)
     timer["time/inference"] = time.perf_counter() - t
 
-    mask = pad_floats([[1.0] * len(s["response_ids"]) for s in samples])
-    old = pad_floats(got["old"])
+    mask = exp.response_mask
     a = cfg.algorithm
-    kl = kl_penalty(old, pad_floats(got["ref"]), a.kl.estimator, mask) if "ref" in got else None
+    old, ref = got.get("old"), got.get("ref")
+    kl = kl_penalty(old, ref, a.kl.estimator, mask) if old is not None and ref is not None else None
     adv, returns = compute_advantages(
-        a.estimator, scores=scores, mask=mask, values=pad_floats(got["values"]) if "values" in got else None,
-        kl=kl, kl_coef=kl_coef, kl_in_reward=a.kl.in_reward, gamma=a.gamma, lam=a.lam, group_size=n,
-        whiten_advantages=a.normalize_advantages)
+        a.estimator, scores=scores, mask=mask, values=got.get("values"), kl=kl, kl_coef=kl_coef,
+        kl_in_reward=a.kl.in_reward, gamma=a.gamma, lam=a.lam, group_size=n, whiten_advantages=a.normalize_advantages)
 
-    lengths = mask.sum(-1)
-    vllm_lp = pad_floats([g["logprobs"] for g in gen])
     metrics |= {
-        "response_length": lengths.mean().item(),
+        "response_length": exp.response_lens.float().mean().item(),
         "truncated": sum(g["finish_reason"] == "length" for g in gen) / len(gen),
         "advantage_mean": masked_mean(adv, mask).item(),
-        # how far vLLM's sampling log-probs are from the trainer's (fp32 CPU: ~0; bf16 GPU: larger)
-        "logprob_mismatch": masked_mean((old - vllm_lp).abs(), mask).item() if cfg.rollout.temperature > 0 else 0.0,
     }
-    if kl is not None:
-        k1 = kl_penalty(old, pad_floats(got["ref"]), "k1", mask)
-        metrics["kl"] = masked_sum(k1, mask, dim=-1).mean().item()  # per sequence, in nats
-    exps = []
-    for i, s in enumerate(samples):
-        L = len(s["response_ids"])
-        e = {**s, "advantages": adv[i, :L].tolist(), "old_logprobs": got["old"][i],
-             "rollout_logprobs": gen[i]["logprobs"]}
-        if "ref" in got:
-            e["ref_logprobs"] = got["ref"][i]
-        if returns is not None:
-            e["returns"], e["old_values"] = returns[i, :L].tolist(), got["values"][i]
-        exps.append(e)
-    return exps, metrics
+    if old is not None:
+        # how far vLLM's sampling log-probs are from the trainer's (fp32 CPU: ~0; bf16 GPU: larger);
+        # without this forward the actor's update reports it instead
+        metrics["logprob_mismatch"] = (masked_mean((old - exp.rollout_logprobs).abs(), mask).item()
+                                       if cfg.rollout.temperature > 0 else 0.0)
+        if ref is not None:
+            metrics["kl"] = masked_sum(kl_penalty(old, ref, "k1", mask), mask, dim=-1).mean().item()  # nats/seq
+    exp = exp.with_fields(old_logprobs=old, ref_logprobs=ref, values=got.get("values"), advantages=adv,
+                          returns=returns)
+    return exp, metrics
 
 
-def train(cfg: RunConfig, groups: dict, exps: list[dict], step: int, kl_coef: float, timer: dict) -> dict:
+def train(cfg: RunConfig, groups: dict, exp: Experience, step: int, kl_coef: float, timer: dict) -> dict:
     t = time.perf_counter()
-    waits = [groups["actor"].submit_sharded("ppo_update", exps, step, kl_coef, by_rank=True)]
+    calls = {"actor": lambda: groups["actor"].submit_sharded("update", exp, step, kl_coef, by_rank=True)}
     if "critic" in groups:
-        waits.append(groups["critic"].submit_sharded("ppo_update", exps, step, by_rank=True))
+        calls["critic"] = lambda: groups["critic"].submit_sharded("update", exp, step, by_rank=True)
     metrics: dict = {}
-    for w in waits:  # per-rank metric dicts: average them
-        per_rank = w()
+    for per_rank in in_turn_or_together(cfg, calls).values():  # per-rank metric dicts: average them
         for k in per_rank[0]:
             metrics[k] = sum(m[k] for m in per_rank) / len(per_rank)
     timer["time/train"] = time.perf_counter() - t
+    # Measured inside the update when the old-log-prob forward was skipped (make_experiences).
+    for name, key in (("logprob_mismatch", "actor/logprob_mismatch"), ("kl", "actor/kl_seq")):
+        if key in metrics:
+            value = metrics.pop(key)
+            metrics.setdefault(name, value if name == "kl" or cfg.rollout.temperature > 0 else 0.0)
     return metrics
 
 
@@ -237,8 +255,8 @@ def ppo_step(cfg: RunConfig, prep: Prepared, groups: dict, rollout, sync, prompt
     seconds of each phase (time/*) and of the whole step. `rlhf bench ppo` times this same function."""
     t = time.perf_counter()
     timer: dict = {}
-    exps, metrics = make_experiences(cfg, prep, groups, rollout, prompts, step, kl_coef, timer)
-    metrics |= train(cfg, groups, exps, step, kl_coef, timer)
+    exp, metrics = make_experiences(cfg, prep, groups, rollout, prompts, step, kl_coef, timer)
+    metrics |= train(cfg, groups, exp, step, kl_coef, timer)
     timer["time/sync"] = sync.sync()
     return metrics | timer | {"time/step": time.perf_counter() - t}
 
@@ -275,7 +293,7 @@ def evaluate(cfg: RunConfig, prep: Prepared, groups: dict, rollout) -> dict:
             k = len(groups["reward"].workers)
             usable = len(items) - len(items) % k
             rm = groups["reward"].call_sharded("score", items[:usable])
-            out[f"eval/{name}/rm_score"] = sum(rm) / max(1, len(rm))
+            out[f"eval/{name}/rm_score"] = rm.mean().item() if len(rm) else 0.0
     return out
 
 
@@ -339,7 +357,7 @@ def run(cfg: RunConfig) -> dict:
         tracker.log(step, final)
         out = Path(cfg.run_dir) / "hf"
         if cfg.checkpoint.export_hf:
-            groups["actor"].call("ppo_save_hf", str(out))
+            groups["actor"].call("save_hf", str(out))
     finally:
         tracker.close()
         stop(groups, shared, rollout, sync)

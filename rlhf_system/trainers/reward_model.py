@@ -5,8 +5,8 @@
 `run` is the controller and reads top to bottom: prepare (paths, head, tokenisation, before any
 worker starts) -> start the reward group -> train (trainers/loop.py: global batches of PAIRS, each
 rank takes its share as micro-batches; checkpoints and resume) -> evaluate (held-out pair accuracy,
-margin, loss) -> save (HF format). The per-rank functions below it run inside workers/reward.py's
-RewardWorker: in-process (LocalGroup) or as Ray actors (WorkerGroup), the same code either way.
+margin, loss) -> save (HF format). The per-rank work is workers/reward_model.py's RewardModelWorker:
+in-process (LocalGroup) or as Ray actors (WorkerGroup).
 
 The model is an HF sequence classifier with one label, whichever `algorithm.rm.head` says:
 - "classifier": `model.path` already is one (e.g. the kit's reward/ folder, or an earlier RM export).
@@ -21,77 +21,19 @@ them (models/export.py).
 
 Loss normalisation: every optimiser step is the mean over the WHOLE global batch's pairs, however
 it is split into micro-batches and ranks, so a global batch gives the same update on 1 process or on
-N, with any micro-batch size (the per-pair version of trainers/sft.py's token trick).
+N, with any micro-batch size (the per-pair version of workers/sft.py's token trick).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
-import torch
-import torch.distributed as dist
-
-from rlhf_system.algorithms.losses import pairwise_rm_loss
-from rlhf_system.config import ConfigError, ModelConfig, PeftConfig, RunConfig
+from rlhf_system.config import RunConfig
+from rlhf_system.data.batching import checked_total_steps
 from rlhf_system.data.build import run_datasets
-from rlhf_system.data.collate import pad_to
-from rlhf_system.distributed.deepspeed import gathered_state_dict, grad_accum_steps, train_engine
-from rlhf_system.models.export import export_model
-from rlhf_system.models.load import check_lora_targets, check_model_path, load_pretrained, load_tokenizer
-from rlhf_system.trainers.batching import checked_total_steps, rank_micro_batches
+from rlhf_system.models.load import check_head, check_lora_targets, load_tokenizer
 from rlhf_system.trainers.loop import train_with_group
-
-# algorithm.rm.head -> the architecture suffix its checkpoint must have (a mismatch is an error:
-# a classifier head silently re-initialised, or a trained one kept as a "fresh" value head, is a bug).
-HEAD_ARCHITECTURE = {"classifier": "ForSequenceClassification", "value_head": "ForCausalLM"}
+from rlhf_system.workers.reward_model import UNIT
 
 
-@dataclass
-class RMState:
-    cfg: RunConfig
-    tokenizer: object
-    train_ds: object
-    eval_ds: object | None
-    engine: object
-    rank: int
-    world: int
-    total_steps: int
-
-
-# ------------------------------------------------------------------------------------------ model
-def check_head(cfg: ModelConfig, head: str, path: str | None = None) -> str:
-    """The checkpoint at `path` (default model.path) fits algorithm.rm.head; returns the path."""
-    from transformers import AutoConfig
-
-    path = check_model_path(path or cfg.path, "model.path")
-    archs = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code).architectures or []
-    want = HEAD_ARCHITECTURE[head]
-    if archs and not any(a.endswith(want) for a in archs):
-        fits = [h for h, suffix in HEAD_ARCHITECTURE.items() if any(a.endswith(suffix) for a in archs)]
-        fix = f"algorithm.rm.head={fits[0]}" if fits else f"point model.path at a *{want} checkpoint"
-        raise ConfigError(f"algorithm.rm.head={head} needs a *{want} checkpoint, but model.path '{path}' is "
-                          f"{archs}. Fix: {fix}")
-    return path
-
-
-def load_reward_model(cfg: ModelConfig, head: str, pad_token_id: int, path: str | None = None,
-                      peft: PeftConfig | None = None, frozen_quant: str = "none"):
-    """A one-label sequence classifier (see the module docstring for the two heads), with adapters if
-    `peft` asks for them; `frozen_quant` (none|4bit|8bit) quantises one that is only run (no peft)."""
-    from transformers import AutoModelForSequenceClassification
-
-    def set_pad(model):
-        # The score is read at the rightmost token that is not pad_token_id (without one, HF refuses
-        # batches of more than one row). Where the tokenizer pads with EOS (load_tokenizer's fallback), a
-        # trailing EOS counts as padding too: the score then sits on the token before it, for every row alike.
-        model.config.pad_token_id = pad_token_id
-
-    return load_pretrained(AutoModelForSequenceClassification, cfg, check_head(cfg, head, path), "SEQ_CLS",
-                           peft, frozen_quant, configure=set_pad, num_labels=1)
-
-
-# ------------------------------------------------------------------------------------------ setup
 def prepare(cfg: RunConfig) -> int:
     """Controller-side checks and tokenisation (cached), before any worker starts. Returns steps."""
     tokenizer = load_tokenizer(cfg.model)  # fails fast on a bad path
@@ -102,113 +44,12 @@ def prepare(cfg: RunConfig) -> int:
 
 
 def total_steps(cfg: RunConfig, n_train: int) -> int:
-    return checked_total_steps(cfg, n_train, "preference pairs")
-
-
-def setup_rank(cfg: RunConfig) -> RMState:
-    """Per-rank set-up inside a worker whose process group is already initialised."""
-    tokenizer = load_tokenizer(cfg.model)
-    train_ds, eval_ds = run_datasets("preference", cfg, tokenizer)  # cache hits
-    rank, world = dist.get_rank(), dist.get_world_size()
-    total = total_steps(cfg, len(train_ds))
-    torch.manual_seed(cfg.seed)  # identical weights (and value head init) on every rank and launch mode
-    model = load_reward_model(cfg.model, cfg.algorithm.rm.head, tokenizer.pad_token_id, peft=cfg.peft)
-    engine = train_engine(model, cfg, dp_size=world, total_steps=total)
-    return RMState(cfg, tokenizer, train_ds, eval_ds, engine, rank, world, total)
-
-
-# ---------------------------------------------------------------------------------------- batches
-def collate(state: RMState, rows: list[dict]) -> dict[str, torch.Tensor]:
-    """B pairs -> 2B right-padded rows: chosen first (rows :B), then rejected (rows B:)."""
-    seqs = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
-    return {"input_ids": pad_to(seqs, state.tokenizer.pad_token_id),
-            "attention_mask": pad_to([[1] * len(s) for s in seqs], 0)}
-
-
-def pair_rewards(state: RMState, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward over chosen and rejected together: (chosen (B,), rejected (B,)) scores."""
-    device = state.engine.device
-    rewards = state.engine(**{k: v.to(device) for k, v in batch.items()}).logits[:, 0]
-    n = rewards.shape[0] // 2
-    return rewards[:n], rewards[n:]
-
-
-def pair_loss_sum(state: RMState, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-    """Summed pairwise loss over the micro-batch's pairs, and summed (not mean) metrics."""
-    chosen, rejected = pair_rewards(state, batch)
-    n = chosen.shape[0]
-    loss, metrics = pairwise_rm_loss(chosen, rejected, state.cfg.algorithm.rm.margin)
-    return loss * n, {k: v.cpu() * n for k, v in metrics.items()}
-
-
-# ------------------------------------------------------------------------------------------ train
-def train_step(state: RMState, batch_idx: list[int], step: int) -> dict:
-    cfg = state.cfg
-    shares = rank_micro_batches(batch_idx, state.rank, state.world, cfg.train.micro_batch_size)
-    # DeepSpeed divides each micro loss by the accumulation steps and averages gradients over
-    # ranks; scaling by gas * world undoes both, leaving sum(pair losses) / pairs of the global batch.
-    pairs = len(batch_idx)
-    scale = grad_accum_steps(cfg, state.world) * state.world / pairs
-    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct pairs, tokens (chosen + rejected, no padding)
-    for mb in shares:
-        batch = collate(state, [state.train_ds[i] for i in mb])
-        loss_sum, metrics = pair_loss_sum(state, batch)
-        if not torch.isfinite(loss_sum):
-            raise FloatingPointError(f"non-finite RM loss at step {step}, rank {state.rank}, pairs {mb} "
-                                     f"(dataset indices): {loss_sum.item()}. Fix: lower optim.lr or check the data")
-        state.engine.backward(loss_sum * scale)
-        state.engine.step()
-        sums += torch.stack([loss_sum.detach().float().cpu(), metrics["accuracy"],
-                             batch["attention_mask"].sum().float()])
-    dist.all_reduce(sums)
-    out = {"loss": (sums[0] / pairs).item(), "accuracy": (sums[1] / pairs).item(),
-           "lr": state.engine.get_lr()[0], "pairs": pairs, "tokens": int(sums[2])}
-    grad_norm = state.engine.get_global_grad_norm()  # before clipping; ZeRO 1-3 report it, stage 0 does not
-    if grad_norm is not None:
-        out["grad_norm"] = float(grad_norm)
-    return out
-
-
-@torch.no_grad()
-def evaluate(state: RMState) -> dict:
-    """Held-out pair accuracy (ties count as wrong), mean reward margin r_c - r_r and loss, each rank
-    a strided share, reduced over ranks.
-
-    Every rank runs the same number of forwards (a rank past the end scores pair 0 and discards it):
-    under ZeRO-3 each forward is a collective, and unequal counts would hang.
-    """
-    if state.eval_ds is None:
-        return {}
-    state.engine.eval()
-    n = len(state.eval_ds)
-    if state.cfg.train.max_eval_samples:
-        n = min(n, state.cfg.train.max_eval_samples)
-    sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct pairs, margin sum
-    mb = state.cfg.train.micro_batch_size
-    for k in range(-(-n // (mb * state.world))):
-        start = (k * state.world + state.rank) * mb
-        idx = list(range(start, min(start + mb, n)))
-        loss_sum, metrics = pair_loss_sum(state, collate(state, [state.eval_ds[i] for i in idx or [0]]))
-        if idx:
-            sums += torch.stack([loss_sum.float().cpu(), metrics["accuracy"], metrics["margin_mean"]])
-    dist.all_reduce(sums)
-    state.engine.train()
-    mean = (sums / max(n, 1)).tolist()
-    return {"eval_loss": mean[0], "eval_accuracy": mean[1], "eval_margin": mean[2]}
-
-
-def save_hf(state: RMState, out: str | Path) -> Path:
-    """A sequence-classifier folder (safetensors + tokenizer) that AutoModelForSequenceClassification loads."""
-    return export_model(state.engine, state.tokenizer, out, state.cfg, task="seq_cls")
-
-
-def full_state_dict(state: RMState) -> dict[str, torch.Tensor]:
-    return gathered_state_dict(state.engine, state.cfg.deepspeed.zero_stage)
+    return checked_total_steps(cfg, n_train, UNIT)
 
 
 def run(cfg: RunConfig) -> dict:
     """The whole reward-model run, as the controller sees it; returns the final metrics."""
-    from rlhf_system.workers.reward import RewardWorker
+    from rlhf_system.workers.reward_model import RewardModelWorker
 
     steps = prepare(cfg)  # every data / path error surfaces here, before workers start
-    return train_with_group(cfg, steps, "reward", RewardWorker, cfg.placement.reward, verb="rm")
+    return train_with_group(cfg, steps, "reward", RewardModelWorker, cfg.placement.reward)

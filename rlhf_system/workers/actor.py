@@ -1,78 +1,50 @@
-"""ActorWorker: the policy role. Verbs by mode: sft_* (next-token loss, trainers/sft.py) and dpo_*
-(preference loss against a frozen reference held in the same worker, trainers/dpo.py); the PPO verbs
-join it with the PPO work. The per-rank logic lives in the trainer modules; this class only holds
-the state between calls."""
+"""ActorWorker: the policy role of PPO / GRPO / RLOO / REINFORCE++ on one rank. Verbs: `setup`,
+`logprobs` (old log-probs), `update` (the policy-gradient epochs) and `save_hf`, plus the sending
+side of the weight sync (distributed/weight_sync.py has the contract). The controller
+(trainers/ppo.py) decides when each runs; batches arrive as `Experience` (data/experience.py).
+"""
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
+
+from rlhf_system.algorithms import losses
+from rlhf_system.algorithms.kl import kl_penalty
+from rlhf_system.algorithms.logprobs import masked_mean, masked_sum
+from rlhf_system.data.experience import Experience
 from rlhf_system.workers.base import BaseWorker
+from rlhf_system.workers.sequences import batched, policy_forward
+from rlhf_system.workers.update import RoleState, one_optimizer_step, run_update, temperature
 
 
 class ActorWorker(BaseWorker):
-    def sft_setup(self, cfg) -> dict:
-        from rlhf_system.trainers import sft
+    def setup(self, cfg, total_steps: int) -> dict:
+        from rlhf_system.distributed.deepspeed import train_engine
+        from rlhf_system.models.load import load_causal_lm, load_tokenizer
 
-        self.state = sft.setup_rank(cfg)
-        return {"train_samples": len(self.state.train_ds), "total_steps": self.state.total_steps}
-
-    def sft_step(self, batch_idx: list[int], step: int) -> dict:
-        from rlhf_system.trainers import sft
-
-        return sft.train_step(self.state, batch_idx, step)
-
-    def sft_evaluate(self) -> dict:
-        from rlhf_system.trainers import sft
-
-        return sft.evaluate(self.state)
-
-    def save_hf(self, out: str) -> str:
-        from rlhf_system.trainers import sft
-
-        return str(sft.save_hf(self.state, out))
-
-    def full_state_dict(self) -> dict:
-        """Full parameters on CPU (gathered under ZeRO-3), for equivalence tests on tiny models."""
-        from rlhf_system.trainers import sft
-
-        return sft.full_state_dict(self.state)
-
-    def dpo_setup(self, cfg) -> dict:
-        from rlhf_system.trainers import dpo
-
-        self.state = dpo.setup_rank(cfg)
-        return {"train_samples": len(self.state.train_ds), "total_steps": self.state.total_steps}
-
-    def dpo_step(self, batch_idx: list[int], step: int) -> dict:
-        from rlhf_system.trainers import dpo
-
-        return dpo.train_step(self.state, batch_idx, step)
-
-    def dpo_evaluate(self) -> dict:
-        from rlhf_system.trainers import dpo
-
-        return dpo.evaluate(self.state)
-
-    # ---------------------------------------------------------------- PPO (trainers/ppo_rank.py)
-    def ppo_setup(self, cfg, total_steps: int) -> dict:
-        from rlhf_system.trainers import ppo_rank
-
-        self.state = ppo_rank.setup_actor(cfg, total_steps)
+        tok = load_tokenizer(cfg.model)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank (LoRA init is random)
+        engine = train_engine(load_causal_lm(cfg.model, peft=cfg.peft), cfg, dist.get_world_size(), total_steps)
+        self.state = RoleState(cfg, tok, engine, dist.get_rank(), dist.get_world_size())
         return {"rank": self.rank}
 
-    def logprobs(self, samples: list[dict]) -> list[list[float]]:
-        from rlhf_system.trainers import ppo_rank
+    def logprobs(self, exp: Experience) -> torch.Tensor:
+        """(B, T) response log-probs under the current policy (no dropout: what vLLM sampled from)."""
+        return policy_logprobs(self.state, exp)
 
-        return ppo_rank.logprobs(self.state, samples)
+    def update(self, exp: Experience, step: int, kl_coef: float) -> dict:
+        return actor_update(self.state, exp, step, kl_coef)
 
-    def ppo_update(self, samples: list[dict], step: int, kl_coef: float) -> dict:
-        from rlhf_system.trainers import ppo_rank
-
-        return ppo_rank.actor_update(self.state, samples, step, kl_coef)
-
-    def ppo_save_hf(self, out: str) -> str:
+    def save_hf(self, out: str) -> str:
         from rlhf_system.models.export import export_model
 
         return str(export_model(self.state.engine, self.state.tokenizer, out, self.state.cfg))
+
+    def full_state_dict(self) -> dict:
+        from rlhf_system.distributed.deepspeed import gathered_state_dict
+
+        return gathered_state_dict(self.state.engine, self.state.cfg.deepspeed.zero_stage)
 
     # ------------------------------------------------- weight sync, sender side (weight_sync.py)
     def ws_open(self, world: int) -> tuple[str, int, list]:
@@ -107,3 +79,51 @@ class ActorWorker(BaseWorker):
 
     def ws_close(self) -> None:
         self._ws_group = self._ws_store = None
+
+
+def policy_logprobs(state: RoleState, exp: Experience) -> torch.Tensor:
+    """Response log-probs of a frozen-for-now policy (actor old log-probs, reference log-probs)."""
+    t = temperature(state.cfg)
+    state.engine.eval()
+    return batched(lambda b: policy_forward(state.engine, b, t)[0], exp, state.cfg.train.micro_batch_size)
+
+
+def actor_update(state: RoleState, exp: Experience, step: int, kl_coef: float) -> dict:
+    a = state.cfg.algorithm
+    t = temperature(state.cfg)
+    if exp.old_logprobs is None and not one_optimizer_step(state.cfg):
+        raise ValueError("actor update: old log-probs are missing but this step makes several optimiser steps")
+
+    def loss_fn(batch: Experience):
+        dev = state.engine.device
+        mask = batch.response_mask.to(dev)
+        lp, ent = policy_forward(state.engine, batch, t, with_entropy=a.entropy_coef > 0)
+        # One optimiser step per rollout: the policy is still the rollout-time one, so its own
+        # log-probs, detached, are the old ones (the ratio is 1 in value, its gradient is the PG's).
+        old = batch.old_logprobs.to(dev) if batch.old_logprobs is not None else lp.detach()
+        metrics = {}
+        if batch.rollout_logprobs is not None and state.cfg.rollout.temperature > 0:
+            rollout = batch.rollout_logprobs.to(dev)
+            metrics["logprob_mismatch"] = masked_mean((old - rollout).abs(), mask).item()
+        is_w = losses.truncated_is_weights(old, batch.rollout_logprobs.to(dev), a.tis_cap) if a.tis_cap > 0 else None
+        loss, pg_metrics = losses.policy_loss_ppo(
+            lp, old, batch.advantages.to(dev), mask, clip_eps=a.clip_eps,
+            clip_eps_high=a.clip_eps_high or None, dual_clip=a.dual_clip or None, agg=a.loss_agg, is_weights=is_w)
+        metrics |= pg_metrics
+        metrics["pg_loss"] = loss.item()
+        if ent is not None:
+            entropy = masked_mean(ent, mask)
+            loss = loss - a.entropy_coef * entropy
+            metrics["entropy"] = entropy.item()
+        if batch.ref_logprobs is not None:
+            ref = batch.ref_logprobs.to(dev)
+            # per-sequence k1 KL of the rollout policy, in nats (the controller's `kl` when it skipped
+            # the old-log-prob forward)
+            metrics["kl_seq"] = masked_sum(kl_penalty(old, ref, "k1", mask), mask, dim=-1).mean().item()
+            if not a.kl.in_reward and kl_coef > 0:
+                kl, _ = losses.kl_loss(lp, ref, mask, a.kl.estimator, a.loss_agg)
+                loss = loss + kl_coef * kl
+                metrics["kl_loss"] = kl.item()
+        return loss, metrics
+
+    return run_update(state, exp, step, "actor", loss_fn)

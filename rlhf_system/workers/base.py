@@ -27,6 +27,21 @@ class BaseWorker:
         dist_init(rank, world_size, addr, port)
         return rank
 
+    def where(self) -> tuple[str, int]:
+        """(node id, cores this process may use): the group decides thread counts from them."""
+        import ray
+
+        from rlhf_system.distributed.threads import node_cores
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        return node, len(node_cores())
+
+    def set_threads(self, n: int) -> int:
+        """Compute with `n` threads; returns what torch reports (tests check it)."""
+        from rlhf_system.distributed.threads import set_threads
+
+        return set_threads(n)
+
     def peak_memory_mb(self) -> float:
         """Peak GPU memory allocated (CUDA) or peak resident memory of this worker process (CPU)."""
         import resource

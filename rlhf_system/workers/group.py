@@ -88,6 +88,18 @@ def wait_all(refs: list, names: list[str], timeout: float, what: str, error: typ
     return [results[i] for i in range(len(refs))]
 
 
+def concat(parts: list) -> Any:
+    """Per-rank results of a sharded call, in rank order: tensors stacked by rows (padded to the
+    widest), lists joined."""
+    import torch
+
+    if parts and isinstance(parts[0], torch.Tensor):
+        from rlhf_system.data.experience import cat_rows
+
+        return cat_rows(parts) if parts[0].dim() == 2 else torch.cat(parts)
+    return [x for part in parts for x in part]
+
+
 def ensure_ray(num_cpus_needed: int = 0) -> None:
     """Connect to RAY_ADDRESS if set, else start a local Ray with at least `num_cpus_needed` CPUs."""
     import ray
@@ -176,6 +188,20 @@ class WorkerGroup:
         ]
         addr, port = self._get([self.workers[0].master_endpoint.remote()], "master_endpoint")[0]
         self._get([w.init_dist.remote(r, num_workers, addr, port) for r, w in enumerate(self.workers)], "init_dist")
+        self.threads = self._set_threads(placement, share)
+
+    def _set_threads(self, placement: PlacementConfig, share: int) -> list[int]:
+        """Each rank's torch threads, from the placement (distributed/threads.py): Ray would leave them at
+        the actor's num_cpus, i.e. one thread."""
+        from collections import Counter
+
+        from rlhf_system.distributed.threads import trainer_threads
+
+        where = self._get([w.where.remote() for w in self.workers], "where")
+        per_node = Counter(node for node, _ in where)
+        return self._get([w.set_threads.remote(trainer_threads(
+            placement.threads_per_worker, placement.gpus_per_node, placement.cpus_per_worker, share,
+            per_node[node], cores)) for w, (node, cores) in zip(self.workers, where)], "set_threads")
 
     @property
     def world_size(self) -> int:
@@ -203,15 +229,16 @@ class WorkerGroup:
         refs = [getattr(w, method).remote(*args, **kwargs) for w in self.workers]
         return self._get(refs, method, timeout)
 
-    def call_sharded(self, method: str, items: list, *args, timeout: float | None = None, **kwargs) -> list[Any]:
-        """Rank r gets the contiguous r-th slice of `items`; results are concatenated in rank order."""
+    def call_sharded(self, method: str, items, *args, timeout: float | None = None, **kwargs) -> Any:
+        """Rank r gets the contiguous r-th slice of `items`; results are concatenated in rank order
+        (lists joined, (b, T) tensors stacked by rows)."""
         return self.submit_sharded(method, items, *args, timeout=timeout, **kwargs)()
 
-    def submit_sharded(self, method: str, items: list, *args, timeout: float | None = None, by_rank: bool = False,
+    def submit_sharded(self, method: str, items, *args, timeout: float | None = None, by_rank: bool = False,
                        **kwargs):
         """`call_sharded` without waiting: returns a function that waits (under the deadline) and
         returns the concatenated results (with by_rank, the list of each rank's result), so several
-        groups can work at the same time."""
+        groups can work at the same time. `items`: a list, or an Experience (data/experience.py)."""
         n = len(items)
         if n % self.world_size:
             raise ValueError(f"{self.role}: {n} items do not split evenly over {self.world_size} ranks")
@@ -220,7 +247,7 @@ class WorkerGroup:
                 for r, w in enumerate(self.workers)]
         if by_rank:
             return lambda: self._get(refs, method, timeout)
-        return lambda: [x for part in self._get(refs, method, timeout) for x in part]
+        return lambda: concat(self._get(refs, method, timeout))
 
     def submit(self, method: str, *args, timeout: float | None = None, **kwargs):
         """`call` without waiting; the returned function waits and returns the results by rank."""
@@ -244,20 +271,25 @@ class WorkerGroup:
 class LocalGroup:
     """One in-process worker behind the WorkerGroup interface (no Ray)."""
 
-    def __init__(self, role: str, worker_cls: type):
+    def __init__(self, role: str, worker_cls: type, placement: PlacementConfig | None = None):
+        from rlhf_system.distributed.threads import node_cores, trainer_threads
+
         self.role = role
         self.workers = [worker_cls()]
         self.workers[0].init_dist(0, 1, "127.0.0.1", None)
+        p = placement or PlacementConfig()
+        self.threads = [self.workers[0].set_threads(trainer_threads(
+            p.threads_per_worker, p.gpus_per_node, p.cpus_per_worker, 1, 1, len(node_cores())))]
 
     world_size = 1
 
     def call(self, method: str, *args, timeout: float | None = None, **kwargs) -> list[Any]:
         return [getattr(self.workers[0], method)(*args, **kwargs)]
 
-    def call_sharded(self, method: str, items: list, *args, timeout: float | None = None, **kwargs) -> list[Any]:
+    def call_sharded(self, method: str, items, *args, timeout: float | None = None, **kwargs) -> Any:
         return getattr(self.workers[0], method)(items, *args, **kwargs)
 
-    def submit_sharded(self, method: str, items: list, *args, timeout: float | None = None, by_rank: bool = False,
+    def submit_sharded(self, method: str, items, *args, timeout: float | None = None, by_rank: bool = False,
                        **kwargs):
         result = self.call_sharded(method, items, *args, **kwargs)  # in-process: runs now
         return lambda: [result] if by_rank else result
@@ -274,4 +306,5 @@ def make_group(role: str, worker_cls: type, num_workers: int, placement: Placeme
     """LocalGroup or WorkerGroup, as placement.launcher says."""
     use_ray = placement.launcher == "ray" or (placement.launcher == "auto" and (
         num_workers > 1 or placement.nodes > 1 or bool(os.environ.get("RAY_ADDRESS"))))
-    return WorkerGroup(role, worker_cls, num_workers, placement) if use_ray else LocalGroup(role, worker_cls)
+    return (WorkerGroup(role, worker_cls, num_workers, placement) if use_ray
+            else LocalGroup(role, worker_cls, placement))

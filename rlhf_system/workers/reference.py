@@ -1,22 +1,32 @@
-"""ReferenceWorker: the frozen reference policy of the KL term. Inference only; ZeRO-3 sharded and
-CPU-offloaded when deepspeed.frozen_zero_stage / frozen_offload say so."""
+"""ReferenceWorker: the frozen reference policy of the KL term, on one rank. Verbs: `setup`,
+`logprobs`. Inference only; ZeRO-3 sharded and CPU-offloaded when deepspeed.frozen_zero_stage /
+frozen_offload say so, 4-/8-bit with model.reference_quant."""
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
+
+from rlhf_system.data.experience import Experience
+from rlhf_system.workers.actor import policy_logprobs
 from rlhf_system.workers.base import BaseWorker
+from rlhf_system.workers.update import RoleState
 
 
 class ReferenceWorker(BaseWorker):
-    def ppo_setup(self, cfg) -> dict:
-        from rlhf_system.trainers import ppo_rank
+    def setup(self, cfg) -> dict:
+        from rlhf_system.distributed.deepspeed import frozen_engine
+        from rlhf_system.models.load import load_causal_lm, load_tokenizer
 
-        self.state = ppo_rank.setup_reference(cfg)
+        tok = load_tokenizer(cfg.model)
+        model = load_causal_lm(cfg.model, cfg.model.reference_path or cfg.model.path,
+                               frozen_quant=cfg.model.reference_quant)
+        self.state = RoleState(cfg, tok, frozen_engine(model, cfg, dist.get_world_size()), dist.get_rank(),
+                               dist.get_world_size())
         return {"rank": self.rank}
 
-    def logprobs(self, samples: list[dict]) -> list[list[float]]:
-        from rlhf_system.trainers import ppo_rank
-
-        return ppo_rank.logprobs(self.state, samples)
+    def logprobs(self, exp: Experience) -> torch.Tensor:
+        return policy_logprobs(self.state, exp)
 
     def save_checkpoint(self, path: str) -> None:
         """Frozen: nothing changes, nothing to save (the weights are model.reference_path)."""

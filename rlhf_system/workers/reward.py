@@ -1,57 +1,40 @@
-"""RewardWorker: the reward role. For reward-model training (`rlhf train rm`) it trains a sequence
-classifier with the pairwise loss (trainers/reward_model.py holds the per-rank logic; checkpoint verbs
-come from BaseWorker); in PPO it is frozen and `score`s (prompt, response) pairs."""
+"""RewardWorker: PPO's frozen reward model on one rank. Verbs: `setup`, `score`. (Training a reward
+model is workers/reward_model.py's RewardModelWorker.)"""
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
+
 from rlhf_system.workers.base import BaseWorker
+from rlhf_system.workers.update import RoleState
 
 
 class RewardWorker(BaseWorker):
-    def rm_setup(self, cfg) -> dict:
-        from rlhf_system.trainers import reward_model
+    def setup(self, cfg) -> dict:
+        from rlhf_system.distributed.deepspeed import frozen_engine
+        from rlhf_system.models.load import load_reward_model, load_tokenizer
 
-        self.state = reward_model.setup_rank(cfg)
-        return {"train_samples": len(self.state.train_ds), "total_steps": self.state.total_steps}
-
-    def rm_step(self, batch_idx: list[int], step: int) -> dict:
-        from rlhf_system.trainers import reward_model
-
-        return reward_model.train_step(self.state, batch_idx, step)
-
-    def rm_evaluate(self) -> dict:
-        from rlhf_system.trainers import reward_model
-
-        return reward_model.evaluate(self.state)
-
-    def save_hf(self, out: str) -> str:
-        from rlhf_system.trainers import reward_model
-
-        return str(reward_model.save_hf(self.state, out))
-
-    def full_state_dict(self) -> dict:
-        """Full parameters on CPU (gathered under ZeRO-3), for equivalence tests on tiny models."""
-        from rlhf_system.trainers import reward_model
-
-        return reward_model.full_state_dict(self.state)
-
-    # ---------------------------------------------------------------- PPO: frozen scorer
-    def ppo_setup(self, cfg) -> dict:
-        from rlhf_system.trainers import ppo_rank
-
-        self.state = ppo_rank.setup_reward(cfg)
-        self._frozen = True
+        rm_cfg = cfg.model.model_copy(update={"path": cfg.model.reward_path, "tokenizer_path": ""})
+        tok = load_tokenizer(rm_cfg)  # the reward model's own tokenizer: it may differ from the policy's
+        model = load_reward_model(rm_cfg, "classifier", tok.pad_token_id, frozen_quant=cfg.model.reward_quant)
+        self.state = RoleState(cfg, tok, frozen_engine(model, cfg, dist.get_world_size()), dist.get_rank(),
+                               dist.get_world_size())
         return {"rank": self.rank}
 
-    def score(self, items: list[dict]) -> list[float]:
-        from rlhf_system.trainers import ppo_rank
+    @torch.no_grad()
+    def score(self, items: list[dict]) -> torch.Tensor:
+        """(B,) reward-model scores of {"messages": prompt turns, "response": text} items. The
+        conversation is rendered with the reward model's tokenizer and template, exactly as in
+        reward-model training, so the policy and the reward model need not share a tokenizer."""
+        from rlhf_system.eval.reward_score import score_conversations
 
-        return ppo_rank.reward_scores(self.state, items)
+        s = self.state
+        return torch.tensor(score_conversations(s.engine, s.tokenizer, items, s.cfg.data.template,
+                                                s.cfg.train.micro_batch_size))
 
     def save_checkpoint(self, path: str) -> None:
-        if not getattr(self, "_frozen", False):
-            super().save_checkpoint(path)
+        """Frozen: nothing to save."""
 
     def load_checkpoint(self, path: str) -> None:
-        if not getattr(self, "_frozen", False):
-            super().load_checkpoint(path)
+        pass

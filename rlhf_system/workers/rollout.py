@@ -9,7 +9,8 @@ Each sample is {"response_ids", "logprobs" (the sampling distribution's, after t
 Weight updates arrive through the WeightSyncExtension mixed into vLLM's worker (weight_sync.py).
 
 On CPU an engine reserves no Ray CPU (`num_cpus=0`): it shares the cores with the trainer workers,
-which are idle while it generates. On GPU it reserves `tensor_parallel_size` GPUs.
+which are idle while it generates, and binds its OpenMP threads to its share of the node's cores
+(distributed/threads.py; rollout.cpu_bind overrides). On GPU it reserves `tensor_parallel_size` GPUs.
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ class RolloutWorker:
         # sampling is what makes rollouts and sampled evaluations reproducible.
         kwargs = ({"gpu_memory_utilization": r.gpu_memory_utilization, "enable_sleep_mode": True} if on_gpu
                   else {"enable_chunked_prefill": False})
+        if not on_gpu and r.cpu_bind != "vllm":
+            # vLLM's own binding reserves a core for its scheduler and leaves it idle while decoding:
+            # half of a 2-core machine. Bind to this engine's share of the node instead (threads.py).
+            from rlhf_system.distributed.threads import engine_cpu_bind, node_cores
+
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = (r.cpu_bind if r.cpu_bind != "auto" else engine_cpu_bind(
+                node_cores(), index, r.num_engines, r.tensor_parallel_size))
+            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
         self.index, self.cfg = index, cfg
         self.llm = LLM(model=model_path, dtype="auto" if on_gpu else "float32", enforce_eager=r.enforce_eager or not on_gpu,
                        max_model_len=cfg.data.max_prompt_len + r.max_new_tokens, seed=r.seed + index,

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from rlhf_system.config import RunConfig, validate
-from rlhf_system.trainers.batching import global_batches
-from rlhf_system.workers.actor import ActorWorker
+from rlhf_system.data.batching import global_batches
+from rlhf_system.workers.dpo import DPOWorker
 from rlhf_system.workers.group import WorkerGroup
 from tests.integration.conftest import rlhf, train_args
 
@@ -49,12 +49,12 @@ def dpo_config(model_dir, data_dir, run_dir, **over) -> RunConfig:
 
 
 def train(cfg, workers: int, steps: int = STEPS) -> dict:
-    group = WorkerGroup("actor", ActorWorker, workers, cfg.placement)
+    group = WorkerGroup("actor", DPOWorker, workers, cfg.placement)
     try:
-        n = group.call("dpo_setup", cfg)[0]["train_samples"]
+        n = group.call("setup", cfg)[0]["train_samples"]
         batches = global_batches(n, cfg.train.global_batch_size, cfg.seed, 0)[:steps]
-        metrics = [group.call("dpo_step", idx, step)[0] for step, idx in enumerate(batches)]
-        final = group.call("dpo_evaluate")[0]
+        metrics = [group.call("train_step", idx, step)[0] for step, idx in enumerate(batches)]
+        final = group.call("evaluate")[0]
         params = group.call("full_state_dict")[0]
     finally:
         group.shutdown()
@@ -82,7 +82,7 @@ def plain_grad_norm(cfg, batch_idx: list[int]) -> float:
     from rlhf_system.algorithms.losses import dpo_loss, sequence_logps
     from rlhf_system.data.build import build_dataset
     from rlhf_system.models.load import load_tokenizer
-    from rlhf_system.trainers.dpo import collate_pairs
+    from rlhf_system.workers.dpo import collate_pairs
 
     tok = load_tokenizer(cfg.model)
     ds, _ = build_dataset("preference", cfg.data, cfg.data.train, tok, cfg.seed, cfg.model.path)
@@ -150,13 +150,13 @@ def test_ipo_cdpo_rpo_run(single, small_model, synthetic_dir, tmp_path):
         "cdpo": ({"algorithm__dpo__label_smoothing": 0.1}, math.log(2)),  # both terms are log 2 at h = 0
         "rpo": ({"algorithm__dpo__nll_coef": 1.0}, None),                 # log 2 + chosen NLL per token
     }
-    group = WorkerGroup("actor", ActorWorker, 1, dpo_config(small_model["policy"], synthetic_dir, tmp_path).placement)
+    group = WorkerGroup("actor", DPOWorker, 1, dpo_config(small_model["policy"], synthetic_dir, tmp_path).placement)
     try:
         for name, (over, first) in variants.items():
             cfg = dpo_config(small_model["policy"], synthetic_dir, tmp_path / name, **over)
-            n = group.call("dpo_setup", cfg)[0]["train_samples"]
+            n = group.call("setup", cfg)[0]["train_samples"]
             batches = global_batches(n, cfg.train.global_batch_size, cfg.seed, 0)[:2]
-            losses = [group.call("dpo_step", idx, step)[0]["loss"] for step, idx in enumerate(batches)]
+            losses = [group.call("train_step", idx, step)[0]["loss"] for step, idx in enumerate(batches)]
             assert all(math.isfinite(x) for x in losses), (name, losses)
             if first is not None:
                 assert losses[0] == pytest.approx(first, rel=1e-5), name

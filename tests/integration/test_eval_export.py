@@ -187,16 +187,19 @@ import deepspeed, torch, torch.distributed as dist
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 deepspeed.init_distributed(dist_backend="gloo")
 from rlhf_system.config import load_config
-from rlhf_system.trainers import ppo_rank
+from rlhf_system.workers.reference import ReferenceWorker
+from rlhf_system.workers.reward import RewardWorker
 cfg = load_config(None, ["data.train=[{path: x.jsonl}]", "model.path=" + sys.argv[1], "model.reward_path=" + sys.argv[2],
                          "model.reference_quant=4bit", "model.reward_quant=8bit", "train.rollout_batch_size=8",
                          "train.global_batch_size=16", "train.micro_batch_size=8", "rollout.n_samples_per_prompt=2"], mode="ppo")
-ref, rm = ppo_rank.setup_reference(cfg), ppo_rank.setup_reward(cfg)
+ref_worker, rm_worker = ReferenceWorker(), RewardWorker()
+ref_worker.setup(cfg); rm_worker.setup(cfg)
+ref, rm = ref_worker.state, rm_worker.state
 kinds = sorted({type(m).__name__ for s in (ref, rm) for m in s.engine.module.modules() if "bit" in type(m).__name__})
 ids = ref.tokenizer("<|im_start|>user\\nAdd 3 and 4<|im_end|>\\n<|im_start|>assistant\\n")["input_ids"]
 with torch.no_grad():
     ref_logits = ref.engine(input_ids=torch.tensor([ids])).logits
-scores = ppo_rank.reward_scores(rm, [{"messages": [{"role": "user", "content": "3 + 4"}], "response": "7"}] * 3)
+scores = rm_worker.score([{"messages": [{"role": "user", "content": "3 + 4"}], "response": "7"}] * 3).tolist()
 print(json.dumps({"kinds": kinds, "ref_finite": bool(torch.isfinite(ref_logits).all()), "scores": scores}))
 dist.destroy_process_group()
 """

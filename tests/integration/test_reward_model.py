@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from rlhf_system.config import ConfigError, load_config
-from rlhf_system.trainers.batching import global_batches
+from rlhf_system.data.batching import global_batches
 from rlhf_system.workers.group import GroupCallError, WorkerGroup
-from rlhf_system.workers.reward import RewardWorker
+from rlhf_system.workers.reward_model import RewardModelWorker
 from tests.integration.conftest import rlhf, train_args
 
 pytestmark = pytest.mark.integration
@@ -87,11 +87,11 @@ def test_rm_learns_held_out_preferences(sft_run, synthetic_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------ distributed
 def train(cfg, workers: int):
-    group = WorkerGroup("reward", RewardWorker, workers, cfg.placement)
+    group = WorkerGroup("reward", RewardModelWorker, workers, cfg.placement)
     try:
-        n = group.call("rm_setup", cfg)[0]["train_samples"]
+        n = group.call("setup", cfg)[0]["train_samples"]
         batches = global_batches(n, cfg.train.global_batch_size, cfg.seed, 0)[:STEPS]
-        losses = [group.call("rm_step", idx, step)[0]["loss"] for step, idx in enumerate(batches)]
+        losses = [group.call("train_step", idx, step)[0]["loss"] for step, idx in enumerate(batches)]
         params = group.call("full_state_dict")[0]
     finally:
         group.shutdown()
@@ -118,13 +118,13 @@ def test_value_head_on_a_causal_lm_trains_and_exports(ray_cluster, small_model, 
 
     cfg = rm_config(small_model["policy"], synthetic_dir, tmp_path, "algorithm.rm.head=value_head",
                     "placement.launcher=ray")
-    group = WorkerGroup("reward", RewardWorker, 1, cfg.placement)
+    group = WorkerGroup("reward", RewardModelWorker, 1, cfg.placement)
     try:
-        n = group.call("rm_setup", cfg)[0]["train_samples"]
+        n = group.call("setup", cfg)[0]["train_samples"]
         batch = global_batches(n, cfg.train.global_batch_size, cfg.seed, 0)[0]
         # The same global batch again and again: its loss must fall, from the ~log 2 of a fresh head.
-        losses = [group.call("rm_step", batch, step)[0]["loss"] for step in range(6)]
-        evaluation = group.call("rm_evaluate")[0]
+        losses = [group.call("train_step", batch, step)[0]["loss"] for step in range(6)]
+        evaluation = group.call("evaluate")[0]
         out = Path(group.call("save_hf", str(tmp_path / "hf"))[0])
     finally:
         group.shutdown()
@@ -139,12 +139,12 @@ def test_value_head_on_a_causal_lm_trains_and_exports(ray_cluster, small_model, 
 def test_lora_export_is_the_trained_model(ray_cluster, small_model, synthetic_dir, tmp_path):
     # LoRA on the backbone, the score head trained in full; the export merges both into a plain classifier.
     cfg = rm_config(small_model["reward"], synthetic_dir, tmp_path, "peft.lora.enabled=true", "placement.launcher=ray")
-    group = WorkerGroup("reward", RewardWorker, 1, cfg.placement)
+    group = WorkerGroup("reward", RewardModelWorker, 1, cfg.placement)
     try:
-        n = group.call("rm_setup", cfg)[0]["train_samples"]
+        n = group.call("setup", cfg)[0]["train_samples"]
         for step, idx in enumerate(global_batches(n, cfg.train.global_batch_size, cfg.seed, 0)[:STEPS]):
-            group.call("rm_step", idx, step)
-        evaluation = group.call("rm_evaluate")[0]
+            group.call("train_step", idx, step)
+        evaluation = group.call("evaluate")[0]
         out = Path(group.call("save_hf", str(tmp_path / "hf"))[0])
     finally:
         group.shutdown()
@@ -174,11 +174,11 @@ def test_nan_loss_stops_with_step_and_pairs(ray_cluster, small_model, synthetic_
     model.save_pretrained(bad)
     AutoTokenizer.from_pretrained(small_model["reward"]).save_pretrained(bad)
     cfg = rm_config(bad, synthetic_dir, tmp_path / "run", "placement.launcher=ray")
-    group = WorkerGroup("reward", RewardWorker, 1, cfg.placement)
+    group = WorkerGroup("reward", RewardModelWorker, 1, cfg.placement)
     try:
-        group.call("rm_setup", cfg)
-        with pytest.raises(GroupCallError, match=r"reward rank 0: 'rm_step' failed: .*non-finite RM loss at step 0, "
+        group.call("setup", cfg)
+        with pytest.raises(GroupCallError, match=r"reward rank 0: 'train_step' failed: .*non-finite RM loss at step 0, "
                                                  r"rank 0, pairs \[5, 6\] \(dataset indices\): nan"):
-            group.call("rm_step", list(range(5, 13)), 0)
+            group.call("train_step", list(range(5, 13)), 0)
     finally:
         group.shutdown()

@@ -14,10 +14,10 @@ import ray
 import torch
 
 from rlhf_system.config import ConfigError
-from rlhf_system.trainers.batching import global_batches
-from rlhf_system.workers.actor import ActorWorker
+from rlhf_system.data.batching import global_batches
 from rlhf_system.workers.base import BaseWorker
 from rlhf_system.workers.group import GroupCallError, WorkerGroup
+from rlhf_system.workers.sft import SFTWorker
 
 from .conftest import sft_config
 
@@ -26,11 +26,11 @@ STEPS = 3
 
 
 def train(cfg, workers: int):
-    group = WorkerGroup("actor", ActorWorker, workers, cfg.placement)
+    group = WorkerGroup("actor", SFTWorker, workers, cfg.placement)
     try:
-        n = group.call("sft_setup", cfg)[0]["train_samples"]
+        n = group.call("setup", cfg)[0]["train_samples"]
         batches = global_batches(n, cfg.train.global_batch_size, cfg.seed, 0)[:STEPS]
-        losses = [group.call("sft_step", idx, step)[0]["loss"] for step, idx in enumerate(batches)]
+        losses = [group.call("train_step", idx, step)[0]["loss"] for step, idx in enumerate(batches)]
         params = group.call("full_state_dict")[0]
     finally:
         group.shutdown()
@@ -72,10 +72,10 @@ def test_more_workers_than_the_cluster_has_fails_before_start(ray_cluster, small
                      train__global_batch_size=32)
     t = time.perf_counter()
     with pytest.raises(ConfigError, match="role 'actor' needs 8 CPU .* cluster has 4"):
-        WorkerGroup("actor", ActorWorker, 8, cfg.placement)
+        WorkerGroup("actor", SFTWorker, 8, cfg.placement)
     cfg.placement.gpus_per_node = 1
     with pytest.raises(ConfigError, match="role 'actor' needs 2 GPU .* cluster has 0"):
-        WorkerGroup("actor", ActorWorker, 2, cfg.placement)
+        WorkerGroup("actor", SFTWorker, 2, cfg.placement)
     assert time.perf_counter() - t < 30  # an error, not a wait on an unplaceable group
 
 
@@ -107,12 +107,12 @@ def test_nan_loss_stops_with_step_and_batch(ray_cluster, small_model, synthetic_
     model.save_pretrained(bad)
     AutoTokenizer.from_pretrained(small_model["policy"]).save_pretrained(bad)
     cfg = sft_config(bad, synthetic_dir, tmp_path / "run", placement__launcher="ray")
-    group = WorkerGroup("actor", ActorWorker, 1, cfg.placement)
+    group = WorkerGroup("actor", SFTWorker, 1, cfg.placement)
     try:
-        group.call("sft_setup", cfg)
-        with pytest.raises(GroupCallError, match=r"actor rank 0: 'sft_step' failed: .*non-finite SFT loss at step 0, "
+        group.call("setup", cfg)
+        with pytest.raises(GroupCallError, match=r"actor rank 0: 'train_step' failed: .*non-finite SFT loss at step 0, "
                                                  r"rank 0, samples \[5, 6, 7, 8\] \(dataset indices\): nan"):
-            group.call("sft_step", list(range(5, 13)), 0)
+            group.call("train_step", list(range(5, 13)), 0)
     finally:
         group.shutdown()
 

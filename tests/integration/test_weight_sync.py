@@ -7,10 +7,10 @@ Hugging Face `generate` on the actor's exported weights. Full fine-tuning, LoRA 
 and two actor ranks under ZeRO-3 (every rank gathers each bucket; rank 0 sends).
 """
 
-import random
-
 import pytest
+import torch
 
+from rlhf_system.data.experience import Experience
 from tests.integration.conftest import ppo_config
 
 TOL = 1e-4  # fp32 on CPU: both sides run the same weights; differences are kernel rounding only
@@ -35,6 +35,11 @@ def _prompts(cfg, k=8):
     return tok, [ds[i]["prompt_ids"] for i in range(k)]
 
 
+def _rows(t: torch.Tensor, exp: Experience) -> list[list[float]]:
+    """(B, T) response values -> per-row lists of the real tokens (what the engine returns)."""
+    return [t[b, :int(n)].tolist() for b, n in enumerate(exp.response_lens)]
+
+
 def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
     return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
 
@@ -56,21 +61,22 @@ def test_sync_parity(engine, small_model, synthetic_dir, tmp_path, lora, ranks, 
     sync = None
     try:
         actor = groups["actor"]
-        actor.call("ppo_setup", cfg, 10)
+        actor.call("setup", cfg, 10)
         sync = WeightSync(actor, engine, timeout_s=120)
         sync.open()
         sync.sync()  # the engine may hold another test's weights: start from the actor's
         gen = engine.generate(prompt_ids, n=2, temperature=1.0, seed=1)
-        samples = [{"prompt_ids": prompt_ids[i // 2], "response_ids": g["response_ids"]} for i, g in enumerate(gen)]
-        rng = random.Random(0)
+        prompts = [prompt_ids[i // 2] for i in range(len(gen))]
+        responses = [g["response_ids"] for g in gen]
+        samples = Experience.from_rollout(prompts, responses, tok.pad_token_id)
+        g = torch.Generator().manual_seed(0)
         for step in range(2):  # real PPO updates with arbitrary advantages: the weights move
             old = actor.call_sharded("logprobs", samples)
-            exps = [{**s, "old_logprobs": lp, "rollout_logprobs": lp,
-                     "advantages": [rng.choice([-1.0, 1.0])] * len(lp)} for s, lp in zip(samples, old)]
-            actor.call_sharded("ppo_update", exps, step, 0.0)
-        trained = actor.call_sharded("logprobs", samples)
-        responses = [s["response_ids"] for s in samples]
-        prompts = [s["prompt_ids"] for s in samples]
+            signs = torch.randint(0, 2, (len(samples), 1), generator=g).float() * 2 - 1
+            exp = samples.with_fields(old_logprobs=old, rollout_logprobs=old,
+                                      advantages=signs * samples.response_mask)
+            actor.call_sharded("update", exp, step, 0.0)
+        trained = _rows(actor.call_sharded("logprobs", samples), samples)
         before = engine.call("score_sequences", prompts, responses)[0]
         assert _max_diff(before, trained) > 1e-2, "the updates did not move the weights: the test proves nothing"
         sync.sync()
@@ -79,7 +85,7 @@ def test_sync_parity(engine, small_model, synthetic_dir, tmp_path, lora, ranks, 
         assert diff < TOL, f"vLLM vs actor log-probs after sync differ by {diff:g}"
 
         out = tmp_path / "hf"
-        actor.call("ppo_save_hf", str(out))
+        actor.call("save_hf", str(out))
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(out).eval()
