@@ -13,8 +13,8 @@ from rlhf_system.workers.rollout import RolloutGroup
 class EchoEngine:
     """Answers each prompt with n samples [prompt[0], engine, k]. An engine listed in BROKEN answers its
     first call and raises from its second on, like an engine that dies mid-step.
-    Each call takes 0.5 s, so no chunk finishes while generate hands them out: with two engines the
-    chunks alternate 0, 1, 0, 1 and each engine's second call is a chunk whose list index is not its own."""
+    Each call takes 0.5 s, so no chunk finishes while generate hands them out. The second generate fails;
+    with two engines, its chunks go to engines in load order, so a chunk's place need not be its engine."""
 
     BROKEN: tuple[int, ...] = ()
 
@@ -57,9 +57,9 @@ def test_samples_come_back_prompt_major_from_both_engines(ray_cluster):
 def test_a_failed_engine_is_named_by_its_index_not_its_chunk(ray_cluster, engines, broken):
     group = _group(engines, (broken,))
     try:
+        group.generate([[p] for p in range(8)], n=2)  # every engine's first call answers
         with pytest.raises(GroupCallError) as err:
-            group.generate([[p] for p in range(8)], n=2)  # 8 prompts: several chunks per engine
+            group.generate([[p] for p in range(8)], n=2)
     finally:
         group.shutdown()
-    # the failing chunk is not the engine's first, so its place in the chunk list is not the engine index
     assert f"engine {broken} failed" in str(err.value) and f"engine {broken} is broken" in str(err.value)
