@@ -115,18 +115,21 @@ def cmd_train(args) -> int:
 
 def cmd_bench(args) -> int:
     from rlhf_system.bench import sft as bench_sft
+    from rlhf_system.bench import stdout_to_stderr
 
     if args.what == "ppo":
         from rlhf_system.bench import ppo as bench_ppo
 
         cfg = load_config(args.config, args.overrides, mode="ppo")
-        print(json.dumps(bench_ppo.run(cfg, args.steps), indent=2))
-        return 0
-    cfg = load_config(args.config, args.overrides, mode="sft")
-    results = bench_sft.run(cfg, args.steps)
-    print(json.dumps({"benchmark": "sft", "model": cfg.model.path, "global_batch_size": cfg.train.global_batch_size,
-                      "micro_batch_size": cfg.train.micro_batch_size, "max_len": cfg.data.max_len,
-                      "results": results}, indent=2))
+        with stdout_to_stderr():  # stdout is the JSON alone: Ray / DeepSpeed / vLLM logs go to stderr
+            result = bench_ppo.run(cfg, args.steps)
+    else:
+        cfg = load_config(args.config, args.overrides, mode="sft")
+        with stdout_to_stderr():
+            runs = bench_sft.run(cfg, args.steps)
+        result = {"benchmark": "sft", "model": cfg.model.path, "global_batch_size": cfg.train.global_batch_size,
+                  "micro_batch_size": cfg.train.micro_batch_size, "max_len": cfg.data.max_len, "results": runs}
+    print(json.dumps(result, indent=2))
     return 0
 
 

@@ -23,6 +23,10 @@ class WeightSyncExtension:
     _ws_store = None
     _ws_backend = "gloo"
 
+    def num_threads(self) -> int:
+        """The threads this vLLM worker computes with (placement checks; distributed/threads.py)."""
+        return torch.get_num_threads()
+
     def ws_join(self, addr: str, port: int, rank_offset: int, world: int, timeout_s: float) -> int:
         rank = rank_offset + getattr(self, "rank", 0)
         _quiet_expected_reload_warnings(self.vllm_config.model_config.hf_config)

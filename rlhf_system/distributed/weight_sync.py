@@ -202,7 +202,7 @@ class WeightSync:
         self.plan: Plan | None = None
 
     def _both(self, actor_refs: list, engine_refs: list, what: str) -> list:
-        from rlhf_system.workers.group import wait_all
+        from rlhf_system.distributed.waits import wait_all
 
         names = [f"actor rank {i}" for i in range(len(actor_refs))] + [f"engine {i}" for i in range(len(engine_refs))]
         return wait_all(actor_refs + engine_refs, names, self.timeout, f"weight sync '{what}'", WeightSyncError)

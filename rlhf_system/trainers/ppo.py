@@ -93,10 +93,10 @@ def prepare(cfg: RunConfig) -> Prepared:
 # ----------------------------------------------------------------------------------------- groups
 def start(cfg: RunConfig, prep: Prepared):
     from rlhf_system.config import roles_for
-    from rlhf_system.distributed.placement import start_roles
     from rlhf_system.distributed.weight_sync import WeightSync
     from rlhf_system.workers.actor import ActorWorker
     from rlhf_system.workers.critic import CriticWorker
+    from rlhf_system.workers.placement import start_roles
     from rlhf_system.workers.reference import ReferenceWorker
     from rlhf_system.workers.reward import RewardWorker
     from rlhf_system.workers.rollout import RolloutGroup
@@ -122,7 +122,7 @@ def start(cfg: RunConfig, prep: Prepared):
 
 
 def stop(groups: dict, shared: list, rollout, sync) -> None:
-    from rlhf_system.distributed.placement import stop_roles
+    from rlhf_system.workers.placement import stop_roles
 
     if sync is not None:
         sync.close()

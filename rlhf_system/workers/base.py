@@ -37,10 +37,16 @@ class BaseWorker:
         return node, len(node_cores())
 
     def set_threads(self, n: int) -> int:
-        """Compute with `n` threads; returns what torch reports (tests check it)."""
+        """Compute with `n` threads; returns what torch reports."""
         from rlhf_system.distributed.threads import set_threads
 
         return set_threads(n)
+
+    def num_threads(self) -> int:
+        """The threads this worker's torch computes with now (tests check the placement's choice)."""
+        import torch
+
+        return torch.get_num_threads()
 
     def peak_memory_mb(self) -> float:
         """Peak GPU memory allocated (CUDA) or peak resident memory of this worker process (CPU)."""

@@ -25,6 +25,7 @@ import os
 from typing import Any
 
 from rlhf_system.config import ConfigError, PlacementConfig
+from rlhf_system.distributed.waits import blame, collect
 
 # Environment the workers need whatever cluster they land on (a Ray cluster does not forward the
 # driver's environment to workers on other nodes).
@@ -34,58 +35,6 @@ FORWARDED_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOK
 
 class GroupCallError(RuntimeError):
     """A remote call failed or missed its deadline; the message names role, rank and method."""
-
-
-def collect(refs: list, timeout: float) -> tuple[dict[int, Any], dict[int, Exception], list[int]]:
-    """Results and Ray errors by position in `refs`, and the positions still running, under ONE deadline.
-
-    Returns early once a worker's process has died: its peers in a collective (an all-reduce, a
-    weight-sync broadcast) would otherwise sit out the whole deadline waiting for it."""
-    import time
-
-    import ray
-
-    deadline = time.monotonic() + timeout
-    where = {ref: i for i, ref in enumerate(refs)}
-    pending, results, errors = list(refs), {}, {}
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
-        for ref in ready:
-            try:
-                results[where[ref]] = ray.get(ref)
-            except ray.exceptions.RayError as e:
-                errors[where[ref]] = e
-        if any(isinstance(e, ray.exceptions.RayActorError) for e in errors.values()):
-            break
-    return results, errors, sorted(where[r] for r in pending)
-
-
-def blame(errors: dict[int, Exception], running: list[int], names: list[str]) -> tuple[int, str]:
-    """(position to name first, " (also: ...)" listing the rest). First is a worker whose process died:
-    its peers then fail *because* of it, so the first failure in list order may be a healthy process."""
-    import ray
-
-    died = [i for i, e in sorted(errors.items()) if isinstance(e, ray.exceptions.RayActorError)]
-    first = (died or sorted(errors))[0]
-    others = [names[i] for i in sorted(errors) if names[i] != names[first]]
-    others += [f"{names[i]} (still running)" for i in running]
-    others = list(dict.fromkeys(others))  # generate's chunks share an engine's name
-    return first, f" (also: {', '.join(others)})" if others else ""
-
-
-def wait_all(refs: list, names: list[str], timeout: float, what: str, error: type[Exception] = RuntimeError) -> list:
-    """ray.get every ref under ONE deadline; a failed or late one is named (`names[i]`) in the error,
-    the root cause first."""
-    results, errors, running = collect(refs, timeout)
-    if errors:
-        first, also = blame(errors, running, names)
-        raise error(f"{what}: {names[first]} failed{also}: {errors[first]}") from None
-    if running:
-        late = ", ".join(dict.fromkeys(names[i] for i in running))
-        raise error(f"{what}: {late} did not answer within {timeout:g}s")
-    return [results[i] for i in range(len(refs))]
 
 
 def concat(parts: list) -> Any:
@@ -155,7 +104,7 @@ def check_resources(role: str, bundles: list[dict[str, float]], strategy: str = 
 class WorkerGroup:
     def __init__(self, role: str, worker_cls: type, num_workers: int, placement: PlacementConfig,
                  placement_group=None, bundle_offset: int = 0, share: int = 1):
-        """`placement_group` (with `share` roles per bundle, see distributed/placement.py) colocates this
+        """`placement_group` (with `share` roles per bundle, see workers/placement.py) colocates this
         group with others: each worker then takes 1/share of its bundle's GPU and CPUs."""
         import ray
         from ray.util.placement_group import placement_group as make_pg

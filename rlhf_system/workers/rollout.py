@@ -104,6 +104,10 @@ class RolloutWorker:
     def ws_close(self) -> None:
         self.llm.collective_rpc("ws_close")
 
+    def num_threads(self) -> list[int]:
+        """Threads each of this engine's workers computes with (a placement check for tests)."""
+        return self.llm.collective_rpc("num_threads")
+
     def reset_prefix_cache(self) -> bool:
         return self.llm.reset_prefix_cache()
 
@@ -153,7 +157,8 @@ class RolloutGroup:
 
     def _wait(self, refs: list, what: str, engine_of: list[int] | None = None) -> list:
         """Wait for one ref per engine, or for refs whose engines are `engine_of` (generate's chunks)."""
-        from rlhf_system.workers.group import GroupCallError, wait_all
+        from rlhf_system.distributed.waits import wait_all
+        from rlhf_system.workers.group import GroupCallError
 
         names = [f"engine {i}" for i in (engine_of if engine_of is not None else range(len(refs)))]
         return wait_all(refs, names, self.timeout, f"rollout '{what}'", GroupCallError)

@@ -81,6 +81,9 @@ def sft_config(model_dir, data_dir, run_dir, **over) -> RunConfig:
     cfg.data.max_len, cfg.data.max_prompt_len = 128, 96
     cfg.train.global_batch_size, cfg.train.micro_batch_size = 8, 4
     cfg.optim.lr, cfg.optim.warmup_ratio = 1e-3, 0.0
+    # One thread per worker in every run: 1- and N-worker equivalence runs then differ only in how the
+    # batch is split (the thread count changes the order of float sums, which Adam amplifies).
+    cfg.placement.threads_per_worker = 1
     cfg.logging.console = False
     cfg.checkpoint.export_hf = False
     for dotted, value in over.items():

@@ -34,6 +34,7 @@ def dpo_config(model_dir, data_dir, run_dir, **over) -> RunConfig:
     cfg.data.eval = [{"path": str(data_dir / "pref_test.jsonl"), "max_samples": 12}]
     cfg.data.max_len, cfg.data.max_prompt_len = 128, 96
     cfg.train.global_batch_size, cfg.train.micro_batch_size = 8, 4
+    cfg.placement.threads_per_worker = 1  # 1 vs 2 workers differ only in the split (threads reorder float sums)
     cfg.optim.lr, cfg.optim.warmup_ratio = 1e-3, 0.0
     cfg.algorithm.dpo.beta = BETA
     cfg.placement.launcher = "ray"

@@ -9,8 +9,9 @@ import time
 import pytest
 
 from rlhf_system.config import PlacementConfig
+from rlhf_system.distributed.waits import wait_all
 from rlhf_system.workers.base import BaseWorker
-from rlhf_system.workers.group import GroupCallError, WorkerGroup, wait_all
+from rlhf_system.workers.group import GroupCallError, WorkerGroup
 
 DEADLINE = 300.0  # far longer than any of these calls may take once a worker is dead
 

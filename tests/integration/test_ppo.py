@@ -150,7 +150,7 @@ def test_bench_ppo_prints_phases_rollout_and_sync(small_model, synthetic_dir, tm
     cmd[3:5] = ["bench", "ppo", "--steps", "1"]  # train ppo -> bench ppo --steps 1
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout[out.stdout.index("{\n"):])
+    report = json.loads(out.stdout)  # stdout is the JSON alone (logs go to stderr)
     assert set(report["phases"]) == {"generate", "reward", "inference", "train", "sync"}
     assert abs(sum(p["seconds"] for p in report["phases"].values()) - report["step_s"]) < 0.5 * report["step_s"]
     for backend in ("vllm", "hf_generate"):

@@ -39,7 +39,10 @@ def rm_config(model_dir, data_dir, run_dir, *overrides: str):
             f"data.train=[{{path: {data_dir / 'pref_train.jsonl'}}}]",
             f"data.eval=[{{path: {data_dir / 'pref_test.jsonl'}}}]",
             "data.max_len=128", "data.max_prompt_len=96", "train.global_batch_size=8", "train.micro_batch_size=2",
-            "optim.lr=1e-3", "optim.warmup_ratio=0.0", "train.max_eval_samples=32"]
+            "optim.lr=1e-3", "optim.warmup_ratio=0.0", "train.max_eval_samples=32",
+            # one thread per worker in every run: 1- and N-worker runs then differ only in how the batch is
+            # split (the thread count changes the order of float sums, which Adam amplifies)
+            "placement.threads_per_worker=1"]
     return load_config(None, base + list(overrides), mode="rm")
 
 

@@ -47,10 +47,10 @@ def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
 @pytest.mark.parametrize("lora,ranks,zero", [(False, 1, 2), (True, 1, 2), (False, 2, 3)],
                          ids=["full", "lora", "zero3-2ranks"])
 def test_sync_parity(engine, small_model, synthetic_dir, tmp_path, lora, ranks, zero):
-    from rlhf_system.distributed.placement import start_roles, stop_roles
     from rlhf_system.distributed.weight_sync import WeightSync
     from rlhf_system.models.generate import hf_generate
     from rlhf_system.workers.actor import ActorWorker
+    from rlhf_system.workers.placement import start_roles, stop_roles
 
     over = {"optim__lr": 3e-3, "rollout__temperature": 1.0, "placement__actor": ranks, "deepspeed__zero_stage": zero}
     if lora:
@@ -96,3 +96,11 @@ def test_sync_parity(engine, small_model, synthetic_dir, tmp_path, lora, ranks, 
         if sync is not None:
             sync.close()
         stop_roles(groups, shared)
+
+
+def test_engine_computes_with_every_core_of_the_node(engine):
+    """vLLM's own CPU binding reserves a core and leaves it idle while decoding; ours binds the engine's
+    OpenMP threads to all of the node's cores (one engine here)."""
+    from rlhf_system.distributed.threads import node_cores
+
+    assert engine.call("num_threads") == [[len(node_cores())]]

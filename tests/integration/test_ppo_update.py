@@ -1,0 +1,101 @@
+"""The faster PPO paths compute what the plain ones did (CPU, fp32, real DeepSpeed in Ray workers):
+
+- log-probs from the response positions only (`logits_to_keep`) equal those of full-sequence logits;
+- skipping the old-log-prob forward (one optimiser step per rollout: the update's own forward,
+  detached) gives the same update as feeding the old log-probs from a separate forward;
+- length-grouped micro-batches, and two ranks, give the same update as one micro-batch on one rank
+  (the loss is the token mean of the whole mini-batch, however it is split).
+"""
+
+import pytest
+import torch
+
+from rlhf_system.data.experience import Experience
+from tests.integration.conftest import ppo_config
+
+ROWS = 16
+
+
+def _experience(vocab: int, pad_id: int) -> Experience:
+    """Rows of varied prompt and response lengths (so padding and grouping matter), random tokens."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, vocab, (int(torch.randint(3, 30, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(ROWS)]
+    responses = [torch.randint(3, vocab, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
+                 for _ in range(ROWS)]
+    exp = Experience.from_rollout(prompts, responses, pad_id)
+    signs = torch.randint(0, 2, (ROWS, 1), generator=g).float() * 2 - 1
+    return exp.with_fields(advantages=signs * exp.response_mask)
+
+
+def test_response_positions_only_give_the_full_logits_log_probs(small_model):
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_system.workers.sequences import policy_forward
+
+    model = AutoModelForCausalLM.from_pretrained(small_model["policy"], dtype=torch.float32).eval()
+    exp = _experience(model.config.vocab_size, 0)
+    with torch.no_grad():
+        fast, _ = policy_forward(model, exp, temperature=0.7)
+        logits = model(input_ids=exp.sequences, attention_mask=exp.attention_mask).logits / 0.7
+    full = torch.log_softmax(logits, -1)
+    for b in range(ROWS):
+        P, R = int(exp.prompt_lens[b]), int(exp.response_lens[b])
+        want = full[b, P - 1:P - 1 + R].gather(-1, exp.sequences[b, P:P + R, None]).squeeze(-1)
+        torch.testing.assert_close(fast[b, :R], want, rtol=0, atol=1e-5)
+
+
+def _update(small_model, synthetic_dir, tmp_path, exp, *, ranks=1, micro=ROWS, feed_old=False):
+    from rlhf_system.workers.actor import ActorWorker
+    from rlhf_system.workers.placement import start_roles, stop_roles
+
+    # Adam with eps=1 steps by about lr * g for these small gradients: an update linear in the gradient, so
+    # float-summation differences stay small (Adam's sign-like first step would flip near-zero entries).
+    # One thread per worker: the runs differ only in the split.
+    cfg = ppo_config(small_model["policy"], synthetic_dir, tmp_path, placement__actor=ranks, optim__lr=0.5,
+                     optim__eps=1.0, placement__threads_per_worker=1,
+                     train__rollout_batch_size=ROWS // 2, train__global_batch_size=ROWS,
+                     train__micro_batch_size=micro, algorithm__estimator="rloo", rollout__temperature=1.0)
+    groups, shared = start_roles(cfg, {"actor": ActorWorker})
+    try:
+        actor = groups["actor"]
+        actor.call("setup", cfg, 10)
+        if feed_old:
+            exp = exp.with_fields(old_logprobs=actor.call_sharded("logprobs", exp))
+        actor.call_sharded("update", exp, 0, 0.0)
+        return actor.call("full_state_dict")[0]
+    finally:
+        stop_roles(groups, shared)
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def plain(ray_cluster, small_model, synthetic_dir, tmp_path_factory):
+    """The plain path: old log-probs from their own forward, one micro-batch, one rank."""
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(small_model["policy"]).vocab_size
+    exp = _experience(vocab, 0)
+    path = tmp_path_factory.mktemp("plain")
+    from transformers import AutoModelForCausalLM
+
+    initial = {k: v.float() for k, v in AutoModelForCausalLM.from_pretrained(small_model["policy"]).named_parameters()}
+    return exp, _update(small_model, synthetic_dir, path, exp, feed_old=True), initial
+
+
+def test_skipping_the_old_logprob_forward_gives_the_same_update(plain, small_model, synthetic_dir, tmp_path):
+    exp, want, initial = plain
+    assert _max_diff(want, initial) > 1e-3, "the update did not move the weights: the test proves nothing"
+    got = _update(small_model, synthetic_dir, tmp_path, exp, feed_old=False)
+    assert _max_diff(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("ranks,micro", [(1, 4), (2, 4)], ids=["grouped-micro-batches", "two-ranks"])
+def test_grouped_micro_batches_and_ranks_give_the_same_update(plain, small_model, synthetic_dir, tmp_path,
+                                                              ranks, micro):
+    exp, want, _ = plain
+    got = _update(small_model, synthetic_dir, tmp_path, exp, ranks=ranks, micro=micro, feed_old=True)
+    assert _max_diff(got, want) < 1e-5
