@@ -10,6 +10,7 @@ from __future__ import annotations
 class BaseWorker:
     rank: int = 0
     world_size: int = 1
+    engine = None  # this rank's DeepSpeed engine, set by the role's `setup` (the checkpoint verbs use it)
 
     def master_endpoint(self) -> tuple[str, int]:
         """Rank 0's reachable address and a free port for the process-group rendezvous."""
@@ -58,16 +59,16 @@ class BaseWorker:
             return torch.cuda.max_memory_allocated() / 2**20
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
-    # Checkpoint verbs work for any trainer whose per-rank state has an `engine` (see checkpoint.py).
+    # Checkpoint verbs: the rank's `engine` (see checkpoint.py).
     def save_checkpoint(self, path: str) -> None:
         from rlhf_system.checkpoint import save_rank
 
-        save_rank(self.state.engine, path, self.rank)
+        save_rank(self.engine, path, self.rank)
 
     def load_checkpoint(self, path: str) -> None:
         from rlhf_system.checkpoint import load_rank
 
-        load_rank(self.state.engine, path, self.rank)
+        load_rank(self.engine, path, self.rank)
 
     def teardown(self) -> None:
         from rlhf_system.distributed.deepspeed import dist_teardown

@@ -50,6 +50,7 @@ class CriticWorker(BaseWorker):
         model = load_reward_model(cfg.model, _head(path), tok.pad_token_id, path=path)
         engine = train_engine(model, cfg, dist.get_world_size(), total_steps, lr=cfg.optim.critic_lr)
         self.state = RoleState(cfg, tok, engine, dist.get_rank(), dist.get_world_size())
+        self.engine = engine
         return {"rank": self.rank}
 
     def values(self, exp: Experience) -> torch.Tensor:

@@ -28,7 +28,6 @@ over the micro-batch, which would weigh tokens by how the batch happens to be sp
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,48 +50,11 @@ from rlhf_system.models.load import load_causal_lm, load_tokenizer
 from rlhf_system.workers.base import BaseWorker
 
 UNIT = "preference pairs"
-
-
-@dataclass
-class DPOState:
-    # engine / tokenizer / cfg: the names BaseWorker's checkpoint verbs use.
-    cfg: RunConfig
-    tokenizer: object
-    train_ds: object
-    eval_ds: object | None
-    engine: object                     # the policy, under train_engine
-    ref_engine: object | None          # the frozen reference; None once its log-probs are precomputed
-    ref_train: torch.Tensor | None     # (N_train, 2) reference [chosen, rejected] log-probs, by dataset index
-    ref_eval: torch.Tensor | None      # (N_eval, 2), likewise (only the first max_eval_samples pairs)
-    rank: int
-    world: int
-    total_steps: int
+SUM_KEYS = ("loss", "reward_accuracy", "reward_margin", "logp_margin", "chosen_logp")  # pair_losses' sums
 
 
 def reference_path(cfg: RunConfig) -> str:
     return cfg.model.reference_path or cfg.model.path
-
-
-def setup_rank(cfg: RunConfig) -> DPOState:
-    """Per-rank set-up inside a worker whose process group is already initialised."""
-    tokenizer = load_tokenizer(cfg.model)
-    train_ds, eval_ds = run_datasets("preference", cfg, tokenizer)  # cache hits
-    rank, world = dist.get_rank(), dist.get_world_size()
-    total = checked_total_steps(cfg, len(train_ds), UNIT)
-    ref_engine = frozen_engine(load_causal_lm(cfg.model, reference_path(cfg)), cfg, dp_size=world)
-    state = DPOState(cfg, tokenizer, train_ds, eval_ds, None, ref_engine, None, None, rank, world, total)
-    if cfg.algorithm.dpo.precompute_reference:
-        # Before the policy exists: the two models are never in memory together.
-        state.ref_train = reference_table(state, train_ds, len(train_ds))
-        if eval_ds is not None:
-            state.ref_eval = reference_table(state, eval_ds, eval_size(state))
-        state.ref_engine = ref_engine = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every launch mode
-    state.engine = train_engine(load_causal_lm(cfg.model, peft=cfg.peft), cfg, dp_size=world, total_steps=total)
-    return state
 
 
 def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -119,155 +81,154 @@ def split_pairs(seq: torch.Tensor) -> torch.Tensor:
     return torch.stack(seq.chunk(2), dim=1)
 
 
-@torch.no_grad()
-def reference_logps(state: DPOState, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    tok, mask = forward_logps(state.ref_engine, batch)
-    return split_pairs(sequence_logps(tok, mask)).float().cpu()
-
-
-def eval_size(state: DPOState) -> int:
-    n = len(state.eval_ds)
-    return min(n, state.cfg.train.max_eval_samples) if state.cfg.train.max_eval_samples else n
-
-
-def strided_shares(state: DPOState, n: int) -> list[list[int]]:
-    """This rank's micro-batches of indices [0, n), strided over ranks; the same count on every rank.
-
-    Under ZeRO-3 every forward is a collective (parameters are gathered layer by layer), so a rank
-    with fewer micro-batches than its peers would hang them: it runs empty lists, which callers turn
-    into a throw-away forward on pair 0.
-    """
-    mb, world = state.cfg.train.micro_batch_size, state.world
-    rounds = -(-n // (mb * world))
-    starts = [(k * world + state.rank) * mb for k in range(rounds)]
-    return [list(range(s, min(s + mb, n))) for s in starts]
-
-
-def reference_table(state: DPOState, ds, n: int) -> torch.Tensor:
-    """(n, 2) reference log-probs of pairs [0, n) of `ds`, on every rank.
-
-    Each rank scores its strided share; the shares are disjoint, so a SUM all-reduce of tables that
-    are zero elsewhere is an all-gather without the uneven-size bookkeeping.
-    """
-    table = torch.zeros(n, 2, dtype=torch.float64)
-    pad = state.tokenizer.pad_token_id
-    for idx in strided_shares(state, n):
-        logps = reference_logps(state, collate_pairs([ds[i] for i in idx or [0]], pad))
-        if idx:
-            table[idx] = logps.double()
-    dist.all_reduce(table)
-    return table.float()
-
-
-def pair_losses(state: DPOState, batch: dict[str, torch.Tensor], ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One micro-batch of B pairs -> (its loss summed over the pairs () with grad, sums (5,)).
-
-    ref (B, 2): the reference [chosen, rejected] log-probs of the same pairs. `sums` (float64, CPU,
-    detached) holds the sums over the pairs of the quantities SUM_KEYS names, for the caller to
-    reduce over micro-batches and ranks and divide by the pair count.
-    """
-    d = state.cfg.algorithm.dpo
-    tok, mask = forward_logps(state.engine, batch)
-    pi = split_pairs(sequence_logps(tok, mask))
-    ref = ref.to(pi.device)
-    n = pi.shape[0]
-    loss, m = dpo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], d.beta, d.loss, d.label_smoothing)
-    loss = loss * n  # dpo_loss is a mean over these pairs; sum, to normalise by the global batch
-    if d.nll_coef > 0:
-        # Per-pair, length-normalised NLL of the chosen response (the first B rows), summed over pairs.
-        loss = loss + d.nll_coef * masked_mean(-tok[:n], mask[:n], dim=-1).sum()
-    with torch.no_grad():
-        sums = torch.stack([loss, m["reward_accuracy"] * n, m["reward_margin"] * n,
-                            (pi[:, 0] - pi[:, 1]).sum(), pi[:, 0].sum()]).double().cpu()
-    return loss, sums
-
-
-SUM_KEYS = ("loss", "reward_accuracy", "reward_margin", "logp_margin", "chosen_logp")  # pair_losses' sums
-
-
-def train_step(state: DPOState, batch_idx: list[int], step: int) -> dict:
-    cfg = state.cfg
-    shares = rank_micro_batches(batch_idx, state.rank, state.world, cfg.train.micro_batch_size)
-    pad = state.tokenizer.pad_token_id
-    # DeepSpeed divides each micro loss by the accumulation steps and averages gradients over ranks;
-    # scaling by gas * world undoes both, leaving sum(pair losses) / pairs of the global batch.
-    pairs = len(batch_idx)
-    scale = grad_accum_steps(cfg, state.world) * state.world / pairs
-    sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
-    tokens = torch.zeros((), dtype=torch.float64)  # chosen + rejected tokens, padding excluded (throughput)
-    for mb in shares:
-        batch = collate_pairs([state.train_ds[i] for i in mb], pad)
-        tokens += batch["attention_mask"].sum()
-        ref = state.ref_train[mb] if state.ref_train is not None else reference_logps(state, batch)
-        loss, micro_sums = pair_losses(state, batch, ref)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite DPO loss at step {step}, rank {state.rank}, pairs {mb} "
-                                     f"(dataset indices): {loss.item()}. Fix: lower optim.lr or check the data")
-        state.engine.backward(loss * scale)
-        state.engine.step()
-        sums += micro_sums
-    dist.all_reduce(sums)
-    dist.all_reduce(tokens)
-    mean = (sums / pairs).tolist()
-    metrics = {"loss": mean[0], "reward_accuracy": mean[1], "reward_margin": mean[2],
-               "lr": state.engine.get_lr()[0], "pairs": pairs, "tokens": int(tokens)}
-    grad_norm = state.engine.get_global_grad_norm()  # before clipping; ZeRO 1-3 report it, stage 0 does not
-    if grad_norm is not None:
-        metrics["grad_norm"] = float(grad_norm)
-    return metrics
-
-
-@torch.no_grad()
-def evaluate(state: DPOState) -> dict:
-    """Held-out pairs, reduced over ranks (each rank scores a strided share).
-
-    eval_logp_margin: the policy's chosen-minus-rejected summed response log-prob, mean over pairs;
-    eval_reward_accuracy / eval_reward_margin: DPO's implicit reward beta * (policy - reference) of
-    chosen vs rejected (accuracy counts ties as wrong, so it is 0 while policy == reference);
-    eval_loss: the training objective on these pairs; eval_chosen_logp: mean chosen log-prob, which
-    shows whether DPO is pushing the chosen response down too (the failure RPO's NLL term addresses).
-    """
-    if state.eval_ds is None:
-        return {}
-    state.engine.eval()
-    n = eval_size(state)
-    pad = state.tokenizer.pad_token_id
-    sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
-    for idx in strided_shares(state, n):
-        batch = collate_pairs([state.eval_ds[i] for i in idx or [0]], pad)
-        ref = state.ref_eval[idx or [0]] if state.ref_eval is not None else reference_logps(state, batch)
-        _, micro_sums = pair_losses(state, batch, ref)
-        if idx:
-            sums += micro_sums
-    dist.all_reduce(sums)
-    state.engine.train()
-    mean = (sums / max(n, 1)).tolist()
-    return {"eval_loss": mean[0], "eval_reward_accuracy": mean[1], "eval_reward_margin": mean[2],
-            "eval_logp_margin": mean[3], "eval_chosen_logp": mean[4]}
-
-
-def save_hf(state: DPOState, out: str | Path) -> Path:
-    return export_model(state.engine, state.tokenizer, out, state.cfg)
-
-
-def full_state_dict(state: DPOState) -> dict[str, torch.Tensor]:
-    return gathered_state_dict(state.engine, state.cfg.deepspeed.zero_stage)
-
-
 class DPOWorker(BaseWorker):
-    def setup(self, cfg) -> dict:
-        self.state = setup_rank(cfg)
-        return {"train_samples": len(self.state.train_ds), "total_steps": self.state.total_steps}
+    """One rank's DPO: cfg, tokenizer, train_ds / eval_ds (pairs), engine (the policy, under
+    train_engine), ref_engine (the frozen reference; None once its log-probs are precomputed),
+    ref_train / ref_eval ((N, 2) reference [chosen, rejected] log-probs by dataset index, or None),
+    total_steps."""
+
+    def setup(self, cfg: RunConfig) -> dict:
+        """Per-rank set-up inside a worker whose process group is already initialised."""
+        self.cfg, self.tokenizer = cfg, load_tokenizer(cfg.model)
+        self.train_ds, self.eval_ds = run_datasets("preference", cfg, self.tokenizer)  # cache hits
+        self.total_steps = checked_total_steps(cfg, len(self.train_ds), UNIT)
+        self.ref_engine = frozen_engine(load_causal_lm(cfg.model, reference_path(cfg)), cfg, dp_size=self.world_size)
+        self.ref_train = self.ref_eval = None
+        if cfg.algorithm.dpo.precompute_reference:
+            # Before the policy exists: the two models are never in memory together.
+            self.ref_train = self.reference_table(self.train_ds, len(self.train_ds))
+            if self.eval_ds is not None:
+                self.ref_eval = self.reference_table(self.eval_ds, self.eval_size())
+            self.ref_engine = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every launch mode
+        self.engine = train_engine(load_causal_lm(cfg.model, peft=cfg.peft), cfg, dp_size=self.world_size,
+                                   total_steps=self.total_steps)
+        return {"train_samples": len(self.train_ds), "total_steps": self.total_steps}
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        tok, mask = forward_logps(self.ref_engine, batch)
+        return split_pairs(sequence_logps(tok, mask)).float().cpu()
+
+    def eval_size(self) -> int:
+        n = len(self.eval_ds)
+        return min(n, self.cfg.train.max_eval_samples) if self.cfg.train.max_eval_samples else n
+
+    def strided_shares(self, n: int) -> list[list[int]]:
+        """This rank's micro-batches of indices [0, n), strided over ranks; the same count on every rank.
+
+        Under ZeRO-3 every forward is a collective (parameters are gathered layer by layer), so a rank
+        with fewer micro-batches than its peers would hang them: it runs empty lists, which callers turn
+        into a throw-away forward on pair 0.
+        """
+        mb, world = self.cfg.train.micro_batch_size, self.world_size
+        rounds = -(-n // (mb * world))
+        starts = [(k * world + self.rank) * mb for k in range(rounds)]
+        return [list(range(s, min(s + mb, n))) for s in starts]
+
+    def reference_table(self, ds, n: int) -> torch.Tensor:
+        """(n, 2) reference log-probs of pairs [0, n) of `ds`, on every rank.
+
+        Each rank scores its strided share; the shares are disjoint, so a SUM all-reduce of tables that
+        are zero elsewhere is an all-gather without the uneven-size bookkeeping.
+        """
+        table = torch.zeros(n, 2, dtype=torch.float64)
+        pad = self.tokenizer.pad_token_id
+        for idx in self.strided_shares(n):
+            logps = self.reference_logps(collate_pairs([ds[i] for i in idx or [0]], pad))
+            if idx:
+                table[idx] = logps.double()
+        dist.all_reduce(table)
+        return table.float()
+
+    def pair_losses(self, batch: dict[str, torch.Tensor], ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-batch of B pairs -> (its loss summed over the pairs () with grad, sums (5,)).
+
+        ref (B, 2): the reference [chosen, rejected] log-probs of the same pairs. `sums` (float64, CPU,
+        detached) holds the sums over the pairs of the quantities SUM_KEYS names, for the caller to
+        reduce over micro-batches and ranks and divide by the pair count.
+        """
+        d = self.cfg.algorithm.dpo
+        tok, mask = forward_logps(self.engine, batch)
+        pi = split_pairs(sequence_logps(tok, mask))
+        ref = ref.to(pi.device)
+        n = pi.shape[0]
+        loss, m = dpo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], d.beta, d.loss, d.label_smoothing)
+        loss = loss * n  # dpo_loss is a mean over these pairs; sum, to normalise by the global batch
+        if d.nll_coef > 0:
+            # Per-pair, length-normalised NLL of the chosen response (the first B rows), summed over pairs.
+            loss = loss + d.nll_coef * masked_mean(-tok[:n], mask[:n], dim=-1).sum()
+        with torch.no_grad():
+            sums = torch.stack([loss, m["reward_accuracy"] * n, m["reward_margin"] * n,
+                                (pi[:, 0] - pi[:, 1]).sum(), pi[:, 0].sum()]).double().cpu()
+        return loss, sums
+
+
 
     def train_step(self, batch_idx: list[int], step: int) -> dict:
-        return train_step(self.state, batch_idx, step)
+        cfg = self.cfg
+        shares = rank_micro_batches(batch_idx, self.rank, self.world_size, cfg.train.micro_batch_size)
+        pad = self.tokenizer.pad_token_id
+        # DeepSpeed divides each micro loss by the accumulation steps and averages gradients over ranks;
+        # scaling by gas * world undoes both, leaving sum(pair losses) / pairs of the global batch.
+        pairs = len(batch_idx)
+        scale = grad_accum_steps(cfg, self.world_size) * self.world_size / pairs
+        sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
+        tokens = torch.zeros((), dtype=torch.float64)  # chosen + rejected tokens, padding excluded (throughput)
+        for mb in shares:
+            batch = collate_pairs([self.train_ds[i] for i in mb], pad)
+            tokens += batch["attention_mask"].sum()
+            ref = self.ref_train[mb] if self.ref_train is not None else self.reference_logps(batch)
+            loss, micro_sums = self.pair_losses(batch, ref)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite DPO loss at step {step}, rank {self.rank}, pairs {mb} "
+                                         f"(dataset indices): {loss.item()}. Fix: lower optim.lr or check the data")
+            self.engine.backward(loss * scale)
+            self.engine.step()
+            sums += micro_sums
+        dist.all_reduce(sums)
+        dist.all_reduce(tokens)
+        mean = (sums / pairs).tolist()
+        metrics = {"loss": mean[0], "reward_accuracy": mean[1], "reward_margin": mean[2],
+                   "lr": self.engine.get_lr()[0], "pairs": pairs, "tokens": int(tokens)}
+        grad_norm = self.engine.get_global_grad_norm()  # before clipping; ZeRO 1-3 report it, stage 0 does not
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        return metrics
 
+    @torch.no_grad()
     def evaluate(self) -> dict:
-        return evaluate(self.state)
+        """Held-out pairs, reduced over ranks (each rank scores a strided share).
 
-    def save_hf(self, out: str) -> str:
-        return str(save_hf(self.state, out))
+        eval_logp_margin: the policy's chosen-minus-rejected summed response log-prob, mean over pairs;
+        eval_reward_accuracy / eval_reward_margin: DPO's implicit reward beta * (policy - reference) of
+        chosen vs rejected (accuracy counts ties as wrong, so it is 0 while policy == reference);
+        eval_loss: the training objective on these pairs; eval_chosen_logp: mean chosen log-prob, which
+        shows whether DPO is pushing the chosen response down too (the failure RPO's NLL term addresses).
+        """
+        if self.eval_ds is None:
+            return {}
+        self.engine.eval()
+        n = self.eval_size()
+        pad = self.tokenizer.pad_token_id
+        sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
+        for idx in self.strided_shares(n):
+            batch = collate_pairs([self.eval_ds[i] for i in idx or [0]], pad)
+            ref = self.ref_eval[idx or [0]] if self.ref_eval is not None else self.reference_logps(batch)
+            _, micro_sums = self.pair_losses(batch, ref)
+            if idx:
+                sums += micro_sums
+        dist.all_reduce(sums)
+        self.engine.train()
+        mean = (sums / max(n, 1)).tolist()
+        return {"eval_loss": mean[0], "eval_reward_accuracy": mean[1], "eval_reward_margin": mean[2],
+                "eval_logp_margin": mean[3], "eval_chosen_logp": mean[4]}
 
-    def full_state_dict(self) -> dict:
-        """Full parameters on CPU (gathered under ZeRO-3), for equivalence tests on tiny models."""
-        return full_state_dict(self.state)
+    def save_hf(self, out: str | Path) -> Path:
+        return export_model(self.engine, self.tokenizer, out, self.cfg)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return gathered_state_dict(self.engine, self.cfg.deepspeed.zero_stage)

@@ -10,7 +10,6 @@ the same update on 1 process or on N, with any micro-batch size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,122 +28,88 @@ from rlhf_system.workers.base import BaseWorker
 UNIT = "samples (packs)"  # what data.train counts, for the too-small-for-one-batch error
 
 
-@dataclass
-class SFTState:
-    cfg: RunConfig
-    tokenizer: object
-    train_ds: object
-    eval_ds: object | None
-    engine: object
-    rank: int
-    world: int
-    total_steps: int
-
-
-def setup_rank(cfg: RunConfig) -> SFTState:
-    """Per-rank set-up inside a worker whose process group is already initialised."""
-    tokenizer = load_tokenizer(cfg.model)
-    train_ds, eval_ds = run_datasets("sft", cfg, tokenizer)  # cache hits
-    rank, world = dist.get_rank(), dist.get_world_size()
-    total = checked_total_steps(cfg, len(train_ds), UNIT)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every launch mode
-    model = load_causal_lm(cfg.model, peft=cfg.peft)
-    engine = train_engine(model, cfg, dp_size=world, total_steps=total)
-    return SFTState(cfg, tokenizer, train_ds, eval_ds, engine, rank, world, total)
-
-
-def collate(state: SFTState, rows: list[dict]) -> dict[str, torch.Tensor]:
-    pad = state.tokenizer.pad_token_id
-    if state.cfg.data.packing:
-        return collate_packed(rows, pad, dtype=state.engine.module.dtype)
-    return collate_sft(rows, pad)
-
-
-def forward_sum(state: SFTState, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    device = state.engine.device
-    inputs = {k: v.to(device) for k, v in batch.items() if k != "loss_mask"}
-    logits = state.engine(**inputs).logits
-    return sft_loss_sum(logits, inputs["input_ids"], batch["loss_mask"].to(device))
-
-
-def train_step(state: SFTState, batch_idx: list[int], step: int) -> dict:
-    cfg = state.cfg
-    shares = rank_micro_batches(batch_idx, state.rank, state.world, cfg.train.micro_batch_size)
-    micros = [collate(state, [state.train_ds[i] for i in mb]) for mb in shares]
-    # Trained tokens of the whole global batch, over all ranks: the loss denominator.
-    tokens = torch.tensor(float(sum(int(m["loss_mask"][:, 1:].sum()) for m in micros)))
-    dist.all_reduce(tokens)
-    # Real (non-padding) tokens processed, for throughput: packs count their samples' lengths.
-    real = torch.tensor(float(sum(sum(state.train_ds[i].get("seq_lens") or [len(state.train_ds[i]["input_ids"])])
-                                  for mb in shares for i in mb)))
-    dist.all_reduce(real)
-    # DeepSpeed divides each micro loss by the accumulation steps and averages gradients over
-    # ranks; scaling by gas * world undoes both, leaving sum(NLL) / global tokens.
-    scale = grad_accum_steps(cfg, state.world) * state.world / tokens.clamp(min=1)
-    total = torch.zeros(())
-    for mb, m in zip(shares, micros):
-        nll_sum, _ = forward_sum(state, m)
-        if not torch.isfinite(nll_sum):
-            raise FloatingPointError(f"non-finite SFT loss at step {step}, rank {state.rank}, samples {mb} "
-                                     f"(dataset indices): {nll_sum.item()}. Fix: lower optim.lr or check the data")
-        state.engine.backward(nll_sum * scale)
-        state.engine.step()
-        total += nll_sum.detach().float().cpu()
-    dist.all_reduce(total)
-    loss = (total / tokens.clamp(min=1)).item()
-    return {"loss": loss, "lr": state.engine.get_lr()[0], "tokens": int(tokens), "input_tokens": int(real)}
-
-
-@torch.no_grad()
-def evaluate(state: SFTState) -> dict:
-    """Held-out token-level loss and perplexity, each rank a strided share, reduced over ranks.
-
-    Every rank runs the same number of forwards (a rank past the end repeats sample 0 and discards
-    it): under ZeRO-3 each forward is a collective, and unequal counts would hang.
-    """
-    if state.eval_ds is None:
-        return {}
-    state.engine.eval()
-    n = len(state.eval_ds)
-    if state.cfg.train.max_eval_samples:
-        n = min(n, state.cfg.train.max_eval_samples)
-    sums = torch.zeros(2)
-    mb = state.cfg.train.micro_batch_size
-    rounds = -(-n // (mb * state.world))
-    for k in range(rounds):
-        start = (k * state.world + state.rank) * mb
-        idx = list(range(start, min(start + mb, n))) or [0]
-        nll_sum, count = forward_sum(state, collate(state, [state.eval_ds[i] for i in idx]))
-        if start < n:
-            sums += torch.stack([nll_sum.float().cpu(), count.float().cpu()])
-    dist.all_reduce(sums)
-    state.engine.train()
-    loss = (sums[0] / sums[1].clamp(min=1)).item()
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-
-
-def save_hf(state: SFTState, out: str | Path) -> Path:
-    return export_model(state.engine, state.tokenizer, out, state.cfg)
-
-
-def full_state_dict(state: SFTState) -> dict[str, torch.Tensor]:
-    return gathered_state_dict(state.engine, state.cfg.deepspeed.zero_stage)
-
-
 class SFTWorker(BaseWorker):
-    def setup(self, cfg) -> dict:
-        self.state = setup_rank(cfg)
-        return {"train_samples": len(self.state.train_ds), "total_steps": self.state.total_steps}
+    """One rank's SFT: cfg, tokenizer, train_ds / eval_ds (tokenised, cached), engine (DeepSpeed),
+    total_steps; rank and world_size from BaseWorker."""
+
+    def setup(self, cfg: RunConfig) -> dict:
+        """Per-rank set-up inside a worker whose process group is already initialised."""
+        self.cfg, self.tokenizer = cfg, load_tokenizer(cfg.model)
+        self.train_ds, self.eval_ds = run_datasets("sft", cfg, self.tokenizer)  # cache hits
+        self.total_steps = checked_total_steps(cfg, len(self.train_ds), UNIT)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every launch mode
+        model = load_causal_lm(cfg.model, peft=cfg.peft)
+        self.engine = train_engine(model, cfg, dp_size=self.world_size, total_steps=self.total_steps)
+        return {"train_samples": len(self.train_ds), "total_steps": self.total_steps}
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        pad = self.tokenizer.pad_token_id
+        if self.cfg.data.packing:
+            return collate_packed(rows, pad, dtype=self.engine.module.dtype)
+        return collate_sft(rows, pad)
+
+    def forward_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.engine.device
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "loss_mask"}
+        logits = self.engine(**inputs).logits
+        return sft_loss_sum(logits, inputs["input_ids"], batch["loss_mask"].to(device))
 
     def train_step(self, batch_idx: list[int], step: int) -> dict:
-        return train_step(self.state, batch_idx, step)
+        cfg = self.cfg
+        shares = rank_micro_batches(batch_idx, self.rank, self.world_size, cfg.train.micro_batch_size)
+        micros = [self.collate([self.train_ds[i] for i in mb]) for mb in shares]
+        # Trained tokens of the whole global batch, over all ranks: the loss denominator.
+        tokens = torch.tensor(float(sum(int(m["loss_mask"][:, 1:].sum()) for m in micros)))
+        dist.all_reduce(tokens)
+        # Real (non-padding) tokens processed, for throughput: packs count their samples' lengths.
+        real = torch.tensor(float(sum(sum(self.train_ds[i].get("seq_lens") or [len(self.train_ds[i]["input_ids"])])
+                                      for mb in shares for i in mb)))
+        dist.all_reduce(real)
+        # DeepSpeed divides each micro loss by the accumulation steps and averages gradients over
+        # ranks; scaling by gas * world undoes both, leaving sum(NLL) / global tokens.
+        scale = grad_accum_steps(cfg, self.world_size) * self.world_size / tokens.clamp(min=1)
+        total = torch.zeros(())
+        for mb, m in zip(shares, micros):
+            nll_sum, _ = self.forward_sum(m)
+            if not torch.isfinite(nll_sum):
+                raise FloatingPointError(f"non-finite SFT loss at step {step}, rank {self.rank}, samples {mb} "
+                                         f"(dataset indices): {nll_sum.item()}. Fix: lower optim.lr or check the data")
+            self.engine.backward(nll_sum * scale)
+            self.engine.step()
+            total += nll_sum.detach().float().cpu()
+        dist.all_reduce(total)
+        loss = (total / tokens.clamp(min=1)).item()
+        return {"loss": loss, "lr": self.engine.get_lr()[0], "tokens": int(tokens), "input_tokens": int(real)}
 
+    @torch.no_grad()
     def evaluate(self) -> dict:
-        return evaluate(self.state)
+        """Held-out token-level loss and perplexity, each rank a strided share, reduced over ranks.
 
-    def save_hf(self, out: str) -> str:
-        return str(save_hf(self.state, out))
+        Every rank runs the same number of forwards (a rank past the end repeats sample 0 and discards
+        it): under ZeRO-3 each forward is a collective, and unequal counts would hang.
+        """
+        if self.eval_ds is None:
+            return {}
+        self.engine.eval()
+        n = len(self.eval_ds)
+        if self.cfg.train.max_eval_samples:
+            n = min(n, self.cfg.train.max_eval_samples)
+        sums = torch.zeros(2)
+        mb = self.cfg.train.micro_batch_size
+        rounds = -(-n // (mb * self.world_size))
+        for k in range(rounds):
+            start = (k * self.world_size + self.rank) * mb
+            idx = list(range(start, min(start + mb, n))) or [0]
+            nll_sum, count = self.forward_sum(self.collate([self.eval_ds[i] for i in idx]))
+            if start < n:
+                sums += torch.stack([nll_sum.float().cpu(), count.float().cpu()])
+        dist.all_reduce(sums)
+        self.engine.train()
+        loss = (sums[0] / sums[1].clamp(min=1)).item()
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
-    def full_state_dict(self) -> dict:
-        """Full parameters on CPU (gathered under ZeRO-3), for equivalence tests on tiny models."""
-        return full_state_dict(self.state)
+    def save_hf(self, out: str | Path) -> Path:
+        return export_model(self.engine, self.tokenizer, out, self.cfg)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return gathered_state_dict(self.engine, self.cfg.deepspeed.zero_stage)
