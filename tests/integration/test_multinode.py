@@ -72,7 +72,7 @@ def main(config: str, report: str) -> None:
     import ray
 
     from rlhf_system.config import load_config
-    from rlhf_system.distributed import placement
+    from rlhf_system.workers import placement
     from rlhf_system.trainers import ppo
     from rlhf_system.workers.group import ensure_ray
 
