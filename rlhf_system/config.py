@@ -176,9 +176,8 @@ class RolloutConfig(_Section):
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     cpu_kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
     enforce_eager: bool = True
-    cpu_bind: str = Field(
-        "auto", description="vLLM CPU engines only. auto: the engines on a node split its cores, none reserved; "
-        "vllm: vLLM's own binding (reserves a core); else VLLM_CPU_OMP_THREADS_BIND as is, e.g. '0-7'.")
+    cpu_bind: str = Field("auto", description="vLLM on CPU. auto: a node's engines split its cores, none reserved; "
+                          "vllm: vLLM's own binding; else VLLM_CPU_OMP_THREADS_BIND as is, e.g. '0-7'.")
 
 
 class KLConfig(_Section):
@@ -266,9 +265,8 @@ class PlacementConfig(_Section):
         "auto", description="local: one in-process worker; ray: a Ray WorkerGroup; auto: ray when more than "
         "one worker, more than one node, or RAY_ADDRESS is set.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves in its placement bundle.")
-    threads_per_worker: int = Field(
-        0, ge=0, description="torch threads of each trainer worker; 0: from the placement (CPU-only: the node's "
-        "cores over the role's ranks on it; GPU: the bundle's CPUs). See distributed/threads.py.")
+    threads_per_worker: int = Field(0, ge=0, description="torch threads per trainer worker; 0: from the placement "
+                                    "(CPU: node cores / the role's ranks there; GPU: bundle CPUs; threads.py).")
     timeout_s: float = Field(120.0, gt=0, description="Deadline for placement groups to be ready.")
     call_timeout_s: float = Field(1800.0, gt=0, description="Deadline for one remote call on a worker group.")
 

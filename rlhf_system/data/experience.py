@@ -6,8 +6,8 @@ not: it runs no model (workers/sequences.py does) and computes no advantages (al
 
 Layout. Row b holds prompt b then response b, right-padded with `pad_id`, so positions start at 0 in
 every row as in vLLM. Per-token fields of the response are (B, T) with T = the longest response of
-the batch: column j is response token j, 0 past the row's end. Shapes are those of the whole batch;
-`select` cuts rows (and trims the padding they no longer need), `shard` cuts a data-parallel share.
+the batch: column j is response token j, 0 past the row's end. `select` cuts rows (and trims the
+padding they no longer need); slicing (`exp[a:b]`) cuts a data-parallel share and keeps the shapes.
 
 Transport. Pickled (Ray's object store), every tensor travels as a NumPy array, which Ray stores out of
 band and hands back without a copy; the receiver wraps it in a tensor again (read-only memory, which
@@ -94,10 +94,6 @@ class Experience:
         return (self.prompt_lens[:, None] - 1 + torch.arange(self.T)[None, :]).clamp(
             min=0, max=self.sequences.shape[1] - 1)
 
-    def tokens(self) -> int:
-        """Real (non-padding) tokens: what a forward over this batch must at least process."""
-        return int((self.prompt_lens + self.response_lens).sum())
-
     # ------------------------------------------------------------------------------- slicing
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -116,12 +112,8 @@ class Experience:
                 setattr(out, name, getattr(out, name)[:, :T])
         return out
 
-    def shard(self, rank: int, world: int) -> Experience:
-        """Rank `rank`'s contiguous share of the rows; shapes kept (results line up with the whole)."""
-        k = len(self) // world
-        return dataclasses.replace(self, **{n: v[rank * k:(rank + 1) * k] for n, v in self._tensors().items()})
-
-    def __getitem__(self, sl: slice) -> Experience:  # what WorkerGroup.submit_sharded cuts
+    def __getitem__(self, sl: slice) -> Experience:
+        """Contiguous rows, shapes kept (WorkerGroup.submit_sharded cuts each rank's share so)."""
         return dataclasses.replace(self, **{n: v[sl] for n, v in self._tensors().items()})
 
     def with_fields(self, **fields: torch.Tensor | None) -> Experience:

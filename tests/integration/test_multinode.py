@@ -72,8 +72,8 @@ def main(config: str, report: str) -> None:
     import ray
 
     from rlhf_system.config import load_config
-    from rlhf_system.workers import placement
     from rlhf_system.trainers import ppo
+    from rlhf_system.workers import placement
     from rlhf_system.workers.group import ensure_ray
 
     ensure_ray()  # the controller's own way in: ray.init(address=$RAY_ADDRESS)
