@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: the whole adaptation pipeline on the embedded synthetic tasks and a tiny model, on CPU
-# (about 6.5 minutes on 2 cores; the first run also sets up .venv):
+# (about 6 minutes on 2 cores; the first run also sets up .venv):
 #   1. synthetic instruction / preference / RL prompt sets (30% of the SFT demonstrations flawed, as
 #      human demonstrations are)                                           -> runs/demo/data
 #   2. a tokenizer + tiny Llama policy                                     -> runs/demo/tiny

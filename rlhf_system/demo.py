@@ -14,7 +14,7 @@ synthetic tasks and a tiny model, on CPU.
 Each training stage is the same `rlhf train` command a user runs, in its own process (Ray, DeepSpeed and
 vLLM start and stop cleanly), with the shipped config and overrides that point it at this run's folder.
 Every stage has a deadline. `--smoke` shrinks every stage (CI: under 3 minutes) and checks that each
-produced its outputs; the full demo takes about 6.5 minutes on 2 cores.
+produced its outputs; the full demo takes about 6 minutes on 2 cores.
 """
 
 from __future__ import annotations
