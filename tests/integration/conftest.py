@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_system.config import RunConfig, validate
+from rlhf_system.config import RunConfig
+from rlhf_system.config_checks import validate
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,138 @@
+"""Cross-field checks of a RunConfig: every problem as one line, raised together as one ConfigError,
+before any worker starts. Field-level checks (types, ranges) live on the fields in config.py; this
+file holds the rules that involve several sections (batch arithmetic, roles, placement).
+"""
+
+from __future__ import annotations
+
+from rlhf_system.config import AlgorithmConfig, ConfigError, RunConfig, role_slots, roles_for
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Cross-field checks. Raises one ConfigError listing every problem (one line each)."""
+    errors: list[str] = []
+    t = cfg.train
+    roles = roles_for(cfg)
+    trained = roles[0]
+    dp = role_slots(cfg, trained)
+
+    if t.global_batch_size % (dp * t.micro_batch_size) != 0:
+        errors.append(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by data-parallel size "
+            f"(placement.{trained}={dp}) x train.micro_batch_size={t.micro_batch_size} = "
+            f"{dp * t.micro_batch_size}. Fix: use a multiple of {dp * t.micro_batch_size}, "
+            f"e.g. train.global_batch_size={max(1, round(t.global_batch_size / (dp * t.micro_batch_size))) * dp * t.micro_batch_size}")
+
+    if cfg.mode == "ppo":
+        n = cfg.rollout.n_samples_per_prompt
+        if cfg.algorithm.estimator in AlgorithmConfig.GROUP_ESTIMATORS and n < 2:
+            errors.append(
+                f"rollout.n_samples_per_prompt={n} but algorithm.estimator={cfg.algorithm.estimator} needs a "
+                f"group of at least 2 samples per prompt for its baseline. Fix: rollout.n_samples_per_prompt=4")
+        experiences = t.rollout_batch_size * n
+        if experiences % t.global_batch_size != 0:
+            errors.append(
+                f"train.rollout_batch_size={t.rollout_batch_size} x rollout.n_samples_per_prompt={n} = "
+                f"{experiences} samples per step is not divisible by train.global_batch_size="
+                f"{t.global_batch_size}. Fix: make the product a multiple of the global batch")
+        for role in [r for r in roles if r not in ("actor", "rollout")]:
+            k = role_slots(cfg, role)
+            if experiences % k:
+                errors.append(f"{experiences} samples per step do not split evenly over placement.{role}={k} "
+                              f"workers. Fix: make train.rollout_batch_size x rollout.n_samples_per_prompt a "
+                              f"multiple of {k}")
+        if "critic" in roles and t.global_batch_size % (cfg.placement.critic * t.micro_batch_size):
+            errors.append(f"train.global_batch_size={t.global_batch_size} is not divisible by placement.critic="
+                          f"{cfg.placement.critic} x train.micro_batch_size={t.micro_batch_size}. Fix: use a "
+                          f"multiple of {cfg.placement.critic * t.micro_batch_size}")
+        kl = cfg.algorithm.kl
+        if kl.coef > 0 and kl.in_reward and cfg.algorithm.estimator == "grpo":
+            errors.append("algorithm.estimator=grpo normalises outcome scores per group and applies the KL as a loss "
+                          "term, but algorithm.kl.in_reward=true. Fix: algorithm.kl.in_reward=false "
+                          "algorithm.kl.estimator=k3")
+        if kl.coef > 0 and not kl.in_reward and kl.estimator == "k1":
+            errors.append("algorithm.kl.in_reward=false with algorithm.kl.estimator=k1: as a loss, k1's gradient is "
+                          "the score function, zero in expectation on-policy, so it does not regularise. Fix: "
+                          "algorithm.kl.estimator=k3 (or k2)")
+        if cfg.peft.quant.load_in != "none":
+            errors.append(f"peft.quant.load_in={cfg.peft.quant.load_in} with mode ppo: syncing a quantised actor into "
+                          "vLLM is not supported yet. Fix: peft.quant.load_in=none (LoRA alone is fine)")
+        if cfg.rewards.use_model and not cfg.model.reward_path:
+            errors.append("rewards.use_model=true but model.reward_path is empty. Fix: set model.reward_path to "
+                          "a reward model (rlhf train rm), or rewards.use_model=false with rewards.rules")
+        if not cfg.data.train:
+            errors.append("data.train is empty: a ppo run needs prompt sources. Fix: data.train=[{path: prompts.jsonl}]")
+        if cfg.rewards.use_model is False and not cfg.rewards.rules and not cfg.rewards.remote_url:
+            errors.append("rewards: no reward source (use_model=false, rules=[], remote_url=''). "
+                          "Fix: set rewards.use_model=true or list rewards.rules")
+
+    if cfg.mode in ("sft", "rm", "dpo") and not cfg.data.train:
+        errors.append(f"data.train is empty: a {cfg.mode} run needs at least one source. "
+                      "Fix: data.train=[{path: data/train.jsonl}]")
+    if cfg.data.max_prompt_len >= cfg.data.max_len:
+        errors.append(f"data.max_prompt_len={cfg.data.max_prompt_len} must be < data.max_len={cfg.data.max_len}. "
+                      f"Fix: lower data.max_prompt_len or raise data.max_len")
+    if cfg.data.packing and cfg.mode != "sft":
+        errors.append(f"data.packing=true is only supported for mode sft (got mode {cfg.mode}). "
+                      "Fix: data.packing=false")
+    if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:
+        errors.append(f"deepspeed.offload_params=true needs deepspeed.zero_stage=3 (got {cfg.deepspeed.zero_stage}). "
+                      "Fix: deepspeed.zero_stage=3 or deepspeed.offload_params=false")
+    if cfg.peft.quant.load_in != "none" and not cfg.peft.lora.enabled and cfg.mode != "ppo":
+        errors.append(f"peft.quant.load_in={cfg.peft.quant.load_in} trains only through adapters. "
+                      "Fix: peft.lora.enabled=true (QLoRA)")
+    if cfg.peft.quant.load_in != "none" and cfg.deepspeed.zero_stage == 3:
+        errors.append("peft.quant.load_in with deepspeed.zero_stage=3 is unsupported (bitsandbytes weights "
+                      "cannot be partitioned). Fix: deepspeed.zero_stage=2")
+
+    for field, role in (("reference_quant", "reference"), ("reward_quant", "reward")):
+        value = getattr(cfg.model, field)
+        if value != "none" and role not in roles:
+            errors.append(f"model.{field}={value} quantises PPO's frozen {role} role, which this {cfg.mode} run does "
+                          f"not start. Fix: model.{field}=none")
+        elif value != "none" and cfg.deepspeed.frozen_zero_stage == 3:
+            errors.append(f"model.{field}={value} with deepspeed.frozen_zero_stage=3: bitsandbytes weights cannot be "
+                          f"partitioned. Fix: deepspeed.frozen_zero_stage=0 (or model.{field}=none)")
+
+    if cfg.placement.launcher == "local" and (role_slots(cfg, trained) > 1 or cfg.placement.nodes > 1):
+        errors.append(f"placement.launcher=local runs one in-process worker, but placement.{trained}="
+                      f"{role_slots(cfg, trained)} and placement.nodes={cfg.placement.nodes}. "
+                      "Fix: placement.launcher=ray (or auto)")
+    errors += _check_placement(cfg, roles)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return cfg
+
+
+def _check_placement(cfg: RunConfig, roles: list[str]) -> list[str]:
+    p = cfg.placement
+    errors: list[str] = []
+    seen: set[str] = set()
+    for group in p.colocate:
+        for role in group:
+            if role in seen:
+                errors.append(f"placement.colocate: role '{role}' is in two groups. Fix: list each role once")
+            seen.add(role)
+        active = [r for r in group if r in roles]
+        sizes = {r: role_slots(cfg, r) for r in active}
+        if len(set(sizes.values())) > 1:
+            errors.append(f"placement.colocate group {group}: colocated roles need the same number of GPUs, "
+                          f"got {sizes}. Fix: give them equal counts")
+    if p.gpus_per_node == 0:
+        return errors  # CPU: workers are process slots; Ray checks CPUs when the group is placed.
+    # Each colocated group takes the GPUs of its largest member once; other roles take their own.
+    counted: set[str] = set()
+    need = 0
+    for group in p.colocate:
+        active = [r for r in group if r in roles]
+        if active:
+            need += max(role_slots(cfg, r) for r in active)
+            counted.update(active)
+    need += sum(role_slots(cfg, r) for r in roles if r not in counted)
+    have = p.nodes * p.gpus_per_node
+    if need > have:
+        detail = ", ".join(f"{r}={role_slots(cfg, r)}" for r in roles)
+        errors.append(f"placement: the {cfg.mode} run needs {need} GPUs ({detail}; colocate={p.colocate}) but "
+                      f"placement.nodes x placement.gpus_per_node = {have}. Fix: add nodes, colocate roles "
+                      f"(e.g. placement.colocate=[[actor,reference]]) or shrink the groups")
+    return errors
