@@ -176,6 +176,8 @@ class RolloutConfig(_Section):
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     cpu_kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
     enforce_eager: bool = True
+    sync_bucket_mb: float = Field(64.0, gt=0, description="Weight sync moves the model in buckets of this size: "
+                                  "the actor gathers, and each engine loads, one at a time. Must hold the largest tensor.")
     cpu_bind: str = Field("auto", description="vLLM on CPU. auto: a node's engines split its cores, none reserved; "
                           "vllm: vLLM's own binding; else VLLM_CPU_OMP_THREADS_BIND as is, e.g. '0-7'.")
 

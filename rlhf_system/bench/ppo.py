@@ -1,5 +1,5 @@
 """`rlhf bench ppo`: where a PPO step's time goes, rollout throughput vLLM vs HF generate, weight-sync
-speed, as JSON.
+speed and memory, as JSON.
 
     rlhf bench ppo --config configs/ppo/tiny-cpu.yaml --steps 3 [overrides]
 
@@ -8,9 +8,10 @@ warm-up step and then `--steps` timed PPO steps (the real ones: rollout, reward,
 updates, sync), and reports the mean seconds and share of each phase. Then, on the same prompts with
 the same sampling settings, it times generation through the vLLM engines and through Hugging Face
 `generate` (one process, in this controller, on the device it has), counting generated tokens. Weight
-sync: the bytes the plan moves per sync over the mean sync seconds. A benchmark, not a test: nothing
-here asserts a speed. On a shared or small machine the figures move with the load; compare runs made
-on the same machine.
+sync: the bytes the plan moves per sync over the mean sync seconds, and the rise in memory the last
+sync needed on the actor and on the engines (distributed/memory.py), beside the model's bytes. A
+benchmark, not a test: nothing here asserts a speed. On a shared or small machine the figures move
+with the load; compare runs made on the same machine.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ def hf_tokens_per_s(cfg: RunConfig, prompt_ids: list[list[int]], n: int) -> dict
             "device": device}
 
 
+def _over(rise: int | None, model_bytes: int) -> float | None:
+    """An engine's memory during a sync as a multiple of the model's bytes: its weights plus the rise
+    (target: 1 + one bucket / model, issue 12)."""
+    return None if rise is None else round((model_bytes + rise) / model_bytes, 3)
+
+
 def run(cfg: RunConfig, steps: int) -> dict:
     from rlhf_system.algorithms.kl import make_kl_controller
     from rlhf_system.data.batching import global_batches
@@ -74,6 +81,7 @@ def run(cfg: RunConfig, steps: int) -> dict:
         v_seconds = time.perf_counter() - t
         v_tokens = sum(len(g["response_ids"]) for g in gen)
         sync_bytes = plan_bytes(sync.plan)
+        sync_memory = dict(sync.memory)  # the last timed sync's
     finally:
         ppo.stop(groups, shared, rollout, sync)
     hf = hf_tokens_per_s(cfg, prompt_ids, n)  # after the engines are gone: they no longer hold the cores
@@ -94,5 +102,6 @@ def run(cfg: RunConfig, steps: int) -> dict:
                     "hf_generate": hf},
         "weight_sync": {"bytes": sync_bytes, "seconds": round(sync_s, 4),
                         "bytes_per_s": round(sync_bytes / sync_s, 1) if sync_s > 0 else None,
-                        "buckets": len(sync.plan)},
+                        "buckets": len(sync.plan), "bucket_bytes": int(cfg.rollout.sync_bucket_mb * 2**20),
+                        **sync_memory, "engine_peak_over_model": _over(sync_memory["engine_peak_rise_bytes"], sync_bytes)},
     }

@@ -35,30 +35,49 @@ class WeightSyncExtension:
             self._ws_backend, addr, port, rank, world, timeout_s, is_master=False)
         return rank
 
-    def ws_receive(self, plan: list[list]) -> int:
-        """Receive every bucket of `plan` and reload the weights in place. Returns tensors loaded."""
+    def ws_receive(self, plan: list[list]) -> dict:
+        """Receive the buckets of `plan` and reload the weights in place, each bucket as it arrives.
+        Returns the tensors loaded and the rise in this process's memory the sync needed."""
         from vllm.model_executor.model_loader.reload.inplace import reload_weights
+
+        from rlhf_system.distributed.memory import PeakMemory
 
         if self._ws_group is None:
             raise RuntimeError("ws_receive before ws_join: the controller must open the sync group first")
         device = torch.device("cuda", torch.cuda.current_device()) if self._ws_backend == "nccl" else "cpu"
-        named: list[tuple[str, torch.Tensor]] = []
-        for bucket in plan:
-            metas = [weight_sync.TensorMeta(*m) if not isinstance(m, weight_sync.TensorMeta) else m for m in bucket]
-            buf = torch.empty(sum(m.numel for m in metas), dtype=getattr(torch, metas[0].dtype), device=device)
-            weight_sync.broadcast(self._ws_group, self._ws_backend, buf)
-            named += weight_sync.unflatten(buf, metas)
-        # In place, from checkpoint-format names: plain model.load_weights fails on CPU once vLLM has
-        # repacked its kernels ("Parameter has no attribute weight_loader"); reload_weights re-runs the
-        # loader's post-processing.
         model = self.model_runner.model
-        reload_weights(self.vllm_config, model, iter(named), None, True)
-        if self._ws_backend == "gloo":
-            _repack_cpu_lm_heads(model)
-        return len(named)
+        count = [0]
+        with PeakMemory(device) as peak:
+            stream = _received(self._ws_group, self._ws_backend, plan, device, count)
+            # In place, from checkpoint-format names: plain model.load_weights fails on CPU once vLLM has
+            # repacked its kernels ("Parameter has no attribute weight_loader"); reload_weights re-runs the
+            # loader's post-processing. It pulls from `stream`, so a bucket is received when it is needed.
+            reload_weights(self.vllm_config, model, stream, None, True)
+            # The sender broadcasts every bucket: receive any vLLM left unread, or both sides would hang.
+            unread = sum(1 for _ in stream)
+            if self._ws_backend == "gloo":
+                _repack_cpu_lm_heads(model)
+        if unread:
+            raise RuntimeError(f"weight sync: vLLM's load_weights stopped with {unread} tensors of the plan unread")
+        return {"tensors": count[0], "peak_rise_bytes": peak.rise}
 
     def ws_close(self) -> None:
         self._ws_group = self._ws_store = None
+
+
+def _received(group, backend: str, plan: list[list], device, count: list[int]):
+    """(name, tensor) pairs, one bucket received at a time: each bucket's buffer is dropped here as soon
+    as its tensors are handed out, so only what vLLM still holds keeps it alive."""
+    for bucket in plan:
+        metas = [weight_sync.TensorMeta(*m) if not isinstance(m, weight_sync.TensorMeta) else m for m in bucket]
+        buf = torch.empty(sum(m.numel for m in metas), dtype=getattr(torch, metas[0].dtype), device=device)
+        weight_sync.broadcast(group, backend, buf)
+        views = weight_sync.unflatten(buf, metas)
+        del buf
+        views.reverse()
+        while views:
+            count[0] += 1
+            yield views.pop()
 
 
 class ExpectedUnloaded(logging.Filter):

@@ -18,7 +18,11 @@ Order of calls (the controller, trainers/ppo.py, drives it through `WeightSync`)
            two MUST be in flight together; the controller waits for both under one deadline.
  3. send   per sync, with the engines idle (no generate in flight; the controller is synchronous):
            every actor rank runs `ws_send(plan)` (under ZeRO-3 each bucket is a collective gather; only rank
-           0 broadcasts) while every engine runs `ws_receive(plan)`. Same deadline rule as 2.
+           0 broadcasts) while every engine runs `ws_receive(plan)`. Same deadline rule as 2. Memory is
+           bounded by the bucket (rollout.sync_bucket_mb) on both sides: the sender holds one gathered,
+           flattened bucket at a time; the engine loads each bucket as it arrives, so beyond its own
+           weights it holds the bucket in flight (and, while a vLLM layer whose weights straddle two
+           buckets waits for the rest, the one before). Both report the rise they measured.
  4. reset  every engine resets its prefix cache: cached KV blocks were computed by the old weights.
  5. close  at shutdown: both sides drop the group; a dead peer must not block it.
 Every step has a deadline (the gloo/NCCL timeout inside, the controller's ray.wait outside); a miss
@@ -28,12 +32,16 @@ raises an error that names the engine(s) that did not answer.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-DEFAULT_BUCKET_BYTES = 64 * 2**20  # big enough to amortise a round trip, small enough to gather under ZeRO-3
+from rlhf_system.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -99,19 +107,63 @@ def sources(module: torch.nn.Module) -> list[_Source]:
     return out
 
 
-def plan_buckets(metas: list[TensorMeta], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Plan:
-    """Greedy buckets in parameter order; a new bucket on dtype change or when full. A tensor larger
-    than a bucket gets its own."""
+def _unit(name: str) -> str:
+    """Tensors that vLLM may fuse into one layer (q/k/v into qkv_proj, gate/up into gate_up_proj) share
+    a unit: their decoder layer ("model.layers.3."). Anything else is its own unit."""
+    m = re.match(r"(.*\.layers\.\d+\.)", name)
+    return m.group(1) if m else name
+
+
+def plan_buckets(metas: list[TensorMeta], bucket_bytes: int) -> Plan:
+    """Buckets in parameter order, each at most `bucket_bytes`, holding whole decoder layers where one
+    fits: the engine loads a vLLM layer once all of its weights have arrived, and a layer split across
+    two buckets would keep the first bucket's buffer alive while the second arrives. A new bucket also
+    starts on a dtype change. Every tensor must fit in a bucket: the bucket size is what bounds each
+    side's extra memory during a sync."""
+    units: list[list[TensorMeta]] = []
+    for m in metas:
+        if m.nbytes > bucket_bytes:
+            raise ConfigError(bucket_too_small(m.name, m.nbytes, bucket_bytes))
+        if units and _unit(units[-1][-1].name) == _unit(m.name) and units[-1][-1].dtype == m.dtype:
+            units[-1].append(m)
+        else:
+            units.append([m])
     buckets: Plan = []
     size = 0
-    for m in metas:
-        nbytes = m.nbytes
-        if not buckets or buckets[-1][0].dtype != m.dtype or size + nbytes > bucket_bytes:
-            buckets.append([])
-            size = 0
-        buckets[-1].append(m)
-        size += nbytes
+    for unit in units:
+        unit_bytes = sum(m.nbytes for m in unit)
+        if unit_bytes > bucket_bytes:  # a layer bigger than a bucket: split it between its tensors
+            pieces = [[m] for m in unit]
+        else:
+            pieces = [unit]
+        for piece in pieces:
+            nbytes = sum(m.nbytes for m in piece)
+            if not buckets or buckets[-1][0].dtype != piece[0].dtype or size + nbytes > bucket_bytes:
+                buckets.append([])
+                size = 0
+            buckets[-1].extend(piece)
+            size += nbytes
     return buckets
+
+
+def bucket_too_small(name: str, nbytes: int, bucket_bytes: int) -> str:
+    return (f"rollout.sync_bucket_mb={bucket_bytes / 2**20:g} is smaller than the model's tensor {name} "
+            f"({nbytes / 2**20:.2f} MB). Fix: rollout.sync_bucket_mb={math.ceil(nbytes / 2**20)} or more")
+
+
+def check_bucket_size(model_path: str, bucket_bytes: int, element_size: int) -> None:
+    """Before any worker starts: the largest tensor of the checkpoint at `model_path` (its safetensors
+    headers, read without loading a weight), at the training dtype's `element_size`, fits a bucket.
+    Checkpoints without safetensors files (a hub id) are checked at plan time instead."""
+    largest, name = 0, ""
+    for f in sorted(Path(model_path).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for key, info in header.items():
+            if key != "__metadata__" and math.prod(info["shape"]) > largest:
+                largest, name = math.prod(info["shape"]), key
+    if largest * element_size > bucket_bytes:
+        raise ConfigError(bucket_too_small(name, largest * element_size, bucket_bytes))
 
 
 def _merged(src: _Source) -> torch.Tensor:
@@ -200,6 +252,7 @@ class WeightSync:
     def __init__(self, actor_group, rollout_group, timeout_s: float):
         self.actor, self.rollout, self.timeout = actor_group, rollout_group, timeout_s
         self.plan: Plan | None = None
+        self.memory: dict[str, int | None] = {}
 
     def _both(self, actor_refs: list, engine_refs: list, what: str) -> list:
         from rlhf_system.distributed.waits import wait_all
@@ -219,13 +272,18 @@ class WeightSync:
         self._both(actor_refs, engine_refs, "join")
 
     def sync(self) -> float:
-        """Push the actor's current weights into every engine; returns seconds taken."""
+        """Push the actor's current weights into every engine; returns seconds taken. `self.memory` then
+        holds the largest rise in memory any actor rank and any engine worker needed for it (bytes,
+        None where unmeasured: distributed/memory.py)."""
         import time
 
         t = time.perf_counter()
         actor_refs = [w.ws_send.remote(self.plan) for w in self.actor.workers]  # every rank: ZeRO-3 gathers
         engine_refs = [e.ws_receive.remote(self.plan) for e in self.rollout.engines]
-        self._both(actor_refs, engine_refs, "send")
+        done = self._both(actor_refs, engine_refs, "send")
+        sent, received = done[:len(actor_refs)], [w for engine in done[len(actor_refs):] for w in engine]
+        self.memory = {"actor_peak_rise_bytes": _max_known(r["peak_rise_bytes"] for r in sent),
+                       "engine_peak_rise_bytes": _max_known(r["peak_rise_bytes"] for r in received)}
         self._both([], [e.reset_prefix_cache.remote() for e in self.rollout.engines], "reset_prefix_cache")
         return time.perf_counter() - t
 
@@ -234,3 +292,8 @@ class WeightSync:
 
         refs = [self.actor.workers[0].ws_close.remote()] + [e.ws_close.remote() for e in self.rollout.engines]
         ray.wait(refs, num_returns=len(refs), timeout=30)  # best effort: a dead peer must not block shutdown
+
+
+def _max_known(values) -> int | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None

@@ -38,7 +38,8 @@ from rlhf_system.config import ConfigError, RunConfig
 from rlhf_system.data.batching import global_batches
 from rlhf_system.data.build import build_dataset
 from rlhf_system.data.experience import Experience
-from rlhf_system.models.load import check_lora_targets, check_model_path, load_tokenizer
+from rlhf_system.distributed.weight_sync import check_bucket_size
+from rlhf_system.models.load import DTYPES, check_lora_targets, check_model_path, load_tokenizer
 from rlhf_system.tracking import Tracker
 from rlhf_system.workers.update import one_optimizer_step
 
@@ -67,6 +68,8 @@ def prepare(cfg: RunConfig) -> Prepared:
 
     tok = load_tokenizer(cfg.model)
     check_lora_targets(cfg.model, cfg.peft)
+    check_bucket_size(cfg.model.path, int(cfg.rollout.sync_bucket_mb * 2**20),
+                      DTYPES[cfg.model.resolved_dtype()].itemsize)
     if cfg.rewards.use_model:
         check_model_path(cfg.model.reward_path, "model.reward_path")
     for field_name in ("critic_path", "reference_path"):

