@@ -288,6 +288,8 @@ class CheckpointConfig(_Section):
     keep_last: int = Field(2, ge=1)
     resume: str = Field("none", description="none, auto (latest in run_dir) or a checkpoint folder.")
     export_hf: bool = True
+    export_shard_mb: int = Field(2048, ge=1, description="Under ZeRO-3 the export gathers and writes one "
+                                 "safetensors shard of at most this size at a time.")
 
 
 # ------------------------------------------------------------------------------------------- run

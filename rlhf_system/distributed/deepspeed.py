@@ -1,7 +1,7 @@
 """DeepSpeed from our config tree: the ZeRO config builder, optimizer, LR schedule and engine set-up.
 
     dist_init()                                   # gloo on CPU, nccl on GPU; idempotent
-    engine = train_engine(model, cfg, dp_size=world, total_steps=n)
+    engine = train_engine(lambda: load_causal_lm(...), cfg, dp_size=world, total_steps=n)  # ZeRO-3: partitioned load
     loss = ...; engine.backward(loss); engine.step()   # DeepSpeed handles accumulation boundaries
 
 The DeepSpeed JSON is always derived from `RunConfig` (never hand-written), so batch arithmetic and
@@ -11,6 +11,7 @@ does, workers/group.py) and holds no training loop (trainers/).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -111,56 +112,129 @@ def make_optimizer(params, optim: OptimConfig, offload: bool, lr: float | None =
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def train_engine(model: torch.nn.Module, cfg: RunConfig, dp_size: int, total_steps: int, lr: float | None = None):
-    """A DeepSpeed engine with optimizer and LR schedule for a trained role."""
+@contextlib.contextmanager
+def partitioned_load(config: dict):
+    """Models that transformers builds inside are, under ZeRO-3, partitioned as they are created:
+    transformers' HfDeepSpeedConfig turns `from_pretrained` into deepspeed.zero.Init plus a load of
+    each weight into its partition, so no rank ever holds the whole model (each reads the checkpoint
+    one tensor at a time). A no-op for stages 0-2, whose ranks all hold the full weights anyway."""
+    if config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    keep = HfDeepSpeedConfig(config)  # transformers holds it by a weak reference: keep it for the load
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()  # later loads in this process (an export's merge) are plain again
+        del keep
+
+
+def train_engine(load, cfg: RunConfig, dp_size: int, total_steps: int, lr: float | None = None):
+    """A DeepSpeed engine with optimizer and LR schedule for a trained role; `load()` builds its model
+    (partitioned as it loads under ZeRO-3)."""
     import deepspeed
 
+    config = build_ds_config(cfg, dp_size, trainable=True)
+    with partitioned_load(config):
+        model = load()
     optimizer = make_optimizer(model.parameters(), cfg.optim, cfg.deepspeed.offload_optimizer, lr)
     warmup = int(cfg.optim.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, total_steps, warmup, cfg.optim.scheduler, cfg.optim.min_lr_ratio))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                      config=build_ds_config(cfg, dp_size, trainable=True))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     return engine
 
 
-def frozen_engine(model: torch.nn.Module, cfg: RunConfig, dp_size: int):
-    """Inference-only engine for frozen roles (reference, reward): ZeRO-3 sharded when configured."""
+def frozen_engine(load, cfg: RunConfig, dp_size: int):
+    """Inference-only engine for frozen roles (reference, reward): ZeRO-3 sharded (and partitioned as
+    it loads) when deepspeed.frozen_zero_stage=3; `load()` builds the model."""
     import deepspeed
 
+    config = build_ds_config(cfg, dp_size, trainable=False)
+    with partitioned_load(config):
+        model = load()
     model.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=model, config=build_ds_config(cfg, dp_size, trainable=False))
+    engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine
 
 
-def _gathered(engine, zero_stage: int):
-    """Context that materialises ZeRO-3 partitions on every rank (a no-op for stages 0-2)."""
-    import contextlib
-
+def _gathered(engine, zero_stage: int, params: list | None = None):
+    """Context that materialises ZeRO-3 partitions (of `params`, default all) on every rank; a no-op
+    for stages 0-2."""
     import deepspeed
 
     if zero_stage == 3:
-        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(params if params is not None else list(engine.module.parameters()),
+                                                 modifier_rank=None)
     return contextlib.nullcontext()
 
 
-def export_hf(engine, tokenizer, out, zero_stage: int):
-    """Hugging Face export (safetensors) by rank 0; ZeRO-3 shards are gathered to full tensors first.
+def export_hf(engine, tokenizer, out, zero_stage: int, shard_bytes: int = 2 * 2**30):
+    """Hugging Face export (safetensors) by rank 0. Collective: every rank must call it. transformers
+    and vLLM load the folder as it is.
 
-    Collective: every rank must call it. transformers and vLLM load the folder as it is.
-    """
+    Under ZeRO-3 the weights are gathered one shard of at most `shard_bytes` at a time and written as
+    that shard's file (`model-0000k-of-0000n.safetensors` plus the index), so no rank ever holds the
+    whole model. An adapter (a PeftModel) is small: only its trainable parameters are gathered."""
     from pathlib import Path
 
     import torch.distributed as dist
 
-    with _gathered(engine, zero_stage):
-        if dist.get_rank() == 0:
-            engine.module.save_pretrained(out, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(out)
+    module = engine.module
+    if zero_stage == 3 and not hasattr(module, "peft_config"):
+        _export_zero3_sharded(module, Path(out), shard_bytes)
+    else:
+        params = [p for p in module.parameters() if p.requires_grad] if hasattr(module, "peft_config") else None
+        with _gathered(engine, zero_stage, params):
+            if dist.get_rank() == 0:
+                module.save_pretrained(out, safe_serialization=True)
+    if dist.get_rank() == 0 and tokenizer is not None:
+        tokenizer.save_pretrained(out)
     dist.barrier()
     return Path(out)
+
+
+def _export_zero3_sharded(model: torch.nn.Module, out, shard_bytes: int) -> None:
+    import json
+
+    import deepspeed
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    persistent = set(model.state_dict().keys())  # drops non-persistent buffers (rotary caches)
+    named = [(n, t) for n, t in list(model.named_parameters()) + list(model.named_buffers()) if n in persistent]
+    shards: list[list] = [[]]
+    size = 0
+    for n, t in named:
+        nbytes = getattr(t, "ds_numel", t.numel()) * t.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((n, t))
+        size += nbytes
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        params = [t for _, t in shard if hasattr(t, "ds_id")]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None), torch.no_grad():
+            if rank0:
+                tensors = {n: t.detach().cpu().contiguous().clone() for n, t in shard}
+                save_file(tensors, str(out / name), metadata={"format": "pt"})
+                weight_map |= {n: name for n in tensors}
+                total += sum(t.numel() * t.element_size() for t in tensors.values())
+    if rank0:
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        model.config.save_pretrained(out)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(out)
 
 
 def gathered_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:

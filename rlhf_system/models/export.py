@@ -52,7 +52,7 @@ def export_model(engine, tokenizer, out: str | Path, cfg: RunConfig, task: str =
 
     out = Path(out)
     if not cfg.peft.lora.enabled:
-        return export_hf(engine, tokenizer, out, cfg.deepspeed.zero_stage)
+        return export_hf(engine, tokenizer, out, cfg.deepspeed.zero_stage, cfg.checkpoint.export_shard_mb * 2**20)
     export_hf(engine, None, out / "adapter", cfg.deepspeed.zero_stage)  # PeftModel saves the adapter only
     if dist.get_rank() == 0:
         import json

@@ -25,7 +25,7 @@ class ActorWorker(BaseWorker):
 
         tok = load_tokenizer(cfg.model)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (LoRA init is random)
-        engine = train_engine(load_causal_lm(cfg.model, peft=cfg.peft), cfg, dist.get_world_size(), total_steps)
+        engine = train_engine(lambda: load_causal_lm(cfg.model, peft=cfg.peft), cfg, dist.get_world_size(), total_steps)
         self.state = RoleState(cfg, tok, engine, dist.get_rank(), dist.get_world_size())
         self.engine = engine
         return {"rank": self.rank}

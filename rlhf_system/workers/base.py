@@ -59,6 +59,16 @@ class BaseWorker:
             return torch.cuda.max_memory_allocated() / 2**20
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
+    def partitions(self) -> list[tuple[str, int, int, int]]:
+        """(name, full numel, numel of this rank's partition, numel of the tensor the module holds) per
+        parameter of this rank's engine: under ZeRO-3 the module holds 0-size placeholders and the rank
+        its 1/N partition (tests check that no rank holds the whole model)."""
+        out = []
+        for name, p in self.engine.module.named_parameters():
+            local = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+            out.append((name, int(getattr(p, "ds_numel", p.numel())), int(local), int(p.data.numel())))
+        return out
+
     # Checkpoint verbs: the rank's `engine` (see checkpoint.py).
     def save_checkpoint(self, path: str) -> None:
         from rlhf_system.checkpoint import save_rank

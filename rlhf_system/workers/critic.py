@@ -47,8 +47,8 @@ class CriticWorker(BaseWorker):
         tok = load_tokenizer(cfg.model)
         path = critic_init_path(cfg)
         torch.manual_seed(cfg.seed)
-        model = load_reward_model(cfg.model, _head(path), tok.pad_token_id, path=path)
-        engine = train_engine(model, cfg, dist.get_world_size(), total_steps, lr=cfg.optim.critic_lr)
+        engine = train_engine(lambda: load_reward_model(cfg.model, _head(path), tok.pad_token_id, path=path), cfg,
+                              dist.get_world_size(), total_steps, lr=cfg.optim.critic_lr)
         self.state = RoleState(cfg, tok, engine, dist.get_rank(), dist.get_world_size())
         self.engine = engine
         return {"rank": self.rank}

@@ -92,7 +92,7 @@ class DPOWorker(BaseWorker):
         self.cfg, self.tokenizer = cfg, load_tokenizer(cfg.model)
         self.train_ds, self.eval_ds = run_datasets("preference", cfg, self.tokenizer)  # cache hits
         self.total_steps = checked_total_steps(cfg, len(self.train_ds), UNIT)
-        self.ref_engine = frozen_engine(load_causal_lm(cfg.model, reference_path(cfg)), cfg, dp_size=self.world_size)
+        self.ref_engine = frozen_engine(lambda: load_causal_lm(cfg.model, reference_path(cfg)), cfg, dp_size=self.world_size)
         self.ref_train = self.ref_eval = None
         if cfg.algorithm.dpo.precompute_reference:
             # Before the policy exists: the two models are never in memory together.
@@ -104,7 +104,7 @@ class DPOWorker(BaseWorker):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every launch mode
-        self.engine = train_engine(load_causal_lm(cfg.model, peft=cfg.peft), cfg, dp_size=self.world_size,
+        self.engine = train_engine(lambda: load_causal_lm(cfg.model, peft=cfg.peft), cfg, dp_size=self.world_size,
                                    total_steps=self.total_steps)
         return {"train_samples": len(self.train_ds), "total_steps": self.total_steps}
 

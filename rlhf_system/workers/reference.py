@@ -19,10 +19,9 @@ class ReferenceWorker(BaseWorker):
         from rlhf_system.models.load import load_causal_lm, load_tokenizer
 
         tok = load_tokenizer(cfg.model)
-        model = load_causal_lm(cfg.model, cfg.model.reference_path or cfg.model.path,
-                               frozen_quant=cfg.model.reference_quant)
-        self.state = RoleState(cfg, tok, frozen_engine(model, cfg, dist.get_world_size()), dist.get_rank(),
-                               dist.get_world_size())
+        engine = frozen_engine(lambda: load_causal_lm(cfg.model, cfg.model.reference_path or cfg.model.path,
+                                                      frozen_quant=cfg.model.reference_quant), cfg, dist.get_world_size())
+        self.state = RoleState(cfg, tok, engine, dist.get_rank(), dist.get_world_size())
         return {"rank": self.rank}
 
     def logprobs(self, exp: Experience) -> torch.Tensor:

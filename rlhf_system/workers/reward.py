@@ -17,9 +17,9 @@ class RewardWorker(BaseWorker):
 
         rm_cfg = cfg.model.model_copy(update={"path": cfg.model.reward_path, "tokenizer_path": ""})
         tok = load_tokenizer(rm_cfg)  # the reward model's own tokenizer: it may differ from the policy's
-        model = load_reward_model(rm_cfg, "classifier", tok.pad_token_id, frozen_quant=cfg.model.reward_quant)
-        self.state = RoleState(cfg, tok, frozen_engine(model, cfg, dist.get_world_size()), dist.get_rank(),
-                               dist.get_world_size())
+        engine = frozen_engine(lambda: load_reward_model(rm_cfg, "classifier", tok.pad_token_id,
+                                                         frozen_quant=cfg.model.reward_quant), cfg, dist.get_world_size())
+        self.state = RoleState(cfg, tok, engine, dist.get_rank(), dist.get_world_size())
         return {"rank": self.rank}
 
     @torch.no_grad()

@@ -40,8 +40,9 @@ class RewardModelWorker(BaseWorker):
         self.train_ds, self.eval_ds = run_datasets("preference", cfg, self.tokenizer)  # cache hits
         self.total_steps = checked_total_steps(cfg, len(self.train_ds), UNIT)
         torch.manual_seed(cfg.seed)  # identical weights (and value head init) on every rank and launch mode
-        model = load_reward_model(cfg.model, cfg.algorithm.rm.head, self.tokenizer.pad_token_id, peft=cfg.peft)
-        self.engine = train_engine(model, cfg, dp_size=self.world_size, total_steps=self.total_steps)
+        self.engine = train_engine(
+            lambda: load_reward_model(cfg.model, cfg.algorithm.rm.head, self.tokenizer.pad_token_id, peft=cfg.peft),
+            cfg, dp_size=self.world_size, total_steps=self.total_steps)
         return {"train_samples": len(self.train_ds), "total_steps": self.total_steps}
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:

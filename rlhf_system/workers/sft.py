@@ -38,8 +38,8 @@ class SFTWorker(BaseWorker):
         self.train_ds, self.eval_ds = run_datasets("sft", cfg, self.tokenizer)  # cache hits
         self.total_steps = checked_total_steps(cfg, len(self.train_ds), UNIT)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every launch mode
-        model = load_causal_lm(cfg.model, peft=cfg.peft)
-        self.engine = train_engine(model, cfg, dp_size=self.world_size, total_steps=self.total_steps)
+        self.engine = train_engine(lambda: load_causal_lm(cfg.model, peft=cfg.peft), cfg, dp_size=self.world_size,
+                                   total_steps=self.total_steps)
         return {"train_samples": len(self.train_ds), "total_steps": self.total_steps}
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
