@@ -5,7 +5,7 @@
 Each variant starts a fresh Ray WorkerGroup (so each worker's peak memory belongs to that variant),
 runs one warm-up step, then times `--steps` optimiser steps. tokens/s counts real (non-padding)
 input tokens over all ranks; trained_tokens/s counts the tokens that carry the loss. Peak memory is
-the maximum over ranks: CUDA max allocated on GPU, the process's peak RSS on CPU. This is a
+the maximum over ranks, and each rank's: CUDA max allocated on GPU, the process's peak RSS on CPU. This is a
 benchmark, not a test: nothing here asserts a speed.
 """
 
@@ -40,12 +40,13 @@ def bench_variant(cfg: RunConfig, steps: int) -> dict:
             tokens += m["input_tokens"]
             trained += m["tokens"]
         seconds = time.perf_counter() - t0
-        peak = max(group.call("peak_memory_mb"))
+        peaks = group.call("peak_memory_mb")
     finally:
         group.shutdown()
     return {"packing": cfg.data.packing, "zero_stage": cfg.deepspeed.zero_stage, "workers": cfg.placement.actor,
             "steps": steps, "step_s": round(seconds / steps, 4), "tokens_per_s": round(tokens / seconds, 1),
-            "trained_tokens_per_s": round(trained / seconds, 1), "peak_memory_mb": round(peak, 1)}
+            "trained_tokens_per_s": round(trained / seconds, 1), "peak_memory_mb": round(max(peaks), 1),
+            "peak_memory_mb_by_rank": [round(p, 1) for p in peaks]}
 
 
 def run(cfg: RunConfig, steps: int) -> list[dict]:
