@@ -75,6 +75,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.data.packing and cfg.mode != "sft":
         errors.append(f"data.packing=true is only supported for mode sft (got mode {cfg.mode}). "
                       "Fix: data.packing=false")
+    if cfg.model.attn_implementation == "flash_attention_2":
+        if cfg.placement.gpus_per_node == 0:
+            errors.append("model.attn_implementation=flash_attention_2 needs CUDA GPUs, but placement.gpus_per_node=0. "
+                          "Fix: model.attn_implementation=auto (sdpa) on CPU")
+        if cfg.model.dtype == "float32":
+            errors.append("model.attn_implementation=flash_attention_2 runs in bfloat16 or float16 only, but "
+                          "model.dtype=float32. Fix: model.dtype=bfloat16 (or auto on GPU)")
     if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:
         errors.append(f"deepspeed.offload_params=true needs deepspeed.zero_stage=3 (got {cfg.deepspeed.zero_stage}). "
                       "Fix: deepspeed.zero_stage=3 or deepspeed.offload_params=false")

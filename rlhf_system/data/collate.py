@@ -1,10 +1,17 @@
 """Batching: padding helpers and sequence packing.
 
 Packing puts several samples into one sequence of at most `max_len` tokens. Samples stay apart:
-position ids restart at 0 for each one, and `packed_attention_mask` builds a block-diagonal causal
-mask so no token attends across a boundary (flash-attention kernels get the same boundaries from
-the restarting position ids). A packed forward therefore gives each sample the logits it would
-get alone, which tests/unit/data/test_collate.py checks against a real model.
+position ids restart at 0 for each one, and the attention sees the boundaries in one of two layouts
+(`packing_layout`, from model.attn_implementation):
+- "mask" (sdpa, eager: kernels that take a dense mask): packs are rows of a (B, L) batch and
+  `packed_attention_mask` builds a (B, 1, L, L) block-diagonal causal mask.
+- "flat" (flash_attention_2: its varlen kernel takes no dense mask, and transformers passes the FA2
+  path the sequence boundaries it finds where the position ids restart): every pack of the batch is
+  concatenated into one (1, N) row without padding or mask, the padding-free layout transformers'
+  DataCollatorWithFlattening produces.
+A packed forward gives each sample the logits it would get alone in either layout, which
+tests/unit/data/test_collate.py checks against a real model (the flat layout through transformers'
+own boundary detection on CPU; tests/gpu for FA2).
 """
 
 from __future__ import annotations
@@ -65,6 +72,24 @@ def collate_packed(packs: list[dict], pad_id: int, dtype: torch.dtype = torch.fl
         "position_ids": pad_to([p["position_ids"] for p in packs], 0, length=length),
         "loss_mask": pad_to([p["loss_mask"] for p in packs], 0, length=length),
         "attention_mask": packed_attention_mask([p["seq_lens"] for p in packs], length, dtype),
+    }
+
+
+# attention implementations that find sample boundaries from restarting position ids (no dense mask)
+FLAT_IMPLEMENTATIONS = ("flash_attention_2",)
+
+
+def packing_layout(attn_implementation: str) -> str:
+    return "flat" if attn_implementation in FLAT_IMPLEMENTATIONS else "mask"
+
+
+def collate_flat(packs: list[dict]) -> dict[str, torch.Tensor]:
+    """Batch of packs as one (1, N) row: input_ids, position_ids (restarting per sample), loss_mask,
+    and no attention mask (its absence, with the position ids, tells transformers the layout)."""
+    return {
+        "input_ids": torch.tensor([[t for p in packs for t in p["input_ids"]]]),
+        "position_ids": torch.tensor([[t for p in packs for t in p["position_ids"]]]),
+        "loss_mask": torch.tensor([[t for p in packs for t in p["loss_mask"]]]),
     }
 
 

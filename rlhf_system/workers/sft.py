@@ -19,7 +19,7 @@ from rlhf_system.algorithms.losses import sft_loss_sum
 from rlhf_system.config import RunConfig
 from rlhf_system.data.batching import checked_total_steps, rank_micro_batches
 from rlhf_system.data.build import run_datasets
-from rlhf_system.data.collate import collate_packed, collate_sft
+from rlhf_system.data.collate import collate_flat, collate_packed, collate_sft, packing_layout
 from rlhf_system.distributed.deepspeed import gathered_state_dict, grad_accum_steps, train_engine
 from rlhf_system.models.export import export_model
 from rlhf_system.models.load import load_causal_lm, load_tokenizer
@@ -45,13 +45,17 @@ class SFTWorker(BaseWorker):
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         pad = self.tokenizer.pad_token_id
         if self.cfg.data.packing:
+            if packing_layout(self.cfg.model.attn_implementation) == "flat":
+                return collate_flat(rows)
             return collate_packed(rows, pad, dtype=self.engine.module.dtype)
         return collate_sft(rows, pad)
 
     def forward_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.engine.device
         inputs = {k: v.to(device) for k, v in batch.items() if k != "loss_mask"}
-        logits = self.engine(**inputs).logits
+        # use_cache=False: training needs no KV cache, and with one transformers would not find the packed
+        # samples' boundaries in the flat layout (it looks for restarting position ids only without a cache)
+        logits = self.engine(**inputs, use_cache=False).logits
         return sft_loss_sum(logits, inputs["input_ids"], batch["loss_mask"].to(device))
 
     def train_step(self, batch_idx: list[int], step: int) -> dict:

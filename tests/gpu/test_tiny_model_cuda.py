@@ -1,10 +1,12 @@
 """The tiny kit model on CUDA in bf16 (the GPU default): packing boundaries still hold."""
 
 import copy
+import importlib.util
 
+import pytest
 import torch
 
-from rlhf_system.data.collate import collate_packed, pack_samples
+from rlhf_system.data.collate import collate_flat, collate_packed, pack_samples
 
 
 def test_packed_forward_bf16_on_cuda(tiny_policy):
@@ -22,3 +24,26 @@ def test_packed_forward_bf16_on_cuda(tiny_policy):
             torch.testing.assert_close(packed[start:start + n], solo, atol=3e-2, rtol=3e-2)
             start += n
     assert model.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="needs the flash-attn package")
+def test_flash_attention_2_flat_packing_equals_unpacked(tiny_policy, tmp_path):
+    """FA2 takes no dense mask: packs go flat (one row, restarting position ids) and each sample still
+    gets its solo logits."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_policy.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16,
+                                                 attn_implementation="flash_attention_2").cuda().eval()
+    torch.manual_seed(0)
+    samples = [{"input_ids": torch.randint(5, 300, (n,)).tolist(), "loss_mask": [1] * n} for n in (7, 5, 9, 4)]
+    batch = {k: v.cuda() for k, v in collate_flat(pack_samples(samples, 14)).items()}
+    with torch.no_grad():
+        flat = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                     use_cache=False).logits[0].float()
+        start = 0
+        for s in samples:
+            n = len(s["input_ids"])
+            solo = model(input_ids=torch.tensor([s["input_ids"]], device="cuda")).logits[0].float()
+            torch.testing.assert_close(flat[start:start + n], solo, atol=3e-2, rtol=3e-2)
+            start += n

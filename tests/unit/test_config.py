@@ -210,3 +210,14 @@ def test_error_names_the_override_or_the_file_it_came_from(tmp_path):
     bad.write_text("mode: sft\noptim: {lrr: 1}\n")
     with pytest.raises(ConfigError, match=rf"'optim.lrr' \(from {bad}\)"):
         load_config(bad, ["optim.lr=1e-3"], mode="sft")
+
+
+def test_flash_attention_2_needs_gpus_and_half_precision(tmp_path):
+    """Packing with FA2 goes flat (data/collate.py); FA2 itself cannot run on CPU or in fp32."""
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE), ["model.attn_implementation=flash_attention_2", "model.dtype=float32"])
+    assert "needs CUDA GPUs, but placement.gpus_per_node=0" in str(e.value)
+    assert "bfloat16 or float16 only, but model.dtype=float32" in str(e.value)
+    cfg = load_config(write(tmp_path, BASE), ["model.attn_implementation=flash_attention_2", "model.dtype=bfloat16",
+                                              "placement.gpus_per_node=8", "data.packing=true"])
+    assert cfg.data.packing and cfg.model.attn_implementation == "flash_attention_2"

@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from rlhf_system.data.collate import collate_packed, collate_sft, pack_samples, packed_attention_mask, pad_to
+from rlhf_system.data.collate import (
+    collate_flat,
+    collate_packed,
+    collate_sft,
+    pack_samples,
+    packed_attention_mask,
+    packing_layout,
+    pad_to,
+)
 
 
 def s(ids, mask=None):
@@ -73,3 +81,37 @@ def test_packing_without_boundaries_would_differ(tiny_policy):
         joined = tiny_policy(input_ids=torch.tensor([a + b])).logits[0, 6:]
         solo = tiny_policy(input_ids=torch.tensor([b])).logits[0]
     assert (joined - solo).abs().max() > 1e-3
+
+
+def test_layout_follows_the_attention_implementation():
+    assert packing_layout("flash_attention_2") == "flat"
+    assert [packing_layout(a) for a in ("sdpa", "eager", "auto")] == ["mask"] * 3
+
+
+def test_flat_layout_is_one_row_without_padding_or_mask():
+    packs = pack_samples([s([1, 2, 3], [0, 1, 1]), s([4, 5]), s([6, 7, 8, 9])], max_len=6)
+    assert [p["seq_lens"] for p in packs] == [[3, 2], [4]]
+    b = collate_flat(packs)
+    assert set(b) == {"input_ids", "position_ids", "loss_mask"}  # no attention_mask: it would hide the layout
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert b["loss_mask"].tolist() == [[0, 1, 1, 1, 1, 1, 1, 1, 1]]
+
+
+def test_flat_forward_equals_separate_forwards(tiny_policy):
+    """The flat layout through transformers' own boundary detection (restarting position ids, no mask):
+    on CPU its sdpa path builds the block mask from the position ids, as the FA2 path gets cu_seqlens."""
+    torch.manual_seed(1)
+    samples = [s(torch.randint(5, 300, (n,)).tolist()) for n in (7, 5, 9, 4)]
+    packs = pack_samples(samples, max_len=14)
+    assert len(packs) == 2
+    batch = collate_flat(packs)
+    with torch.no_grad():
+        # use_cache=False: transformers looks for packed sequences only without a KV cache (training)
+        flat = tiny_policy(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        start = 0
+        for sample in samples:
+            n = len(sample["input_ids"])
+            solo = tiny_policy(input_ids=torch.tensor([sample["input_ids"]])).logits[0]
+            torch.testing.assert_close(flat[start:start + n], solo, atol=1e-4, rtol=1e-4)
+            start += n
