@@ -42,11 +42,6 @@ class ActorWorker(BaseWorker):
 
         return str(export_model(self.state.engine, self.state.tokenizer, out, self.state.cfg))
 
-    def full_state_dict(self) -> dict:
-        from rlhf_system.distributed.deepspeed import gathered_state_dict
-
-        return gathered_state_dict(self.state.engine, self.state.cfg.deepspeed.zero_stage)
-
     # ------------------------------------------------- weight sync, sender side (weight_sync.py)
     def ws_open(self, world: int) -> tuple[str, int, list]:
         from rlhf_system.distributed import weight_sync

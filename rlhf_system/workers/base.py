@@ -69,6 +69,12 @@ class BaseWorker:
             out.append((name, int(getattr(p, "ds_numel", p.numel())), int(local), int(p.data.numel())))
         return out
 
+    def full_state_dict(self) -> dict:
+        """The engine's full fp32 parameters on CPU (a collective under ZeRO-3): equivalence tests compare them."""
+        from rlhf_system.distributed.deepspeed import gathered_state_dict
+
+        return gathered_state_dict(self.engine, self.engine.zero_optimization_stage())
+
     # Checkpoint verbs: the rank's `engine` (see checkpoint.py).
     def save_checkpoint(self, path: str) -> None:
         from rlhf_system.checkpoint import save_rank

@@ -41,7 +41,6 @@ from rlhf_system.data.build import run_datasets
 from rlhf_system.data.collate import pad_to
 from rlhf_system.distributed.deepspeed import (
     frozen_engine,
-    gathered_state_dict,
     grad_accum_steps,
     train_engine,
 )
@@ -229,6 +228,3 @@ class DPOWorker(BaseWorker):
 
     def save_hf(self, out: str | Path) -> Path:
         return export_model(self.engine, self.tokenizer, out, self.cfg)
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return gathered_state_dict(self.engine, self.cfg.deepspeed.zero_stage)

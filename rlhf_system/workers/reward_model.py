@@ -23,7 +23,7 @@ from rlhf_system.config import RunConfig
 from rlhf_system.data.batching import checked_total_steps, rank_micro_batches
 from rlhf_system.data.build import run_datasets
 from rlhf_system.data.collate import pad_to
-from rlhf_system.distributed.deepspeed import gathered_state_dict, grad_accum_steps, train_engine
+from rlhf_system.distributed.deepspeed import grad_accum_steps, train_engine
 from rlhf_system.models.export import export_model
 from rlhf_system.models.load import load_reward_model, load_tokenizer
 from rlhf_system.workers.base import BaseWorker
@@ -121,6 +121,3 @@ class RewardModelWorker(BaseWorker):
     def save_hf(self, out: str | Path) -> Path:
         """A sequence-classifier folder (safetensors + tokenizer) that AutoModelForSequenceClassification loads."""
         return export_model(self.engine, self.tokenizer, out, self.cfg, task="seq_cls")
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return gathered_state_dict(self.engine, self.cfg.deepspeed.zero_stage)

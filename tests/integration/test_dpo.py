@@ -136,12 +136,15 @@ def test_precomputed_reference_matches_live(single, small_model, synthetic_dir, 
     assert_same(train(cfg, 1), single)
 
 
-@pytest.mark.parametrize("precompute", [False, True], ids=["live-reference", "precomputed-reference"])
-def test_two_workers_match_one(single, small_model, synthetic_dir, tmp_path, precompute):
-    # The reference sharded by ZeRO-3 over the two ranks: its log-probs must not change. Precomputed,
-    # each rank scores its strided share and the tables are combined over ranks.
+@pytest.mark.parametrize("precompute,offload", [(False, False), (True, False), (False, True)],
+                         ids=["live-reference", "precomputed-reference", "offloaded-reference"])
+def test_two_workers_match_one(single, small_model, synthetic_dir, tmp_path, precompute, offload):
+    # The reference sharded by ZeRO-3 over the two ranks (and, offloaded, its parameters kept on the CPU
+    # between forwards): its log-probs must not change. Precomputed, each rank scores its strided share
+    # and the tables are combined over ranks.
     cfg = dpo_config(small_model["policy"], synthetic_dir, tmp_path, placement__actor=2, deepspeed__zero_stage=2,
-                     deepspeed__frozen_zero_stage=3, algorithm__dpo__precompute_reference=precompute)
+                     deepspeed__frozen_zero_stage=3, deepspeed__frozen_offload=offload,
+                     algorithm__dpo__precompute_reference=precompute)
     assert_same(train(cfg, 2), single)
 
 

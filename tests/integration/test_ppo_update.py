@@ -99,3 +99,41 @@ def test_grouped_micro_batches_and_ranks_give_the_same_update(plain, small_model
     exp, want, _ = plain
     got = _update(small_model, synthetic_dir, tmp_path, exp, ranks=ranks, micro=micro, feed_old=True)
     assert _max_diff(got, want) < 1e-5
+
+
+def _critic_update(small_model, synthetic_dir, tmp_path, exp, *, ranks: int, zero: int):
+    """Values before, and the critic's weights after, one value update (the trained reward model as the
+    critic: no freshly initialised head, so the runs start from the same weights)."""
+    from rlhf_system.workers.critic import CriticWorker
+    from rlhf_system.workers.placement import start_roles, stop_roles
+
+    cfg = ppo_config(small_model["policy"], synthetic_dir, tmp_path, placement__critic=ranks,
+                     deepspeed__zero_stage=zero, model__critic_path=str(small_model["reward"]), optim__critic_lr=0.5,
+                     optim__eps=1.0, placement__threads_per_worker=1, algorithm__estimator="gae",
+                     train__rollout_batch_size=ROWS // 2, train__global_batch_size=ROWS,
+                     train__micro_batch_size=ROWS // 2, rollout__temperature=1.0)
+    groups, shared = start_roles(cfg, {"critic": CriticWorker})
+    try:
+        critic = groups["critic"]
+        critic.call("setup", cfg, 10)
+        values = critic.call_sharded("values", exp)
+        g = torch.Generator().manual_seed(3)
+        returns = torch.randn(values.shape, generator=g) * exp.response_mask
+        critic.call_sharded("update", exp.with_fields(values=values, returns=returns), 0)
+        return values, critic.call("full_state_dict")[0]
+    finally:
+        stop_roles(groups, shared)
+
+
+def test_critic_under_zero3_on_two_ranks_matches_zero2_on_one(plain, small_model, synthetic_dir, tmp_path):
+    exp = plain[0]
+    v2, w2 = _critic_update(small_model, synthetic_dir, tmp_path / "z2", exp, ranks=1, zero=2)
+    v3, w3 = _critic_update(small_model, synthetic_dir, tmp_path / "z3", exp, ranks=2, zero=3)
+    from transformers import AutoModelForSequenceClassification
+
+    initial = {k: v.float() for k, v in AutoModelForSequenceClassification.from_pretrained(
+        small_model["reward"]).named_parameters()}
+    assert _max_diff(w2, initial) > 1e-3, "the update did not move the critic: the test proves nothing"
+    torch.testing.assert_close(v3, v2, rtol=0, atol=1e-5)
+    assert w3.keys() == w2.keys()
+    assert _max_diff(w3, w2) < 1e-5
