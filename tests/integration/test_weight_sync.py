@@ -108,3 +108,45 @@ def test_engine_computes_with_every_core_of_the_node(engine):
     from rlhf_system.distributed.threads import node_cores
 
     assert engine.call("num_threads") == [[len(node_cores())]]
+
+
+def test_two_engines_each_get_the_weights(ray_cluster, small_model, synthetic_dir, tmp_path):
+    """Two engines in one rollout group: generation is dispatched to both, one sync reaches both, and
+    each then scores like the actor."""
+    from rlhf_system.distributed.weight_sync import WeightSync
+    from rlhf_system.workers.actor import ActorWorker
+    from rlhf_system.workers.placement import start_roles, stop_roles
+    from rlhf_system.workers.rollout import RolloutGroup
+
+    cfg = ppo_config(small_model["policy"], synthetic_dir, tmp_path, optim__lr=3e-3, rollout__temperature=1.0,
+                     rollout__num_engines=2)
+    tok, prompt_ids = _prompts(cfg)
+    rollout = RolloutGroup(cfg, cfg.model.path)
+    groups, shared = start_roles(cfg, {"actor": ActorWorker})
+    sync = None
+    try:
+        assert len(rollout.engines) == 2
+        actor = groups["actor"]
+        actor.call("setup", cfg, 10)
+        sync = WeightSync(actor, rollout, timeout_s=120)
+        sync.open()
+        gen = rollout.generate(prompt_ids, n=2, temperature=1.0, seed=1)
+        assert len(gen) == 2 * len(prompt_ids)
+        prompts = [prompt_ids[i // 2] for i in range(len(gen))]
+        responses = [g["response_ids"] for g in gen]
+        samples = Experience.from_rollout(prompts, responses, tok.pad_token_id)
+        old = actor.call_sharded("logprobs", samples)
+        signs = torch.randint(0, 2, (len(samples), 1), generator=torch.Generator().manual_seed(0)).float() * 2 - 1
+        actor.call_sharded("update", samples.with_fields(old_logprobs=old, advantages=signs * samples.response_mask), 0, 0.0)
+        trained = _rows(actor.call_sharded("logprobs", samples), samples)
+        for e, before in enumerate(rollout.call("score_sequences", prompts, responses)):
+            assert _max_diff(before, trained) > 1e-2, f"engine {e}: the update did not move the weights"
+        sync.sync()
+        for e, after in enumerate(rollout.call("score_sequences", prompts, responses)):
+            diff = _max_diff(after, trained)
+            assert diff < TOL, f"engine {e}: vLLM vs actor log-probs after sync differ by {diff:g}"
+    finally:
+        if sync is not None:
+            sync.close()
+        stop_roles(groups, shared)
+        rollout.shutdown()
