@@ -20,6 +20,8 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from rlhf_system.config_checks import problems
+
 
 class ConfigError(ValueError):
     """A config problem, phrased for a user: field, value and fix."""
@@ -444,33 +446,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raw["mode"] = mode
     apply_overrides(raw, overrides or [])
     cfg = _from_dict(raw, source=str(path) if path else "", overrides=list(overrides or []))
-    from rlhf_system.config_checks import validate  # it reads the tree defined here: imported late
-
     validate(cfg)
     return cfg
 
 
 # ------------------------------------------------------------------------------------- validate()
-def roles_for(cfg: RunConfig) -> list[str]:
-    """The roles a run of this mode starts; the first one is the one being trained (its DP size matters)."""
-    if cfg.mode == "sft":
-        return ["actor"]
-    if cfg.mode == "rm":
-        return ["reward"]
-    if cfg.mode == "dpo":
-        return ["actor"]  # the frozen reference lives inside each actor worker (trainers/dpo.py)
-    roles = ["actor", "rollout"]
-    if cfg.algorithm.needs_critic:
-        roles.append("critic")
-    if cfg.rewards.use_model:
-        roles.append("reward")
-    if cfg.algorithm.kl.coef > 0:
-        roles.append("reference")
-    return roles
-
-
-def role_slots(cfg: RunConfig, role: str) -> int:
-    """GPUs (process slots on CPU) a role takes."""
-    if role == "rollout":
-        return cfg.rollout.num_engines * cfg.rollout.tensor_parallel_size
-    return getattr(cfg.placement, role)
+def validate(cfg: RunConfig) -> RunConfig:
+    """Cross-field checks (config_checks.py): raises one ConfigError listing every problem, one line each."""
+    errors = problems(cfg)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return cfg

@@ -1,15 +1,39 @@
-"""Cross-field checks of a RunConfig: every problem as one line, raised together as one ConfigError,
-before any worker starts. Field-level checks (types, ranges) live on the fields in config.py; this
-file holds the rules that involve several sections (batch arithmetic, roles, placement).
+"""Cross-field checks of a RunConfig: every problem as one line; config.validate raises them together
+as one ConfigError, before any worker starts. Field-level checks (types, ranges) live on the fields in
+config.py; this file holds the rules that involve several sections (batch arithmetic, roles,
+placement), and the roles a run starts. It imports nothing from config.py, which imports it.
 """
 
 from __future__ import annotations
 
-from rlhf_system.config import AlgorithmConfig, ConfigError, RunConfig, role_slots, roles_for
+
+def roles_for(cfg) -> list[str]:
+    """The roles a run of this mode starts; the first one is the one being trained (its DP size matters)."""
+    if cfg.mode == "sft":
+        return ["actor"]
+    if cfg.mode == "rm":
+        return ["reward"]
+    if cfg.mode == "dpo":
+        return ["actor"]  # the frozen reference lives inside each actor worker (trainers/dpo.py)
+    roles = ["actor", "rollout"]
+    if cfg.algorithm.needs_critic:
+        roles.append("critic")
+    if cfg.rewards.use_model:
+        roles.append("reward")
+    if cfg.algorithm.kl.coef > 0:
+        roles.append("reference")
+    return roles
 
 
-def validate(cfg: RunConfig) -> RunConfig:
-    """Cross-field checks. Raises one ConfigError listing every problem (one line each)."""
+def role_slots(cfg, role: str) -> int:
+    """GPUs (process slots on CPU) a role takes."""
+    if role == "rollout":
+        return cfg.rollout.num_engines * cfg.rollout.tensor_parallel_size
+    return getattr(cfg.placement, role)
+
+
+def problems(cfg) -> list[str]:
+    """Every cross-field problem of `cfg` (a RunConfig), one line each; [] when there is none."""
     errors: list[str] = []
     t = cfg.train
     roles = roles_for(cfg)
@@ -25,7 +49,7 @@ def validate(cfg: RunConfig) -> RunConfig:
 
     if cfg.mode == "ppo":
         n = cfg.rollout.n_samples_per_prompt
-        if cfg.algorithm.estimator in AlgorithmConfig.GROUP_ESTIMATORS and n < 2:
+        if cfg.algorithm.estimator in cfg.algorithm.GROUP_ESTIMATORS and n < 2:
             errors.append(
                 f"rollout.n_samples_per_prompt={n} but algorithm.estimator={cfg.algorithm.estimator} needs a "
                 f"group of at least 2 samples per prompt for its baseline. Fix: rollout.n_samples_per_prompt=4")
@@ -106,12 +130,10 @@ def validate(cfg: RunConfig) -> RunConfig:
                       f"{role_slots(cfg, trained)} and placement.nodes={cfg.placement.nodes}. "
                       "Fix: placement.launcher=ray (or auto)")
     errors += _check_placement(cfg, roles)
-    if errors:
-        raise ConfigError("\n".join(errors))
-    return cfg
+    return errors
 
 
-def _check_placement(cfg: RunConfig, roles: list[str]) -> list[str]:
+def _check_placement(cfg, roles: list[str]) -> list[str]:
     p = cfg.placement
     errors: list[str] = []
     seen: set[str] = set()

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import time
 
-from rlhf_system.config import RunConfig
-from rlhf_system.config_checks import validate
+from rlhf_system.config import RunConfig, validate
 from rlhf_system.data.batching import global_batches
 
 VARIANTS = [{"packing": p, "zero_stage": z} for z in (2, 3) for p in (False, True)]

@@ -95,7 +95,7 @@ def prepare(cfg: RunConfig) -> Prepared:
 
 # ----------------------------------------------------------------------------------------- groups
 def start(cfg: RunConfig, prep: Prepared):
-    from rlhf_system.config import roles_for
+    from rlhf_system.config_checks import roles_for
     from rlhf_system.distributed.weight_sync import WeightSync
     from rlhf_system.workers.actor import ActorWorker
     from rlhf_system.workers.critic import CriticWorker

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 
-from rlhf_system.config import RunConfig, role_slots
+from rlhf_system.config import RunConfig
+from rlhf_system.config_checks import role_slots
 from rlhf_system.workers.group import GroupCallError, WorkerGroup, bundles_for, check_resources, ensure_ray
 
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_system.config import RunConfig
-from rlhf_system.config_checks import validate
+from rlhf_system.config import RunConfig, validate
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_system.config import RunConfig
-from rlhf_system.config_checks import validate
+from rlhf_system.config import RunConfig, validate
 from rlhf_system.data.batching import global_batches
 from rlhf_system.workers.dpo import DPOWorker
 from rlhf_system.workers.group import WorkerGroup

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_system.config import ConfigError, RunConfig, load_config, parse_override, roles_for
-from rlhf_system.config_checks import validate
+from rlhf_system.config import ConfigError, RunConfig, load_config, parse_override, validate
+from rlhf_system.config_checks import roles_for
 
 REPO = Path(__file__).resolve().parents[2]
 
