@@ -184,10 +184,11 @@ def export_hf(engine, tokenizer, out, zero_stage: int, shard_bytes: int = 2 * 2*
     import torch.distributed as dist
 
     module = engine.module
-    if zero_stage == 3 and not hasattr(module, "peft_config"):
+    adapter = hasattr(module, "peft_config")
+    if zero_stage == 3 and not adapter:
         _export_zero3_sharded(module, Path(out), shard_bytes)
     else:
-        params = [p for p in module.parameters() if p.requires_grad] if hasattr(module, "peft_config") else None
+        params = [p for p in module.parameters() if p.requires_grad] if adapter else None
         with _gathered(engine, zero_stage, params):
             if dist.get_rank() == 0:
                 module.save_pretrained(out, safe_serialization=True)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rlhf_system.data.collate import collate_flat, collate_packed, pack_samples
+from tests.unit.data.test_collate import assert_each_sample_solo
 
 
 def test_packed_forward_bf16_on_cuda(tiny_policy):
@@ -17,12 +18,7 @@ def test_packed_forward_bf16_on_cuda(tiny_policy):
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                        attention_mask=batch["attention_mask"]).logits[0].float()
-        start = 0
-        for s in samples:
-            n = len(s["input_ids"])
-            solo = model(input_ids=torch.tensor([s["input_ids"]], device="cuda")).logits[0].float()
-            torch.testing.assert_close(packed[start:start + n], solo, atol=3e-2, rtol=3e-2)
-            start += n
+    assert_each_sample_solo(model, packed, samples, atol=3e-2, device="cuda")
     assert model.dtype == torch.bfloat16
 
 
@@ -41,9 +37,4 @@ def test_flash_attention_2_flat_packing_equals_unpacked(tiny_policy, tmp_path):
     with torch.no_grad():
         flat = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                      use_cache=False).logits[0].float()
-        start = 0
-        for s in samples:
-            n = len(s["input_ids"])
-            solo = model(input_ids=torch.tensor([s["input_ids"]], device="cuda")).logits[0].float()
-            torch.testing.assert_close(flat[start:start + n], solo, atol=3e-2, rtol=3e-2)
-            start += n
+    assert_each_sample_solo(model, flat, samples, atol=3e-2, device="cuda")

@@ -55,6 +55,17 @@ def test_pad_left_and_right():
     assert b["loss_mask"].tolist() == [[0, 1], [1, 0]]
 
 
+def assert_each_sample_solo(model, logits, samples, atol=1e-4, device="cpu"):
+    """`logits` (L, V) of a packed row: each sample's slice equals its own forward alone."""
+    start = 0
+    with torch.no_grad():
+        for sample in samples:
+            n = len(sample["input_ids"])
+            solo = model(input_ids=torch.tensor([sample["input_ids"]], device=device)).logits[0].float()
+            torch.testing.assert_close(logits[start:start + n], solo, atol=atol, rtol=atol)
+            start += n
+
+
 def test_packed_forward_equals_separate_forwards(tiny_policy):
     """The real check of the boundaries: a packed forward gives each sample its solo logits."""
     torch.manual_seed(0)
@@ -65,12 +76,7 @@ def test_packed_forward_equals_separate_forwards(tiny_policy):
     with torch.no_grad():
         packed = tiny_policy(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                              attention_mask=batch["attention_mask"]).logits[0]
-        start = 0
-        for sample in samples:
-            n = len(sample["input_ids"])
-            solo = tiny_policy(input_ids=torch.tensor([sample["input_ids"]])).logits[0]
-            torch.testing.assert_close(packed[start:start + n], solo, atol=1e-4, rtol=1e-4)
-            start += n
+    assert_each_sample_solo(tiny_policy, packed, samples)
 
 
 def test_packing_without_boundaries_would_differ(tiny_policy):
@@ -109,9 +115,4 @@ def test_flat_forward_equals_separate_forwards(tiny_policy):
     with torch.no_grad():
         # use_cache=False: transformers looks for packed sequences only without a KV cache (training)
         flat = tiny_policy(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
-        start = 0
-        for sample in samples:
-            n = len(sample["input_ids"])
-            solo = tiny_policy(input_ids=torch.tensor([sample["input_ids"]])).logits[0]
-            torch.testing.assert_close(flat[start:start + n], solo, atol=1e-4, rtol=1e-4)
-            start += n
+    assert_each_sample_solo(tiny_policy, flat, samples)
