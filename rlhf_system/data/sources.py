@@ -46,24 +46,36 @@ def check_jsonl(path: Path) -> int:
     rows = 0
     with path.open("rb") as f:
         for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                raise DataError(f"{path}:{lineno}: blank line in JSONL (one JSON object per line expected)")
-            try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                msg = getattr(e, "msg", str(e))
-                raise DataError(f"{path}:{lineno}: malformed JSON line: {msg}") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            _parse_line(path, lineno, line)
             rows += 1
     return rows
+
+
+def _jsonl_rows(paths: list[str]):
+    """JSONL rows read lazily, for streaming: a bad line is a DataError naming file:line when the stream
+    reaches it (a whole-file check first would read a large source twice before training starts)."""
+    for path in paths:
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, start=1):
+                yield _parse_line(path, lineno, line)
+
+
+def _parse_line(path, lineno: int, line: bytes) -> dict:
+    if not line.strip():
+        raise DataError(f"{path}:{lineno}: blank line in JSONL (one JSON object per line expected)")
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}:{lineno}: malformed JSON line: {getattr(e, 'msg', str(e))}") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def load_source(src: DataSource, streaming: bool = False, cache_dir: str = "") -> LoadedSource:
     path = Path(src.path)
     if not path.exists():
         raise DataError(f"{src.path}: no such file or folder (data source)")
-    cache = cache_dir or None
     if path.is_dir():
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
@@ -72,30 +84,32 @@ def load_source(src: DataSource, streaming: bool = False, cache_dir: str = "") -
             ds = ds[src.split]
         if streaming:
             ds = ds.to_iterable_dataset()
+    elif path.suffix.lower() == ".jsonl" and streaming:
+        ds = datasets.IterableDataset.from_generator(_jsonl_rows, gen_kwargs={"paths": [str(path)]})
     else:
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            if check_jsonl(path) == 0:
-                raise DataError(f"{src.path}: empty file")
-            builder = "json"
-        elif suffix == ".json":
-            builder = "json"
-        elif suffix == ".parquet":
-            builder = "parquet"
-        else:
-            raise DataError(f"{src.path}: unsupported file type '{suffix}' (use .jsonl, .json, .parquet "
-                            "or a save_to_disk folder)")
-        try:
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming,
-                                       cache_dir=cache)
-        except Exception as e:  # the Arrow readers raise many types: name the file, keep the first line
-            raise DataError(f"{src.path}: could not be read as {builder}: {str(e).splitlines()[0]}") from None
+        ds = _read_file(path, streaming, cache_dir or None)
     if src.max_samples is not None:
         ds = ds.take(src.max_samples) if streaming else ds.select(range(min(src.max_samples, len(ds))))
     columns = list(ds.column_names or (ds.features or {}).keys()) if not streaming else _stream_columns(ds)
-    if not streaming and len(ds) == 0:
+    if not columns or (not streaming and len(ds) == 0):
         raise DataError(f"{src.path}: no rows")
     return LoadedSource(src, ds, columns)
+
+
+def _read_file(path: Path, streaming: bool, cache: str | None) -> datasets.Dataset | datasets.IterableDataset:
+    """A .jsonl / .json / .parquet file through the `datasets` builders (map-style: an Arrow cache)."""
+    suffix = path.suffix.lower()
+    builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix)
+    if builder is None:
+        raise DataError(f"{path}: unsupported file type '{suffix}' (use .jsonl, .json, .parquet or a save_to_disk "
+                        "folder)")
+    if suffix == ".jsonl" and check_jsonl(path) == 0:
+        raise DataError(f"{path}: empty file")
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming,
+                                     cache_dir=cache)
+    except Exception as e:  # the Arrow readers raise many types: name the file, keep the first line
+        raise DataError(f"{path}: could not be read as {builder}: {str(e).splitlines()[0]}") from None
 
 
 def _stream_columns(ds: datasets.IterableDataset) -> list[str]:
