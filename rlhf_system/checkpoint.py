@@ -4,6 +4,7 @@ Layout (run_dir/checkpoints/):
     step_00000010/
         engine/...            DeepSpeed save_checkpoint: module, optimizer (ZeRO shards), LR scheduler
         rng_rank{r}.pt        python / numpy / torch RNG states of rank r (dropout, sampling)
+        data_rank{r}.json     rank r's position in its share of a streamed dataset (data.streaming only)
         run_state.json        step, epoch, position in the epoch's batch order, seed, extra (per trainer)
     step_00000010.tmp/        a save in progress: never picked by resume
 
@@ -13,8 +14,8 @@ Contract, in order (the controller drives it; every rank takes part):
 3. The controller writes run_state.json last, then renames `.tmp` to the final name: the rename is
    atomic, so a kill at any point leaves either a complete checkpoint or an ignored `.tmp`.
 4. Older complete checkpoints beyond `checkpoint.keep_last` are deleted.
-The data order needs no saving: batches come from `seed + epoch` (data/batching.py), so
-(epoch, position) replays it exactly. Checkpoints must be on storage every rank can reach.
+Map-style data order needs no saving: batches come from `seed + epoch` (data/batching.py), so
+(epoch, position) replays it exactly; a stream's position is saved per rank (data/stream.py). Checkpoints must be on storage every rank can reach.
 """
 
 from __future__ import annotations
@@ -105,6 +106,16 @@ def save_rank(engine, path: str | Path, rank: int) -> None:
     path = Path(path)
     engine.save_checkpoint(str(path), tag="engine")
     torch.save(rng_state(), path / f"rng_rank{rank}.pt")
+
+
+def save_data_position(path: str | Path, rank: int, state: dict | None) -> None:
+    if state is not None:
+        (Path(path) / f"data_rank{rank}.json").write_text(json.dumps(state))
+
+
+def load_data_position(path: str | Path, rank: int) -> dict | None:
+    f = Path(path) / f"data_rank{rank}.json"
+    return json.loads(f.read_text()) if f.exists() else None
 
 
 def load_rank(engine, path: str | Path, rank: int) -> None:

@@ -125,7 +125,9 @@ class DataConfig(_Section):
         "left", description="drop: skip over-long samples; left: cut the prompt from its start; "
         "right: cut the end (may cut the response).")
     packing: bool = False
-    streaming: bool = Field(False, description="Iterate sources lazily instead of building an Arrow cache.")
+    streaming: bool = Field(False, description="Iterate sources lazily instead of building an Arrow cache; "
+                            "each data-parallel rank reads its own share, and a run needs train.max_steps. "
+                            "Held-out sets are read into memory (up to train.max_eval_samples).")
     mix_stopping: Literal["first_exhausted", "all_exhausted"] = "all_exhausted"
     shuffle_seed: int = 0
     num_proc: int = Field(1, ge=1)
@@ -198,7 +200,8 @@ class DPOConfig(_Section):
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO.")
     nll_coef: float = Field(0.0, ge=0)
-    precompute_reference: bool = Field(False, description="Compute reference log-probs once, then drop it.")
+    precompute_reference: bool = Field(False, description="Compute reference log-probs once, then drop it. "
+                                       "With data.streaming only for the held-out set: a stream has no end.")
 
 
 class RMConfig(_Section):

@@ -47,6 +47,10 @@ def problems(cfg) -> list[str]:
             f"{dp * t.micro_batch_size}. Fix: use a multiple of {dp * t.micro_batch_size}, "
             f"e.g. train.global_batch_size={max(1, round(t.global_batch_size / (dp * t.micro_batch_size))) * dp * t.micro_batch_size}")
 
+    if cfg.data.streaming and t.max_steps <= 0:
+        errors.append("data.streaming=true reads the data without knowing its length, so the run needs a step "
+                      "count. Fix: set train.max_steps (each rank starts a new pass when its share ends)")
+
     if cfg.mode == "ppo":
         n = cfg.rollout.n_samples_per_prompt
         if cfg.algorithm.estimator in cfg.algorithm.GROUP_ESTIMATORS and n < 2:

@@ -56,25 +56,26 @@ def _over(rise: int | None, model_bytes: int) -> float | None:
 
 def run(cfg: RunConfig, steps: int) -> dict:
     from rlhf_system.algorithms.kl import make_kl_controller
-    from rlhf_system.data.batching import global_batches
     from rlhf_system.trainers import ppo
 
     prep = ppo.prepare(cfg)
-    batches = global_batches(len(prep.train), cfg.train.rollout_batch_size, cfg.seed, 0)
-    if len(batches) < steps + 1:
-        raise ValueError(f"only {len(batches)} rollout batches of prompts; lower --steps or train.rollout_batch_size")
+    if prep.train.per_epoch is not None and prep.train.per_epoch < steps + 1:
+        raise ValueError(f"only {prep.train.per_epoch} rollout batches of prompts; lower --steps or "
+                         "train.rollout_batch_size")
     a = cfg.algorithm
     kl_ctl = make_kl_controller(a.kl.coef, a.kl.adaptive, a.kl.target, a.kl.horizon)
     groups, shared, rollout, sync = ppo.start(cfg, prep)
     try:
         timings: list[dict] = []
+        first = None
         for step in range(steps + 1):  # step 0: warm-up, not counted
-            prompts = [prep.train[i] for i in batches[step]]
+            prompts = prep.train.next()
+            first = first or prompts
             metrics = ppo.ppo_step(cfg, prep, groups, rollout, sync, prompts, step, kl_ctl.value)
             if step:
                 timings.append(metrics)
         # Rollout throughput on one fixed prompt batch, vLLM first (its engines are up).
-        prompt_ids = [prep.train[i]["prompt_ids"] for i in batches[0]]
+        prompt_ids = [p["prompt_ids"] for p in first]
         n = cfg.rollout.n_samples_per_prompt
         t = time.perf_counter()
         gen = rollout.generate(prompt_ids, seed=cfg.rollout.seed)

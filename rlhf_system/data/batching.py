@@ -31,12 +31,15 @@ def steps_per_run(n_train: int, global_batch: int, epochs: int, max_steps: int) 
     return min(total, max_steps) if max_steps > 0 else total
 
 
-def checked_total_steps(cfg, n_train: int, unit: str) -> int:
+def checked_total_steps(cfg, n_train: int | None, unit: str) -> int:
     """`steps_per_run` for a run config; a dataset smaller than one global batch is a config error.
-    `unit` names what is counted ("samples (packs)", "preference pairs")."""
+    `unit` names what is counted ("samples (packs)", "preference pairs"). A stream (n_train None) has no
+    length: its run is train.max_steps long (config_checks requires it)."""
     from rlhf_system.config import ConfigError
 
     t = cfg.train
+    if n_train is None:
+        return t.max_steps
     total = steps_per_run(n_train, t.global_batch_size, t.epochs, t.max_steps)
     if total == 0:
         raise ConfigError(f"data.train has {n_train} {unit}, fewer than train.global_batch_size="

@@ -37,11 +37,11 @@ def prepare(cfg: RunConfig) -> int:
         if vocab[0] != vocab[1]:
             raise ConfigError(f"model.reference_path: vocabulary of {vocab[1]} tokens, but the policy "
                               f"(model.path) has {vocab[0]}. Fix: use a reference with the policy's tokenizer")
-    train_ds, _ = run_datasets("preference", cfg, tokenizer)
-    return total_steps(cfg, len(train_ds))
+    train_ds, _ = run_datasets("preference", cfg, tokenizer)  # a stream: its first rows are checked
+    return total_steps(cfg, None if cfg.data.streaming else len(train_ds))
 
 
-def total_steps(cfg: RunConfig, n_train: int) -> int:
+def total_steps(cfg: RunConfig, n_train: int | None) -> int:
     return checked_total_steps(cfg, n_train, UNIT)
 
 

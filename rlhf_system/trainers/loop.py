@@ -10,6 +10,7 @@ resumes from one: the engines are restored by the workers, and the loop skips to
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -26,7 +27,20 @@ def save(cfg: RunConfig, group, step: int, epoch: int, position: int, initial: d
                             "initial": initial}, cfg.checkpoint.keep_last)
 
 
-def fit(cfg: RunConfig, group, n_train: int, steps: int, tracker: Tracker) -> dict:
+def batch_plan(cfg: RunConfig, n_train: int | None, start_epoch: int, start_pos: int):
+    """(epoch, position, global batch) from the resume point on: dataset indices for map-style data;
+    None for a stream (n_train None), where every rank takes its share from its own stream and the
+    positions only count steps."""
+    if n_train is None:
+        yield from ((0, position, None) for position in itertools.count(start_pos))
+        return
+    for epoch in range(start_epoch, cfg.train.epochs):
+        batches = global_batches(n_train, cfg.train.global_batch_size, cfg.seed, epoch)
+        for position in range(start_pos if epoch == start_epoch else 0, len(batches)):
+            yield epoch, position, batches[position]
+
+
+def fit(cfg: RunConfig, group, n_train: int | None, steps: int, tracker: Tracker) -> dict:
     t0 = time.perf_counter()
     resume = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.run_dir)
     if resume is not None:
@@ -39,23 +53,21 @@ def fit(cfg: RunConfig, group, n_train: int, steps: int, tracker: Tracker) -> di
         initial = group.call("evaluate")[0]
         tracker.log(0, initial)
     every = cfg.checkpoint.save_every
-    for epoch in range(start_epoch, cfg.train.epochs):
-        batches = global_batches(n_train, cfg.train.global_batch_size, cfg.seed, epoch)
-        for position in range(start_pos if epoch == start_epoch else 0, len(batches)):
-            if step >= steps:
-                break
-            t = time.perf_counter()
-            metrics = group.call("train_step", batches[position], step)[0]
-            step += 1
-            metrics["step_s"] = time.perf_counter() - t
-            if "tokens" in metrics:
-                metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_s"]
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                metrics.update(group.call("evaluate")[0])
-            if step % cfg.logging.log_every == 0 or step == steps:
-                tracker.log(step, metrics)
-            if every and (step % every == 0 or step == steps):
-                save(cfg, group, step, epoch, position + 1, initial)
+    for epoch, position, batch in batch_plan(cfg, n_train, start_epoch, start_pos):
+        if step >= steps:
+            break
+        t = time.perf_counter()
+        metrics = group.call("train_step", batch, step)[0]
+        step += 1
+        metrics["step_s"] = time.perf_counter() - t
+        if "tokens" in metrics:
+            metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_s"]
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+            metrics.update(group.call("evaluate")[0])
+        if step % cfg.logging.log_every == 0 or step == steps:
+            tracker.log(step, metrics)
+        if every and (step % every == 0 or step == steps):
+            save(cfg, group, step, epoch, position + 1, initial)
     final = group.call("evaluate")[0]
     tracker.log(step, final)
     tracker.close()  # wandb / tensorboard flushed, plots written

@@ -35,9 +35,10 @@ from rlhf_system.algorithms.advantages import compute_advantages
 from rlhf_system.algorithms.kl import kl_penalty, make_kl_controller
 from rlhf_system.algorithms.logprobs import masked_mean, masked_sum
 from rlhf_system.config import ConfigError, RunConfig
-from rlhf_system.data.batching import global_batches
 from rlhf_system.data.build import build_dataset
 from rlhf_system.data.experience import Experience
+from rlhf_system.data.prompts import StepPrompts, prompt_row
+from rlhf_system.data.stream import materialise
 from rlhf_system.distributed.weight_sync import check_bucket_size
 from rlhf_system.models.load import DTYPES, check_lora_targets, check_model_path, load_tokenizer
 from rlhf_system.tracking import Tracker
@@ -48,18 +49,13 @@ from rlhf_system.workers.update import one_optimizer_step
 @dataclass
 class Prepared:
     tokenizer: object
-    train: list[dict]                       # prompt rows: prompt_ids, messages, meta (answer included)
-    evals: dict[str, list[dict]]            # held-out prompt sets by name
+    train: StepPrompts                      # a step's prompt rows at a time: prompt_ids, messages, meta
+    evals: dict[str, list[dict]]            # held-out prompt sets by name, read into memory
     rules: object | None = None             # rewards.registry.RuleRewards
     remote: object | None = None            # rewards.client.RemoteReward
     steps: int = 0
     optimizer_steps: int = 0
     notes: dict = field(default_factory=dict)
-
-
-def _rows(ds) -> list[dict]:
-    return [{"prompt_ids": r["prompt_ids"], "messages": json.loads(r["messages"]),
-             "meta": {**json.loads(r["meta"]), "answer": r["answer"]}} for r in ds]
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -76,18 +72,18 @@ def prepare(cfg: RunConfig) -> Prepared:
         if getattr(cfg.model, field_name):
             check_model_path(getattr(cfg.model, field_name), f"model.{field_name}")
     name = cfg.model.tokenizer_path or cfg.model.path
-    train = _rows(build_dataset("prompt", cfg.data, cfg.data.train, tok, cfg.seed, name)[0])
-    evals = {Path(src.path).stem: _rows(build_dataset("prompt", cfg.data, [src], tok, cfg.seed, name)[0])
+    train = StepPrompts(build_dataset("prompt", cfg.data, cfg.data.train, tok, cfg.seed, name)[0],
+                        cfg.train.rollout_batch_size, cfg.seed, cfg.data.streaming)
+    limit = cfg.train.max_eval_samples
+    evals = {Path(src.path).stem: [prompt_row(r) for r in materialise(
+                build_dataset("prompt", cfg.data, [src], tok, cfg.seed, name)[0], limit)][:limit or None]
              for src in cfg.data.eval}
-    if cfg.train.max_eval_samples:
-        evals = {k: v[:cfg.train.max_eval_samples] for k, v in evals.items()}
     rules = RuleRewards(cfg.rewards.rules) if cfg.rewards.rules else None
     remote = from_config(cfg.rewards) if cfg.rewards.remote_url else None
-    per_epoch = len(train) // cfg.train.rollout_batch_size
-    if per_epoch == 0:
-        raise ConfigError(f"data.train has {len(train)} prompts, fewer than train.rollout_batch_size="
+    if train.per_epoch == 0:
+        raise ConfigError(f"data.train has {len(train.ds)} prompts, fewer than train.rollout_batch_size="
                           f"{cfg.train.rollout_batch_size}. Fix: lower the rollout batch or add prompts")
-    steps = cfg.train.max_steps if cfg.train.max_steps > 0 else per_epoch * cfg.train.epochs
+    steps = cfg.train.max_steps if cfg.train.max_steps > 0 else train.per_epoch * cfg.train.epochs
     experiences = cfg.train.rollout_batch_size * cfg.rollout.n_samples_per_prompt
     opt_steps = steps * cfg.algorithm.ppo_epochs * (experiences // cfg.train.global_batch_size)
     return Prepared(tok, train, evals, rules, remote, steps, opt_steps)
@@ -301,12 +297,13 @@ def evaluate(cfg: RunConfig, prep: Prepared, groups: dict, rollout) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- the run
-def save(cfg: RunConfig, groups: dict, step: int, epoch: int, position: int, kl_ctl, initial: dict) -> None:
+def save(cfg: RunConfig, groups: dict, step: int, prompts: StepPrompts, kl_ctl, initial: dict) -> None:
     tmp = checkpoint.begin(cfg.run_dir, step)
     waits = [groups[r].submit("save_checkpoint", str(tmp / r)) for r in ("actor", "critic") if r in groups]
     for w in waits:
         w()
-    checkpoint.commit(tmp, {"step": step, "epoch": epoch, "position": position, "seed": cfg.seed,
+    # The prompts' place: (epoch, position) in the shuffled batch order, or the stream's position.
+    checkpoint.commit(tmp, {"step": step, **prompts.state_dict(), "seed": cfg.seed,
                             "kl": kl_ctl.state_dict(), "initial": initial}, cfg.checkpoint.keep_last)
 
 
@@ -325,13 +322,14 @@ def run(cfg: RunConfig) -> dict:
         raise
     roles = [*groups, "rollout"]
     try:
-        step, start_epoch, start_pos = 0, 0, 0
+        step = 0
         resume = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.run_dir)
         if resume is not None:
             for w in [groups[r].submit("load_checkpoint", str(resume / r)) for r in ("actor", "critic") if r in groups]:
                 w()
             state = checkpoint.read_run_state(resume)
-            step, start_epoch, start_pos, initial = state["step"], state["epoch"], state["position"], state["initial"]
+            step, initial = state["step"], state["initial"]
+            prep.train.load_state_dict(state)
             kl_ctl.load_state_dict(state["kl"])
             sync.sync()  # the engines still hold the initial weights
             tracker.log(step, {"resumed_from": str(resume)})
@@ -339,23 +337,17 @@ def run(cfg: RunConfig) -> dict:
             initial = evaluate(cfg, prep, groups, rollout)
             tracker.log(0, initial)
         every = cfg.checkpoint.save_every
-        epoch, position = start_epoch, start_pos
         while step < prep.steps:
-            batches = global_batches(len(prep.train), cfg.train.rollout_batch_size, cfg.seed, epoch)
-            if position >= len(batches):
-                epoch, position = epoch + 1, 0
-                continue
-            prompts = [prep.train[i] for i in batches[position]]
-            metrics = ppo_step(cfg, prep, groups, rollout, sync, prompts, step, kl_ctl.value)
+            metrics = ppo_step(cfg, prep, groups, rollout, sync, prep.train.next(), step, kl_ctl.value)
             if "kl" in metrics:
                 kl_ctl.update(metrics["kl"], cfg.train.rollout_batch_size * cfg.rollout.n_samples_per_prompt)
-            step, position = step + 1, position + 1
+            step += 1
             metrics["kl_coef"] = kl_ctl.value
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < prep.steps:
                 metrics |= evaluate(cfg, prep, groups, rollout)
             tracker.log(step, metrics)
             if every and (step % every == 0 or step == prep.steps):
-                save(cfg, groups, step, epoch, position, kl_ctl, initial)
+                save(cfg, groups, step, prep.train, kl_ctl, initial)
         final = evaluate(cfg, prep, groups, rollout)
         tracker.log(step, final)
         out = Path(cfg.run_dir) / "hf"

@@ -39,11 +39,11 @@ def prepare(cfg: RunConfig) -> int:
     tokenizer = load_tokenizer(cfg.model)  # fails fast on a bad path
     check_head(cfg.model, cfg.algorithm.rm.head)
     check_lora_targets(cfg.model, cfg.peft)
-    train_ds, _ = run_datasets("preference", cfg, tokenizer)
-    return total_steps(cfg, len(train_ds))
+    train_ds, _ = run_datasets("preference", cfg, tokenizer)  # a stream: its first rows are checked
+    return total_steps(cfg, None if cfg.data.streaming else len(train_ds))
 
 
-def total_steps(cfg: RunConfig, n_train: int) -> int:
+def total_steps(cfg: RunConfig, n_train: int | None) -> int:
     return checked_total_steps(cfg, n_train, UNIT)
 
 

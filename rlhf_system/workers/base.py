@@ -11,6 +11,7 @@ class BaseWorker:
     rank: int = 0
     world_size: int = 1
     engine = None  # this rank's DeepSpeed engine, set by the role's `setup` (the checkpoint verbs use it)
+    data = None    # data/rank_data.RankData of the SFT, RM and DPO workers: a stream's position is checkpointed
 
     def master_endpoint(self) -> tuple[str, int]:
         """Rank 0's reachable address and a free port for the process-group rendezvous."""
@@ -75,16 +76,20 @@ class BaseWorker:
 
         return gathered_state_dict(self.engine, self.engine.zero_optimization_stage())
 
-    # Checkpoint verbs: the rank's `engine` (see checkpoint.py).
+    # Checkpoint verbs: the rank's `engine` and its place in the data (see checkpoint.py).
     def save_checkpoint(self, path: str) -> None:
-        from rlhf_system.checkpoint import save_rank
+        from rlhf_system.checkpoint import save_data_position, save_rank
 
         save_rank(self.engine, path, self.rank)
+        if self.data is not None:
+            save_data_position(path, self.rank, self.data.state_dict())
 
     def load_checkpoint(self, path: str) -> None:
-        from rlhf_system.checkpoint import load_rank
+        from rlhf_system.checkpoint import load_data_position, load_rank
 
         load_rank(self.engine, path, self.rank)
+        if self.data is not None:
+            self.data.load_state_dict(load_data_position(path, self.rank), path)
 
     def teardown(self) -> None:
         from rlhf_system.distributed.deepspeed import dist_teardown

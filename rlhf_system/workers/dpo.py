@@ -36,9 +36,9 @@ import torch.distributed as dist
 from rlhf_system.algorithms.logprobs import masked_mean, shifted_logprobs
 from rlhf_system.algorithms.losses import dpo_loss, sequence_logps
 from rlhf_system.config import RunConfig
-from rlhf_system.data.batching import checked_total_steps, rank_micro_batches
-from rlhf_system.data.build import run_datasets
+from rlhf_system.data.batching import checked_total_steps
 from rlhf_system.data.collate import pad_to
+from rlhf_system.data.rank_data import RankData
 from rlhf_system.distributed.deepspeed import (
     frozen_engine,
     grad_accum_steps,
@@ -81,31 +81,32 @@ def split_pairs(seq: torch.Tensor) -> torch.Tensor:
 
 
 class DPOWorker(BaseWorker):
-    """One rank's DPO: cfg, tokenizer, train_ds / eval_ds (pairs), engine (the policy, under
-    train_engine), ref_engine (the frozen reference; None once its log-probs are precomputed),
+    """One rank's DPO: cfg, tokenizer, data (its training share and the held-out pairs), engine (the policy,
+    under train_engine), ref_engine (the frozen reference; None once its log-probs are precomputed),
     ref_train / ref_eval ((N, 2) reference [chosen, rejected] log-probs by dataset index, or None),
     total_steps."""
 
     def setup(self, cfg: RunConfig) -> dict:
         """Per-rank set-up inside a worker whose process group is already initialised."""
         self.cfg, self.tokenizer = cfg, load_tokenizer(cfg.model)
-        self.train_ds, self.eval_ds = run_datasets("preference", cfg, self.tokenizer)  # cache hits
-        self.total_steps = checked_total_steps(cfg, len(self.train_ds), UNIT)
+        self.data = RankData("preference", cfg, self.tokenizer, self.rank, self.world_size)
+        self.total_steps = checked_total_steps(cfg, self.data.n_train, UNIT)
         self.ref_engine = frozen_engine(lambda: load_causal_lm(cfg.model, reference_path(cfg)), cfg, dp_size=self.world_size)
         self.ref_train = self.ref_eval = None
         if cfg.algorithm.dpo.precompute_reference:
             # Before the policy exists: the two models are never in memory together.
-            self.ref_train = self.reference_table(self.train_ds, len(self.train_ds))
-            if self.eval_ds is not None:
-                self.ref_eval = self.reference_table(self.eval_ds, self.eval_size())
-            self.ref_engine = None
+            if self.data.eval is not None:
+                self.ref_eval = self.reference_table(self.data.eval, self.eval_size())
+            if self.data.stream is None:  # a stream has no end to score up to: its pairs are scored per step
+                self.ref_train = self.reference_table(self.data.train, self.data.n_train)
+                self.ref_engine = None
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every launch mode
         self.engine = train_engine(lambda: load_causal_lm(cfg.model, peft=cfg.peft), cfg, dp_size=self.world_size,
                                    total_steps=self.total_steps)
-        return {"train_samples": len(self.train_ds), "total_steps": self.total_steps}
+        return {"train_samples": self.data.n_train, "total_steps": self.total_steps}
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -113,7 +114,7 @@ class DPOWorker(BaseWorker):
         return split_pairs(sequence_logps(tok, mask)).float().cpu()
 
     def eval_size(self) -> int:
-        n = len(self.eval_ds)
+        n = len(self.data.eval)
         return min(n, self.cfg.train.max_eval_samples) if self.cfg.train.max_eval_samples else n
 
     def strided_shares(self, n: int) -> list[list[int]]:
@@ -167,24 +168,25 @@ class DPOWorker(BaseWorker):
 
 
 
-    def train_step(self, batch_idx: list[int], step: int) -> dict:
+    def train_step(self, batch_idx: list[int] | None, step: int) -> dict:
+        """One optimiser step on the global batch `batch_idx` (dataset indices; None: the next from the stream)."""
         cfg = self.cfg
-        shares = rank_micro_batches(batch_idx, self.rank, self.world_size, cfg.train.micro_batch_size)
+        shares = self.data.micro_batches(batch_idx)
         pad = self.tokenizer.pad_token_id
         # DeepSpeed divides each micro loss by the accumulation steps and averages gradients over ranks;
         # scaling by gas * world undoes both, leaving sum(pair losses) / pairs of the global batch.
-        pairs = len(batch_idx)
+        pairs = cfg.train.global_batch_size
         scale = grad_accum_steps(cfg, self.world_size) * self.world_size / pairs
         sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
         tokens = torch.zeros((), dtype=torch.float64)  # chosen + rejected tokens, padding excluded (throughput)
-        for mb in shares:
-            batch = collate_pairs([self.train_ds[i] for i in mb], pad)
+        for micro in shares:
+            batch = collate_pairs(micro.rows, pad)
             tokens += batch["attention_mask"].sum()
-            ref = self.ref_train[mb] if self.ref_train is not None else self.reference_logps(batch)
+            ref = self.ref_train[micro.indices] if self.ref_train is not None else self.reference_logps(batch)
             loss, micro_sums = self.pair_losses(batch, ref)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite DPO loss at step {step}, rank {self.rank}, pairs {mb} "
-                                         f"(dataset indices): {loss.item()}. Fix: lower optim.lr or check the data")
+                raise FloatingPointError(f"non-finite DPO loss at step {step}, rank {self.rank}, {micro.where}: "
+                                         f"{loss.item()}. Fix: lower optim.lr or check the data")
             self.engine.backward(loss * scale)
             self.engine.step()
             sums += micro_sums
@@ -208,14 +210,14 @@ class DPOWorker(BaseWorker):
         eval_loss: the training objective on these pairs; eval_chosen_logp: mean chosen log-prob, which
         shows whether DPO is pushing the chosen response down too (the failure RPO's NLL term addresses).
         """
-        if self.eval_ds is None:
+        if self.data.eval is None:
             return {}
         self.engine.eval()
         n = self.eval_size()
         pad = self.tokenizer.pad_token_id
         sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
         for idx in self.strided_shares(n):
-            batch = collate_pairs([self.eval_ds[i] for i in idx or [0]], pad)
+            batch = collate_pairs([self.data.eval[i] for i in idx or [0]], pad)
             ref = self.ref_eval[idx or [0]] if self.ref_eval is not None else self.reference_logps(batch)
             _, micro_sums = self.pair_losses(batch, ref)
             if idx:

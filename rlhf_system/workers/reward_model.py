@@ -20,9 +20,9 @@ import torch.distributed as dist
 
 from rlhf_system.algorithms.losses import pairwise_rm_loss
 from rlhf_system.config import RunConfig
-from rlhf_system.data.batching import checked_total_steps, rank_micro_batches
-from rlhf_system.data.build import run_datasets
+from rlhf_system.data.batching import checked_total_steps
 from rlhf_system.data.collate import pad_to
+from rlhf_system.data.rank_data import RankData
 from rlhf_system.distributed.deepspeed import grad_accum_steps, train_engine
 from rlhf_system.models.export import export_model
 from rlhf_system.models.load import load_reward_model, load_tokenizer
@@ -32,18 +32,18 @@ UNIT = "preference pairs"
 
 
 class RewardModelWorker(BaseWorker):
-    """One rank's reward-model training: cfg, tokenizer, train_ds / eval_ds (pairs), engine, total_steps."""
+    """One rank's reward-model training: cfg, tokenizer, data (its training share and the held-out pairs), engine, total_steps."""
 
     def setup(self, cfg: RunConfig) -> dict:
         """Per-rank set-up inside a worker whose process group is already initialised."""
         self.cfg, self.tokenizer = cfg, load_tokenizer(cfg.model)
-        self.train_ds, self.eval_ds = run_datasets("preference", cfg, self.tokenizer)  # cache hits
-        self.total_steps = checked_total_steps(cfg, len(self.train_ds), UNIT)
+        self.data = RankData("preference", cfg, self.tokenizer, self.rank, self.world_size)
+        self.total_steps = checked_total_steps(cfg, self.data.n_train, UNIT)
         torch.manual_seed(cfg.seed)  # identical weights (and value head init) on every rank and launch mode
         self.engine = train_engine(
             lambda: load_reward_model(cfg.model, cfg.algorithm.rm.head, self.tokenizer.pad_token_id, peft=cfg.peft),
             cfg, dp_size=self.world_size, total_steps=self.total_steps)
-        return {"train_samples": len(self.train_ds), "total_steps": self.total_steps}
+        return {"train_samples": self.data.n_train, "total_steps": self.total_steps}
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """B pairs -> 2B right-padded rows: chosen first (rows :B), then rejected (rows B:)."""
@@ -65,20 +65,21 @@ class RewardModelWorker(BaseWorker):
         loss, metrics = pairwise_rm_loss(chosen, rejected, self.cfg.algorithm.rm.margin)
         return loss * n, {k: v.cpu() * n for k, v in metrics.items()}
 
-    def train_step(self, batch_idx: list[int], step: int) -> dict:
+    def train_step(self, batch_idx: list[int] | None, step: int) -> dict:
+        """One optimiser step on the global batch `batch_idx` (dataset indices; None: the next from the stream)."""
         cfg = self.cfg
-        shares = rank_micro_batches(batch_idx, self.rank, self.world_size, cfg.train.micro_batch_size)
+        shares = self.data.micro_batches(batch_idx)
         # DeepSpeed divides each micro loss by the accumulation steps and averages gradients over
         # ranks; scaling by gas * world undoes both, leaving sum(pair losses) / pairs of the global batch.
-        pairs = len(batch_idx)
+        pairs = cfg.train.global_batch_size
         scale = grad_accum_steps(cfg, self.world_size) * self.world_size / pairs
         sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct pairs, tokens (chosen + rejected, no padding)
-        for mb in shares:
-            batch = self.collate([self.train_ds[i] for i in mb])
+        for micro in shares:
+            batch = self.collate(micro.rows)
             loss_sum, metrics = self.pair_loss_sum(batch)
             if not torch.isfinite(loss_sum):
-                raise FloatingPointError(f"non-finite RM loss at step {step}, rank {self.rank}, pairs {mb} "
-                                         f"(dataset indices): {loss_sum.item()}. Fix: lower optim.lr or check the data")
+                raise FloatingPointError(f"non-finite RM loss at step {step}, rank {self.rank}, {micro.where}: "
+                                         f"{loss_sum.item()}. Fix: lower optim.lr or check the data")
             self.engine.backward(loss_sum * scale)
             self.engine.step()
             sums += torch.stack([loss_sum.detach().float().cpu(), metrics["accuracy"],
@@ -99,10 +100,10 @@ class RewardModelWorker(BaseWorker):
         Every rank runs the same number of forwards (a rank past the end scores pair 0 and discards it):
         under ZeRO-3 each forward is a collective, and unequal counts would hang.
         """
-        if self.eval_ds is None:
+        if self.data.eval is None:
             return {}
         self.engine.eval()
-        n = len(self.eval_ds)
+        n = len(self.data.eval)
         if self.cfg.train.max_eval_samples:
             n = min(n, self.cfg.train.max_eval_samples)
         sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct pairs, margin sum
@@ -110,7 +111,7 @@ class RewardModelWorker(BaseWorker):
         for k in range(-(-n // (mb * self.world_size))):
             start = (k * self.world_size + self.rank) * mb
             idx = list(range(start, min(start + mb, n)))
-            loss_sum, metrics = self.pair_loss_sum(self.collate([self.eval_ds[i] for i in idx or [0]]))
+            loss_sum, metrics = self.pair_loss_sum(self.collate([self.data.eval[i] for i in idx or [0]]))
             if idx:
                 sums += torch.stack([loss_sum.float().cpu(), metrics["accuracy"], metrics["margin_mean"]])
         dist.all_reduce(sums)

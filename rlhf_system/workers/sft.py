@@ -17,9 +17,9 @@ import torch.distributed as dist
 
 from rlhf_system.algorithms.losses import sft_loss_sum
 from rlhf_system.config import RunConfig
-from rlhf_system.data.batching import checked_total_steps, rank_micro_batches
-from rlhf_system.data.build import run_datasets
+from rlhf_system.data.batching import checked_total_steps
 from rlhf_system.data.collate import collate_flat, collate_packed, collate_sft, packing_layout
+from rlhf_system.data.rank_data import RankData
 from rlhf_system.distributed.deepspeed import grad_accum_steps, train_engine
 from rlhf_system.models.export import export_model
 from rlhf_system.models.load import load_causal_lm, load_tokenizer
@@ -29,18 +29,18 @@ UNIT = "samples (packs)"  # what data.train counts, for the too-small-for-one-ba
 
 
 class SFTWorker(BaseWorker):
-    """One rank's SFT: cfg, tokenizer, train_ds / eval_ds (tokenised, cached), engine (DeepSpeed),
+    """One rank's SFT: cfg, tokenizer, data (its training share and the held-out set), engine (DeepSpeed),
     total_steps; rank and world_size from BaseWorker."""
 
     def setup(self, cfg: RunConfig) -> dict:
         """Per-rank set-up inside a worker whose process group is already initialised."""
         self.cfg, self.tokenizer = cfg, load_tokenizer(cfg.model)
-        self.train_ds, self.eval_ds = run_datasets("sft", cfg, self.tokenizer)  # cache hits
-        self.total_steps = checked_total_steps(cfg, len(self.train_ds), UNIT)
+        self.data = RankData("sft", cfg, self.tokenizer, self.rank, self.world_size)
+        self.total_steps = checked_total_steps(cfg, self.data.n_train, UNIT)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every launch mode
         self.engine = train_engine(lambda: load_causal_lm(cfg.model, peft=cfg.peft), cfg, dp_size=self.world_size,
                                    total_steps=self.total_steps)
-        return {"train_samples": len(self.train_ds), "total_steps": self.total_steps}
+        return {"train_samples": self.data.n_train, "total_steps": self.total_steps}
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         pad = self.tokenizer.pad_token_id
@@ -58,26 +58,27 @@ class SFTWorker(BaseWorker):
         logits = self.engine(**inputs, use_cache=False).logits
         return sft_loss_sum(logits, inputs["input_ids"], batch["loss_mask"].to(device))
 
-    def train_step(self, batch_idx: list[int], step: int) -> dict:
+    def train_step(self, batch_idx: list[int] | None, step: int) -> dict:
+        """One optimiser step on the global batch `batch_idx` (dataset indices; None: the next from the stream)."""
         cfg = self.cfg
-        shares = rank_micro_batches(batch_idx, self.rank, self.world_size, cfg.train.micro_batch_size)
-        micros = [self.collate([self.train_ds[i] for i in mb]) for mb in shares]
+        shares = self.data.micro_batches(batch_idx)
+        micros = [self.collate(m.rows) for m in shares]
         # Trained tokens of the whole global batch, over all ranks: the loss denominator.
         tokens = torch.tensor(float(sum(int(m["loss_mask"][:, 1:].sum()) for m in micros)))
         dist.all_reduce(tokens)
         # Real (non-padding) tokens processed, for throughput: packs count their samples' lengths.
-        real = torch.tensor(float(sum(sum(self.train_ds[i].get("seq_lens") or [len(self.train_ds[i]["input_ids"])])
-                                      for mb in shares for i in mb)))
+        real = torch.tensor(float(sum(sum(r.get("seq_lens") or [len(r["input_ids"])])
+                                      for m in shares for r in m.rows)))
         dist.all_reduce(real)
         # DeepSpeed divides each micro loss by the accumulation steps and averages gradients over
         # ranks; scaling by gas * world undoes both, leaving sum(NLL) / global tokens.
         scale = grad_accum_steps(cfg, self.world_size) * self.world_size / tokens.clamp(min=1)
         total = torch.zeros(())
-        for mb, m in zip(shares, micros):
+        for micro, m in zip(shares, micros):
             nll_sum, _ = self.forward_sum(m)
             if not torch.isfinite(nll_sum):
-                raise FloatingPointError(f"non-finite SFT loss at step {step}, rank {self.rank}, samples {mb} "
-                                         f"(dataset indices): {nll_sum.item()}. Fix: lower optim.lr or check the data")
+                raise FloatingPointError(f"non-finite SFT loss at step {step}, rank {self.rank}, {micro.where}: "
+                                         f"{nll_sum.item()}. Fix: lower optim.lr or check the data")
             self.engine.backward(nll_sum * scale)
             self.engine.step()
             total += nll_sum.detach().float().cpu()
@@ -92,10 +93,10 @@ class SFTWorker(BaseWorker):
         Every rank runs the same number of forwards (a rank past the end repeats sample 0 and discards
         it): under ZeRO-3 each forward is a collective, and unequal counts would hang.
         """
-        if self.eval_ds is None:
+        if self.data.eval is None:
             return {}
         self.engine.eval()
-        n = len(self.eval_ds)
+        n = len(self.data.eval)
         if self.cfg.train.max_eval_samples:
             n = min(n, self.cfg.train.max_eval_samples)
         sums = torch.zeros(2)
@@ -104,7 +105,7 @@ class SFTWorker(BaseWorker):
         for k in range(rounds):
             start = (k * self.world_size + self.rank) * mb
             idx = list(range(start, min(start + mb, n))) or [0]
-            nll_sum, count = self.forward_sum(self.collate([self.eval_ds[i] for i in idx]))
+            nll_sum, count = self.forward_sum(self.collate([self.data.eval[i] for i in idx]))
             if start < n:
                 sums += torch.stack([nll_sum.float().cpu(), count.float().cpu()])
         dist.all_reduce(sums)

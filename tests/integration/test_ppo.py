@@ -61,17 +61,20 @@ def test_critic_free_estimators_start_no_critic(ray_cluster, small_model, synthe
 
 
 def test_resume_restores_step_data_position_and_kl(ray_cluster, small_model, synthetic_dir, tmp_path):
+    """Prompts streamed (data.streaming): the run state holds the stream's position. Map-style prompts
+    resume in the engine-dying test below; tests/unit/data/test_prompts.py checks both read on exactly."""
     from rlhf_system.trainers import ppo
 
     over = {"train__max_steps": 2, "checkpoint__save_every": 1, "algorithm_kl__adaptive": True,
-            "algorithm_kl__target": 0.01, "algorithm_kl__coef": 0.1, "algorithm__estimator": "rloo"}
+            "algorithm_kl__target": 0.01, "algorithm_kl__coef": 0.1, "algorithm__estimator": "rloo",
+            "data__streaming": True}
     first = ppo.run(ppo_config(small_model["policy"], synthetic_dir, tmp_path, **over))
     assert first["steps"] == 2
     from rlhf_system.checkpoint import checkpoint_root, complete_checkpoints
 
     latest = complete_checkpoints(checkpoint_root(tmp_path))[-1]
     saved = json.loads((latest / "run_state.json").read_text())
-    assert saved["step"] == 2 and saved["position"] == 2
+    assert saved["step"] == 2 and saved["position"] == 2 and saved["stream"]["dataset"] is not None
     assert saved["kl"]["value"] != 0.1  # the adaptive controller moved and that state was saved
 
     again = ppo.run(ppo_config(small_model["policy"], synthetic_dir, tmp_path,

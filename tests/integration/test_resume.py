@@ -56,16 +56,24 @@ def kill_after_first_checkpoint(cmd: list[str], run_dir: Path) -> int:
 MODEL_FOR = {"sft": "policy", "rm": "policy", "dpo": "policy"}  # rm: value head on the policy (the shipped config)
 
 
-@pytest.mark.parametrize("mode", ["sft", "rm", "dpo"])
-def test_kill_and_resume_matches_straight_run(mode, small_model, synthetic_dir, tmp_path):
+# Streamed data (each rank reads its own share of the stream; its position is in the checkpoint): the SFT
+# stream on two ranks, and DPO, whose reference scores each streamed step instead of a precomputed table.
+STREAMING = ("data.streaming=true", "algorithm.dpo.precompute_reference=true")
+CASES = {"sft": ("sft", ()), "rm": ("rm", ()), "dpo": ("dpo", ()),
+         "sft-streaming-2-ranks": ("sft", (*STREAMING, "placement.actor=2")), "dpo-streaming": ("dpo", STREAMING)}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kill_and_resume_matches_straight_run(case, small_model, synthetic_dir, tmp_path):
+    mode, extra = CASES[case]
     model = small_model[MODEL_FOR[mode]]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    run(command(mode, model, synthetic_dir, straight))
+    run(command(mode, model, synthetic_dir, straight, *extra))
 
-    killed_at = kill_after_first_checkpoint(command(mode, model, synthetic_dir, broken), broken)
+    killed_at = kill_after_first_checkpoint(command(mode, model, synthetic_dir, broken, *extra), broken)
     assert 0 < killed_at < N_STEPS, killed_at
     assert not (broken / "hf").exists()  # it really died before finishing
-    run(command(mode, model, synthetic_dir, broken, "checkpoint.resume=auto"))
+    run(command(mode, model, synthetic_dir, broken, *extra, "checkpoint.resume=auto"))
 
     a, b = load_file(straight / "hf" / "model.safetensors"), load_file(broken / "hf" / "model.safetensors")
     assert a.keys() == b.keys()

@@ -221,3 +221,9 @@ def test_flash_attention_2_needs_gpus_and_half_precision(tmp_path):
     cfg = load_config(write(tmp_path, BASE), ["model.attn_implementation=flash_attention_2", "model.dtype=bfloat16",
                                               "placement.gpus_per_node=8", "data.packing=true"])
     assert cfg.data.packing and cfg.model.attn_implementation == "flash_attention_2"
+
+
+def test_streaming_needs_a_step_count(tmp_path):
+    with pytest.raises(ConfigError, match="data.streaming=true .* Fix: set train.max_steps"):
+        load_config(write(tmp_path, BASE), ["data.streaming=true"])
+    assert load_config(write(tmp_path, BASE), ["data.streaming=true", "train.max_steps=5"]).data.streaming
