@@ -8,9 +8,11 @@ Each sample is {"response_ids", "logprobs" (the sampling distribution's, after t
 "finish_reason"}. Prompts go out in one chunk per engine, each to the least-loaded engine.
 Weight updates arrive through the WeightSyncExtension mixed into vLLM's worker (weight_sync.py).
 
-On CPU an engine reserves no Ray CPU (`num_cpus=0`): it shares the cores with the trainer workers,
-which are idle while it generates, and binds its OpenMP threads to its share of the node's cores
-(distributed/threads.py; rollout.cpu_bind overrides). On GPU it reserves `tensor_parallel_size` GPUs.
+Placement (workers/engine_placement.py): on GPUs each engine gets a placement group of
+`tensor_parallel_size` GPUs on one node (vLLM's Ray executor places its workers there when it is > 1). On
+CPU an engine reserves no Ray CPU: it shares the cores with the trainer workers, which are idle while it
+generates, and binds its OpenMP threads to its share of the node's cores (distributed/threads.py;
+rollout.cpu_bind overrides).
 """
 
 from __future__ import annotations
@@ -18,18 +20,20 @@ from __future__ import annotations
 import os
 
 from rlhf_system.config import RunConfig
+from rlhf_system.workers.engine_placement import EnginePlan, actor_options, engine_plans, release, reserve
 
 EXTENSION = "rlhf_system.distributed.vllm_ext.WeightSyncExtension"
 
 
 class RolloutWorker:
-    def __init__(self, model_path: str, index: int, cfg: RunConfig):
+    def __init__(self, model_path: str, cfg: RunConfig, plan: EnginePlan):
         import torch
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.cpu_kv_cache_gib))
+        os.environ.update(plan.env)  # before vLLM reads its environment: which bundle each TP worker takes
         from vllm import LLM
 
-        r = cfg.rollout
+        r, index = cfg.rollout, plan.index
         # From the config, not torch: an engine with tensor_parallel_size > 1 reserves no GPU itself (vLLM's
         # Ray executor places its workers), so CUDA is not visible in this process.
         on_gpu = cfg.placement.gpus_per_node > 0 or torch.cuda.is_available()
@@ -49,8 +53,8 @@ class RolloutWorker:
         self.index, self.cfg = index, cfg
         self.llm = LLM(model=model_path, dtype="auto" if on_gpu else "float32", enforce_eager=r.enforce_eager or not on_gpu,
                        max_model_len=cfg.data.max_prompt_len + r.max_new_tokens, seed=r.seed + index,
-                       tensor_parallel_size=r.tensor_parallel_size, worker_extension_cls=EXTENSION,
-                       logprobs_mode="processed_logprobs", **kwargs)
+                       tensor_parallel_size=r.tensor_parallel_size, distributed_executor_backend=plan.executor,
+                       worker_extension_cls=EXTENSION, logprobs_mode="processed_logprobs", **kwargs)
 
     def ready(self) -> int:
         return self.index
@@ -124,10 +128,8 @@ class RolloutWorker:
 
 
 class RolloutGroup:
-    def __init__(self, cfg: RunConfig, model_path: str, placement_groups: list | None = None,
-                 engine_cls: type = RolloutWorker):
+    def __init__(self, cfg: RunConfig, model_path: str, engine_cls: type = RolloutWorker):
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from rlhf_system.workers.group import ensure_ray
 
@@ -135,19 +137,17 @@ class RolloutGroup:
         r = cfg.rollout
         self.cfg, self.timeout = cfg, cfg.placement.call_timeout_s
         self.workers_per_engine = r.tensor_parallel_size
-        gpus = r.tensor_parallel_size if cfg.placement.gpus_per_node > 0 else 0
+        plans = engine_plans(cfg)
+        self.pgs = reserve(plans, cfg.placement)
         remote = ray.remote(engine_cls)  # engine_cls: a stand-in lets tests drive the dispatch
-        self.engines = []
-        for i in range(r.num_engines):
-            opts: dict = {"num_cpus": 0, "num_gpus": gpus if r.tensor_parallel_size == 1 else 0}
-            if placement_groups:
-                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=placement_groups[i])
-            self.engines.append(remote.options(**opts).remote(model_path, i, cfg))
+        self.engines = [remote.options(**actor_options(plan, pg)).remote(model_path, cfg, plan)
+                        for plan, pg in zip(plans, self.pgs)]
         try:
             self._wait([e.ready.remote() for e in self.engines], "start")
         except BaseException:
             for e in self.engines:  # an engine that failed to start must not outlive the run
                 ray.kill(e)
+            release(self.pgs)
             raise
         self.load = [0] * len(self.engines)  # prompts in flight per engine
 
@@ -207,3 +207,4 @@ class RolloutGroup:
         ray.wait(refs, num_returns=len(refs), timeout=60)
         for e in self.engines:
             ray.kill(e)
+        release(self.pgs)

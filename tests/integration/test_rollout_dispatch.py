@@ -18,8 +18,8 @@ class EchoEngine:
 
     BROKEN: tuple[int, ...] = ()
 
-    def __init__(self, model_path: str, index: int, cfg: RunConfig):
-        self.index, self.calls = index, 0
+    def __init__(self, model_path: str, cfg: RunConfig, plan):
+        self.index, self.calls = plan.index, 0
 
     def ready(self) -> int:
         return self.index

@@ -110,22 +110,25 @@ def test_engine_computes_with_every_core_of_the_node(engine):
     assert engine.call("num_threads") == [[len(node_cores())]]
 
 
-def test_two_engines_each_get_the_weights(ray_cluster, small_model, synthetic_dir, tmp_path):
+@pytest.mark.parametrize("engines, tp", [(2, 1), (1, 2)], ids=["two-engines", "one-tp2-engine"])
+def test_every_engine_and_tp_worker_gets_the_weights(ray_cluster, small_model, synthetic_dir, tmp_path, engines, tp):
     """Two engines in one rollout group: generation is dispatched to both, one sync reaches both, and
-    each then scores like the actor."""
+    each then scores like the actor. One engine with tensor_parallel_size=2 (vLLM's multiprocessing
+    executor on CPU, two workers each holding half of every layer): the sync reaches both workers."""
     from rlhf_system.distributed.weight_sync import WeightSync
     from rlhf_system.workers.actor import ActorWorker
     from rlhf_system.workers.placement import start_roles, stop_roles
     from rlhf_system.workers.rollout import RolloutGroup
 
     cfg = ppo_config(small_model["policy"], synthetic_dir, tmp_path, optim__lr=3e-3, rollout__temperature=1.0,
-                     rollout__num_engines=2)
+                     rollout__num_engines=engines, rollout__tensor_parallel_size=tp)
     tok, prompt_ids = _prompts(cfg)
     rollout = RolloutGroup(cfg, cfg.model.path)
     groups, shared = start_roles(cfg, {"actor": ActorWorker})
     sync = None
     try:
-        assert len(rollout.engines) == 2
+        assert len(rollout.engines) == engines
+        assert [len(workers) for workers in rollout.call("num_threads")] == [tp] * engines  # vLLM workers
         actor = groups["actor"]
         actor.call("setup", cfg, 10)
         sync = WeightSync(actor, rollout, timeout_s=120)
