@@ -6,6 +6,7 @@
     rlhf prepare-data MODE --config X [k=v] tokenise (and cache) a run's datasets, print statistics
     rlhf train sft|rm|dpo|ppo --config X    SFT, reward model, DPO or PPO/GRPO/RLOO/REINFORCE++ (Ray + vLLM)
     rlhf bench sft --config X [k=v ...]     SFT tokens/s and peak memory (packing x ZeRO 2/3) as JSON
+    rlhf bench scale --config SWEEP [k=v]   a sweep of placements: a JSON line per point, scale.md, PNGs
     rlhf eval MODEL... --prompts P.jsonl    greedy generation scored by rules / a reward model, per family
                                             (--reward-model RM, --quant 4bit|8bit --compare-full-precision)
     rlhf export SRC --out OUT [--base B]    merge a LoRA adapter (or re-save a model) as a plain HF checkpoint
@@ -117,16 +118,23 @@ def cmd_bench(args) -> int:
     from rlhf_system.bench import sft as bench_sft
     from rlhf_system.bench import stdout_to_stderr
 
+    if args.what == "scale":
+        from rlhf_system.bench import scale as bench_scale
+
+        with stdout_to_stderr() as emit:  # stdout: one JSON line per point, nothing else
+            rows = bench_scale.run(args.config, args.overrides, args.steps, args.out, emit=emit)
+        return 1 if any("error" in r for r in rows) else 0
+    steps = args.steps or 5
     if args.what == "ppo":
         from rlhf_system.bench import ppo as bench_ppo
 
         cfg = load_config(args.config, args.overrides, mode="ppo")
         with stdout_to_stderr():  # stdout is the JSON alone: Ray / DeepSpeed / vLLM logs go to stderr
-            result = bench_ppo.run(cfg, args.steps)
+            result = bench_ppo.run(cfg, steps)
     else:
         cfg = load_config(args.config, args.overrides, mode="sft")
         with stdout_to_stderr():
-            runs = bench_sft.run(cfg, args.steps)
+            runs = bench_sft.run(cfg, steps)
         result = {"benchmark": "sft", "model": cfg.model.path, "global_batch_size": cfg.train.global_batch_size,
                   "micro_batch_size": cfg.train.micro_batch_size, "max_len": cfg.data.max_len, "results": runs}
     print(json.dumps(result, indent=2))
@@ -219,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="benchmarks that print JSON: sft (packing x ZeRO stage), ppo (phases, "
-                                     "vLLM vs HF generate, weight sync)")
-    p.add_argument("what", choices=["sft", "ppo"])
-    p.add_argument("--steps", type=int, default=5)
+                                     "vLLM vs HF generate, weight sync), scale (a sweep of placements)")
+    p.add_argument("what", choices=["sft", "ppo", "scale"])
+    p.add_argument("--steps", type=int, default=None, help="timed steps (sft/ppo: 5; scale: the sweep file's)")
+    p.add_argument("--out", default=None, help="scale: the report folder (default: the sweep file's run_dir)")
     _add_config_args(p)
     p.set_defaults(func=cmd_bench)
 

@@ -54,7 +54,9 @@ def _over(rise: int | None, model_bytes: int) -> float | None:
     return None if rise is None else round((model_bytes + rise) / model_bytes, 3)
 
 
-def run(cfg: RunConfig, steps: int) -> dict:
+def run(cfg: RunConfig, steps: int, compare_hf: bool = True) -> dict:
+    """The benchmark's JSON document; `compare_hf=False` skips the Hugging Face generate comparison
+    (`rlhf bench scale` measures placements, not generation back ends)."""
     from rlhf_system.algorithms.kl import make_kl_controller
     from rlhf_system.trainers import ppo
 
@@ -83,18 +85,22 @@ def run(cfg: RunConfig, steps: int) -> dict:
         v_tokens = sum(len(g["response_ids"]) for g in gen)
         sync_bytes = plan_bytes(sync.plan)
         sync_memory = dict(sync.memory)  # the last timed sync's
+        ranks = {role: {"peak_memory_mb": [round(m, 1) for m in g.call("peak_memory_mb")],
+                        "nodes": [node for node, _ in g.call("where")]} for role, g in groups.items()}
+        ranks["rollout"] = {"nodes": [node for node, _ in rollout.call("where")]}
     finally:
         ppo.stop(groups, shared, rollout, sync)
-    hf = hf_tokens_per_s(cfg, prompt_ids, n)  # after the engines are gone: they no longer hold the cores
+    # After the engines are gone: they no longer hold the cores.
+    hf = hf_tokens_per_s(cfg, prompt_ids, n) if compare_hf else None
 
-    mean = {k: sum(t[k] for t in timings) / len(timings) for k in (*TIME_PHASES, "time/step")}
+    mean = {k: sum(t[k] for t in timings) / len(timings) for k in (*TIME_PHASES, "time/step", "tokens")}
     step_s = mean["time/step"]
     sync_s = mean["time/sync"]
     return {
         "benchmark": "ppo", "model": cfg.model.path, "estimator": a.estimator, "roles": sorted(groups),
         "engines": cfg.rollout.num_engines, "prompts_per_step": cfg.train.rollout_batch_size,
         "samples_per_prompt": n, "max_new_tokens": cfg.rollout.max_new_tokens, "steps": steps,
-        "step_s": round(step_s, 4),
+        "step_s": round(step_s, 4), "tokens_per_s": round(mean["tokens"] / step_s, 1),
         "phases": {k.split("/")[1]: {"seconds": round(mean[k], 4), "share": round(mean[k] / step_s, 4)}
                    for k in TIME_PHASES},
         "rollout": {"prompts": len(prompt_ids), "samples": len(gen),
@@ -105,4 +111,5 @@ def run(cfg: RunConfig, steps: int) -> dict:
                         "bytes_per_s": round(sync_bytes / sync_s, 1) if sync_s > 0 else None,
                         "buckets": len(sync.plan), "bucket_bytes": int(cfg.rollout.sync_bucket_mb * 2**20),
                         **sync_memory, "engine_peak_over_model": _over(sync_memory["engine_peak_rise_bytes"], sync_bytes)},
+        "ranks": ranks,  # per role: each rank's peak memory (MB: CUDA max allocated, or peak RSS) and node
     }

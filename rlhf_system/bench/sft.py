@@ -40,12 +40,13 @@ def bench_variant(cfg: RunConfig, steps: int) -> dict:
             trained += m["tokens"]
         seconds = time.perf_counter() - t0
         peaks = group.call("peak_memory_mb")
+        nodes = [node for node, _ in group.call("where")]
     finally:
         group.shutdown()
     return {"packing": cfg.data.packing, "zero_stage": cfg.deepspeed.zero_stage, "workers": cfg.placement.actor,
             "steps": steps, "step_s": round(seconds / steps, 4), "tokens_per_s": round(tokens / seconds, 1),
             "trained_tokens_per_s": round(trained / seconds, 1), "peak_memory_mb": round(max(peaks), 1),
-            "peak_memory_mb_by_rank": [round(p, 1) for p in peaks]}
+            "peak_memory_mb_by_rank": [round(p, 1) for p in peaks], "nodes": nodes}
 
 
 def run(cfg: RunConfig, steps: int) -> list[dict]:

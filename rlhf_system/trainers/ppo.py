@@ -214,6 +214,7 @@ def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, rollout, prom
         kl_in_reward=a.kl.in_reward, gamma=a.gamma, lam=a.lam, group_size=n, whiten_advantages=a.normalize_advantages)
 
     metrics |= {
+        "tokens": sum(len(p["prompt_ids"]) for p in prompts) * n + int(exp.response_lens.sum()),  # prompts + samples
         "response_length": exp.response_lens.float().mean().item(),
         "truncated": sum(g["finish_reason"] == "length" for g in gen) / len(gen),
         "advantage_mean": masked_mean(adv, mask).item(),

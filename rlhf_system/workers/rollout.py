@@ -108,6 +108,12 @@ class RolloutWorker:
     def ws_close(self) -> None:
         self.llm.collective_rpc("ws_close")
 
+    def where(self) -> tuple[str, int]:
+        """(node id, cores this process may use), as BaseWorker.where: the benchmarks report the nodes."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), len(os.sched_getaffinity(0))
+
     def num_threads(self) -> list[int]:
         """Threads each of this engine's workers computes with (a placement check for tests)."""
         return self.llm.collective_rpc("num_threads")
