@@ -183,6 +183,11 @@ def test_dtype_auto_is_float32_on_cpu():
 def test_shipped_configs_validate(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# "), f"{path} must open with the command that runs it"
+    if path.parent.name == "bench":  # a sweep file of `rlhf bench scale`: every point must validate
+        from rlhf_system.bench.scale import expand, load_sweep
+
+        assert expand(load_sweep(str(path)), [], str(path)), path
+        return
     cfg = load_config(path)
     # configs/<mode>/..., except the critic-free estimators, which are PPO-mode runs in their own folders
     assert cfg.mode == path.parent.name or (cfg.mode == "ppo" and cfg.algorithm.estimator == path.parent.name)
