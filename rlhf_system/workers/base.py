@@ -24,8 +24,10 @@ class BaseWorker:
 
     def init_dist(self, rank: int, world_size: int, addr: str, port: int | None) -> int:
         from rlhf_system.distributed.deepspeed import dist_init
+        from rlhf_system.distributed.net import pin_gloo_interface
 
         self.rank, self.world_size = rank, world_size
+        pin_gloo_interface()  # the process group and the weight-sync group talk on Ray's network
         dist_init(rank, world_size, addr, port)
         return rank
 

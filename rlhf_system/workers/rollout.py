@@ -31,6 +31,9 @@ class RolloutWorker:
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.cpu_kv_cache_gib))
         os.environ.update(plan.env)  # before vLLM reads its environment: which bundle each TP worker takes
+        from rlhf_system.distributed.net import pin_gloo_interface
+
+        pin_gloo_interface()  # the weight-sync group (and a CPU engine's TP workers) talk on Ray's network
         from vllm import LLM
 
         r, index = cfg.rollout, plan.index

@@ -80,8 +80,10 @@ def _dashboard_up(url: str, token: str) -> bool:
         return False
 
 
-def start_cluster(nodes: list[dict], dashboard: bool = False, deadline_s: float = 180) -> RayCluster:
-    """nodes[0] is the head. Each dict: num_cpus (int), resources (dict, optional)."""
+def start_cluster(nodes: list[dict], dashboard: bool = False, deadline_s: float = 180, hosts=None) -> RayCluster:
+    """nodes[0] is the head. Each dict: num_cpus (int), resources (dict, optional). With `hosts`
+    (netns.make_hosts), node i runs inside host i at its own address; else all nodes use 127.0.0.1."""
+    ips = hosts.addrs if hosts is not None else ["127.0.0.1"] * len(nodes)
     root = Path(tempfile.mkdtemp(prefix="rlhf-ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 chars
     token = root / "token"
     token.write_text(secrets.token_hex(32))
@@ -91,21 +93,23 @@ def start_cluster(nodes: list[dict], dashboard: bool = False, deadline_s: float 
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")  # `rlhf` for job drivers
     port = free_port()
     dash_port = free_port() if dashboard else None
-    cluster = RayCluster(root, env, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash_port}" if dashboard else None)
+    cluster = RayCluster(root, env, f"{ips[0]}:{port}", f"http://{ips[0]}:{dash_port}" if dashboard else None)
     try:
         for i, node in enumerate(nodes):
             # Every port Ray would otherwise take from a fixed default gets a free one (other Ray
             # clusters may be running on this machine).
-            cmd = [RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(node["num_cpus"]),
+            cmd = [RAY, "start", "--block", "--node-ip-address", ips[i], "--num-cpus", str(node["num_cpus"]),
                    "--resources", json.dumps(node.get("resources", {})), "--temp-dir", str(root / "ray"),
                    "--object-store-memory", str(300 * 2**20), "--dashboard-agent-listen-port", str(free_port()),
                    "--disable-usage-stats"]
             if i == 0:
                 cmd += ["--head", "--port", str(port), "--ray-client-server-port", str(free_port())]
-                cmd += (["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port)]
+                cmd += (["--include-dashboard", "true", "--dashboard-host", ips[0], "--dashboard-port", str(dash_port)]
                         if dashboard else ["--include-dashboard", "false"])
             else:
                 cmd += ["--address", cluster.gcs_address]
+            if hosts is not None:
+                cmd = hosts.wrap(i, cmd)
             log = root / f"node{i}.log"
             with open(log, "w") as out:
                 cluster.procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
