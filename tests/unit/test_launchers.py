@@ -228,8 +228,20 @@ def test_manifests_mount_a_read_write_many_claim():
 
 # --------------------------------------------------------------------------------------- commands
 def check_command(cmd: str):
-    """`rlhf train <mode> --config <path> [key=value ...]` whose config passes validation -> the config."""
+    """`rlhf train <mode> --config <path> [key=value ...]` whose config passes validation -> the config.
+    `rlhf bench scale --config <sweep>`: every point of the sweep validates -> a list of their configs."""
     argv = shlex.split(cmd)
+    if argv[:3] == ["rlhf", "bench", "scale"]:
+        from rlhf_system.bench.scale import expand, load_sweep
+
+        assert argv[3] == "--config" and (REPO / argv[4]).is_file(), f"--config SWEEP in the repo: {cmd}"
+        rest = argv[5:]
+        for flag in ("--out", "--steps"):  # the bench's own options, then k=v overrides
+            if flag in rest:
+                i = rest.index(flag)
+                assert i + 1 < len(rest), f"{flag} needs a value: {cmd}"
+                rest = rest[:i] + rest[i + 2:]
+        return [p.cfg for p in expand(load_sweep(str(REPO / argv[4])), rest, argv[4])]
     assert argv[:2] == ["rlhf", "train"] and argv[2] in TRAINERS, f"not an `rlhf train <mode>` command: {cmd}"
     assert argv[3] == "--config", f"--config must follow the mode: {cmd}"
     path = REPO / argv[4]
@@ -251,7 +263,7 @@ def shown_commands() -> list[tuple[str, str]]:
     found = []
     for f in files:
         for line in f.read_text().splitlines():
-            m = re.search(r"(rlhf train \S+ --config \S+.*)$", line)
+            m = re.search(r"(rlhf (?:train \S+|bench scale) --config \S+.*)$", line)
             if m and line.lstrip().startswith("#") and "..." not in line:
                 found.append((f.name, re.sub(r"\s+#.*$|\\$", "", m.group(1)).strip()))
     return found
@@ -259,7 +271,12 @@ def shown_commands() -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("name,doc", RAYJOBS, ids=[n for n, _ in RAYJOBS])
 def test_rayjob_entrypoint_validates_and_fits_cluster(name, doc):
-    cfg = check_command(doc["spec"]["entrypoint"])
+    checked = check_command(doc["spec"]["entrypoint"])
+    for cfg in checked if isinstance(checked, list) else [checked]:  # a sweep: every point must fit
+        check_fits(name, doc, cfg)
+
+
+def check_fits(name: str, doc: dict, cfg) -> None:
     spec = cluster_spec(doc)
     head = spec["headGroupSpec"]
     assert head["rayStartParams"].get("num-gpus") == "0", "the head runs the driver only"
