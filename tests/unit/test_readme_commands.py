@@ -43,6 +43,11 @@ def test_readme_command_parses_and_validates(line):
         return
     args, extra = build_parser().parse_known_args(argv)
     assert not [e for e in extra if e.startswith("-")], extra
+    if argv[0] == "bench" and args.what == "scale":  # a sweep file: every point validates
+        from rlhf_system.bench.scale import expand, load_sweep
+
+        assert expand(load_sweep(args.config), list(args.overrides) + extra, args.config)
+        return
     if argv[0] in ("train", "config", "bench"):
         mode = args.what if argv[0] == "bench" else getattr(args, "mode", None)
         load_config(args.config, list(args.overrides) + extra, mode=mode)
