@@ -30,6 +30,7 @@ class RankData:
     def __init__(self, kind: str, cfg, tokenizer, rank: int, world: int):
         train, evals = run_datasets(kind, cfg, tokenizer)  # cache hits: the controller tokenised first
         self.rank, self.world = rank, world
+        self.noun = "pairs" if kind == "preference" else "samples"  # what errors call a row
         self.global_batch, self.micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
         self.stream = RankStream(train, rank, world) if cfg.data.streaming else None
         self.train = None if self.stream else train
@@ -44,10 +45,10 @@ class RankData:
         """This rank's share of one global batch, cut into micro-batches."""
         if batch is None:
             rows = self.stream.take(self.global_batch // self.world)
-            return [Micro(rows[i:i + self.micro], f"streamed samples {i}-{i + self.micro - 1} of this step")
+            return [Micro(rows[i:i + self.micro], f"streamed {self.noun} {i}-{i + self.micro - 1} of this step")
                     for i in range(0, len(rows), self.micro)]
         shares = rank_micro_batches(batch, self.rank, self.world, self.micro)
-        return [Micro([self.train[i] for i in mb], f"samples {mb} (dataset indices)", mb) for mb in shares]
+        return [Micro([self.train[i] for i in mb], f"{self.noun} {mb} (dataset indices)", mb) for mb in shares]
 
     def state_dict(self) -> dict | None:
         """The stream's position (None for map-style data: the controller's (epoch, position) suffices)."""
