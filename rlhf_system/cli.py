@@ -13,6 +13,7 @@
                                             (--base-quant 4bit|8bit: the base a QLoRA adapter trained on)
     rlhf sample MODEL PROMPTS.jsonl         sample completions with vLLM (or --backend hf)
     rlhf serve-reward --rules synthetic     HTTP reward server (bearer token from $RLHF_REWARD_TOKEN)
+    rlhf feedback make-tasks|serve|simulate|export   collect human feedback (rlhf_system/feedback/cli.py)
 
 Every user error (config, data) is one line on stderr and exit status 2, before any heavy work.
 Heavy imports (torch, transformers, vllm) happen inside the commands that need them.
@@ -276,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.set_defaults(func=cmd_sample)
 
+    from rlhf_system.feedback.cli import add_parser as add_feedback
+
+    add_feedback(sub)
     sub.add_parser("serve-reward", help="HTTP reward server for rewards.remote_url (see rlhf serve-reward -h)")
     sub.add_parser("demo", help="the whole pipeline on the synthetic tasks: data, SFT, RM, PPO, eval table "
                                 "(see rlhf demo -h; launch/demo.sh)")
