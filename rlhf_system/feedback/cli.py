@@ -138,7 +138,8 @@ def run(args) -> int:
         tasks = {t.id: t for t in read_tasks(args.tasks)}
         results = simulate(args.url, {n: access.annotators[n] for n in names}, tasks, rule_judge(args.judge),
                            args.noise, args.seed, args.max_votes or None)
-        print(json.dumps({"annotators": results, "votes": sum(r["votes"] for r in results.values())}))
+        counts = {n: {k: v for k, v in r.items() if k != "acked"} for n, r in results.items()}
+        print(json.dumps({"annotators": counts, "votes": sum(r["votes"] for r in results.values())}))
     else:  # argparse's `required=True` makes this unreachable
         print(f"unknown feedback command {cmd}", file=sys.stderr)
         return 2

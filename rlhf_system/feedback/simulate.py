@@ -5,8 +5,8 @@
     stats = simulate("http://127.0.0.1:8000", access, tasks_by_id, judge, noise=0.1, seed=0)
 
 Each annotator is a thread with its own HTTP connection: next -> judge -> vote, until no task is left.
-A vote whose request fails on the network is sent again with the same vote_id (the server stores it
-once), as the page does. With probability `noise` the judgement is replaced by a uniformly random one.
+A request that fails on the network (or gets a 5xx) is sent again until a deadline, a vote with the
+same vote_id (the server stores it once), as the page does. With probability `noise` the judgement is replaced by a uniformly random one.
 """
 
 from __future__ import annotations
@@ -56,29 +56,35 @@ def decide(task: Task, shown: list[int], judge: Judge, noise: float, rng: random
     return out
 
 
-def post_with_retry(client: httpx.Client, url: str, body: dict, headers: dict, tries: int = 6) -> httpx.Response:
-    """POST, resending the same body (same vote_id) on connection errors and 5xx, with backoff."""
-    for attempt in range(tries):
+def with_retry(send, deadline_s: float) -> httpx.Response:
+    """send() again on connection errors and 5xx answers, with backoff, until `deadline_s` has passed: a
+    server restarting under load loses no vote (a POST resends the same vote_id, stored once)."""
+    end = time.monotonic() + deadline_s
+    delay = 0.05
+    while True:
         try:
-            r = client.post(url, json=body, headers=headers)
+            r = send()
             if r.status_code < 500:
                 return r
-        except httpx.TransportError:
-            if attempt == tries - 1:
-                raise
-        time.sleep(min(2.0, 0.1 * 2 ** attempt))
-    return r
+            failure = f"{r.status_code} {r.text[:200]}"
+        except httpx.TransportError as e:
+            failure = f"{type(e).__name__}: {e}"
+        if time.monotonic() > end:
+            raise RuntimeError(f"no answer from the feedback server within {deadline_s:g}s: {failure}")
+        time.sleep(delay)
+        delay = min(1.0, delay * 2)
 
 
 def annotate(base: str, name: str, token: str, tasks: dict[str, Task], judge: Judge, noise: float, seed: int,
              max_votes: int | None, timeout_s: float) -> dict:
-    """One simulated annotator's session; returns its counts."""
+    """One simulated annotator's session; returns its counts and the vote_ids the server acknowledged."""
     rng = random.Random(f"{seed}/{name}")
     headers = {"Authorization": f"Bearer {token}"}
-    done = retried = 0
+    acked: list[str] = []
+    retried = 0
     with httpx.Client(base_url=base, timeout=timeout_s) as client:
-        while max_votes is None or done < max_votes:
-            r = client.get(f"/api/{name}/next", headers=headers)
+        while max_votes is None or len(acked) < max_votes:
+            r = with_retry(lambda: client.get(f"/api/{name}/next", headers=headers), timeout_s)
             r.raise_for_status()
             data = r.json()
             if data["task"] is None:
@@ -86,12 +92,12 @@ def annotate(base: str, name: str, token: str, tasks: dict[str, Task], judge: Ju
             task = tasks[data["task"]["id"]]
             body = {"vote_id": uuid.uuid4().hex, "task_id": task.id, "shown": data["shown"],
                     "seconds": rng.uniform(2, 20), **decide(task, data["shown"], judge, noise, rng)}
-            r = post_with_retry(client, f"/api/{name}/vote", body, headers)
+            r = with_retry(lambda: client.post(f"/api/{name}/vote", json=body, headers=headers), timeout_s)
             if r.status_code != 200:
                 raise RuntimeError(f"annotator {name}: vote on {task.id} refused: {r.status_code} {r.text[:200]}")
-            done += 1
+            acked.append(body["vote_id"])
             retried += not r.json()["stored"]
-    return {"votes": done, "already_stored": retried}
+    return {"votes": len(acked), "already_stored": retried, "acked": acked}
 
 
 def simulate(base: str, annotators: dict[str, str], tasks: dict[str, Task], judge: Judge, noise: float = 0.0,

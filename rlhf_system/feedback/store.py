@@ -3,7 +3,7 @@ server killed at any moment.
 
     store = Store("feedback.db")
     store.add_tasks(tasks)                       # idempotent; a changed task under a stored id is an error
-    task = store.next_task("alice", overlap=2)   # the next task alice has not voted on, or None
+    task = store.next_task("alice", overlap=2)   # alice's task now (leased to her), or None when done
     new = store.record("alice", vote)            # False when this vote_id was already stored (a retry)
 
 Durability: every vote is one transaction, committed with synchronous=FULL before the server answers,
@@ -31,7 +31,10 @@ CREATE TABLE IF NOT EXISTS votes (
     body TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (annotator, vote_id));
 CREATE UNIQUE INDEX IF NOT EXISTS one_vote_per_task ON votes (annotator, task_id);
 CREATE INDEX IF NOT EXISTS votes_by_task ON votes (task_id);
+CREATE TABLE IF NOT EXISTS leases (
+    annotator TEXT PRIMARY KEY, task_id TEXT NOT NULL REFERENCES tasks(id), leased REAL NOT NULL);
 """
+LEASE_S = 1800.0  # a task handed out and not voted on within this goes back to the pool
 
 
 class VoteConflict(ValueError):
@@ -88,14 +91,37 @@ class Store:
     def count_tasks(self) -> int:
         return self._con().execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
 
-    def next_task(self, annotator: str, overlap: int) -> Task | None:
-        """The first task (in file order) that this annotator has not voted on and that fewer than `overlap`
-        annotators have: a restarted server, or a reloaded page, resumes exactly there."""
-        row = self._con().execute(
-            "SELECT t.body FROM tasks t WHERE NOT EXISTS (SELECT 1 FROM votes v WHERE v.task_id = t.id AND "
-            "v.annotator = ?) AND (SELECT COUNT(*) FROM votes v WHERE v.task_id = t.id) < ? ORDER BY t.seq LIMIT 1",
-            (annotator, overlap)).fetchone()
-        return None if row is None else parse_task(json.loads(row[0]), str(self.path))
+    def next_task(self, annotator: str, overlap: int, lease_s: float = LEASE_S) -> Task | None:
+        """The task this annotator holds (a reload or a restarted server shows it again), else the first
+        task in file order that they have not voted on and that fewer than `overlap` others have voted on
+        or hold. Handing it out leases it to them, so concurrent annotators get different tasks."""
+        con = self._con()
+        now = time.time()
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            held = con.execute("SELECT t.body FROM leases l JOIN tasks t ON t.id = l.task_id WHERE l.annotator = ? "
+                               "AND NOT EXISTS (SELECT 1 FROM votes v WHERE v.annotator = ? AND v.task_id = l.task_id)",
+                               (annotator, annotator)).fetchone()
+            if held is not None:
+                con.execute("UPDATE leases SET leased = ? WHERE annotator = ?", (now, annotator))
+                con.execute("COMMIT")
+                return parse_task(json.loads(held[0]), str(self.path))
+            row = con.execute(
+                "SELECT t.id, t.body FROM tasks t WHERE NOT EXISTS (SELECT 1 FROM votes v WHERE v.task_id = t.id AND "
+                "v.annotator = ?) AND (SELECT COUNT(*) FROM votes v WHERE v.task_id = t.id) + (SELECT COUNT(*) FROM "
+                "leases l WHERE l.task_id = t.id AND l.annotator != ? AND l.leased > ?) < ? ORDER BY t.seq LIMIT 1",
+                (annotator, annotator, now - lease_s, overlap)).fetchone()
+            if row is None:
+                con.execute("DELETE FROM leases WHERE annotator = ?", (annotator,))
+            else:
+                con.execute("INSERT OR REPLACE INTO leases (annotator, task_id, leased) VALUES (?, ?, ?)",
+                            (annotator, row[0], now))
+            con.execute("COMMIT")
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+        return None if row is None else parse_task(json.loads(row[1]), str(self.path))
 
     # ------------------------------------------------------------------------------------ votes
     def record(self, annotator: str, vote: dict) -> bool:
@@ -116,6 +142,7 @@ class Store:
                              time.time()))
             except sqlite3.IntegrityError:
                 raise VoteConflict(f"{annotator} already voted on task {vote['task_id']}") from None
+            con.execute("DELETE FROM leases WHERE annotator = ? AND task_id = ?", (annotator, vote["task_id"]))
             con.execute("COMMIT")
         except BaseException:
             if con.in_transaction:

@@ -82,14 +82,27 @@ def test_oversized_body_is_refused(client):
     assert client.post("/api/alice/vote", json=body, headers=ALICE).status_code == 413
 
 
-def test_overlap_limits_how_many_annotators_see_a_task(client, store, access):
+def test_overlap_and_leases_decide_who_sees_a_task(tmp_path, access):
+    """overlap 1: a task handed to alice (leased, not yet voted) is not handed to bob; overlap 2: once alice
+    has voted, bob gets the same task for agreement."""
     from fastapi.testclient import TestClient
 
     from rlhf_system.feedback.app import make_app
+    from rlhf_system.feedback.store import Store
+    from tests.unit.feedback.conftest import pair_task
 
-    one = TestClient(make_app(store, access, overlap=1))
-    data = next_task(one)
-    one.post("/api/alice/vote", json={"vote_id": "v1", "task_id": data["task"]["id"], "shown": data["shown"],
-                                      "choice": "tie"}, headers=ALICE)
-    assert next_task(one, "bob", "tok-bob")["task"]["id"] != data["task"]["id"]
-    assert next_task(client, "bob", "tok-bob")["task"]["id"] == data["task"]["id"]  # overlap 2: bob sees it too
+    bob = {"Authorization": "Bearer tok-bob"}
+    for overlap, bob_first, bob_then in ((1, "t001", "t002"), (2, "t000", "t001")):
+        store = Store(tmp_path / f"o{overlap}.db")
+        store.add_tasks([pair_task(i) for i in range(3)])
+        c = TestClient(make_app(store, access, overlap=overlap))
+        mine = next_task(c)
+        assert mine["task"]["id"] == "t000"
+        theirs = next_task(c, "bob", "tok-bob")
+        assert theirs["task"]["id"] == bob_first  # overlap 1: alice holds t000, so bob gets the next one
+        c.post("/api/alice/vote", json={"vote_id": "v1", "task_id": "t000", "shown": mine["shown"], "choice": "tie"},
+               headers=ALICE)
+        assert next_task(c, "bob", "tok-bob") == theirs  # bob keeps the task he holds
+        c.post("/api/bob/vote", json={"vote_id": "v2", "task_id": bob_first, "shown": theirs["shown"],
+                                      "choice": "tie"}, headers=bob)
+        assert next_task(c, "bob", "tok-bob")["task"]["id"] == bob_then
