@@ -92,7 +92,7 @@ def annotate(base: str, name: str, token: str, tasks: dict[str, Task], judge: Ju
             task = tasks[data["task"]["id"]]
             body = {"vote_id": uuid.uuid4().hex, "task_id": task.id, "shown": data["shown"],
                     "seconds": rng.uniform(2, 20), **decide(task, data["shown"], judge, noise, rng)}
-            r = with_retry(lambda: client.post(f"/api/{name}/vote", json=body, headers=headers), timeout_s)
+            r = with_retry(lambda body=body: client.post(f"/api/{name}/vote", json=body, headers=headers), timeout_s)
             if r.status_code != 200:
                 raise RuntimeError(f"annotator {name}: vote on {task.id} refused: {r.status_code} {r.text[:200]}")
             acked.append(body["vote_id"])

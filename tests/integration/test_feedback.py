@@ -187,3 +187,26 @@ def test_a_bad_tasks_file_is_one_line_and_keeps_the_database(tasks_file, tmp_pat
     assert out.stderr.strip().splitlines()[-1] == f"error: {bad}:2: task x: needs at least 2 responses to compare, has 0"
     assert Store(server.db).count_tasks() == 1000
     assert os.stat(server.tokens).st_mode & 0o077 == 0  # the tokens file is its owner's alone
+
+
+def test_tasks_from_two_checkpoints_then_the_cli_annotators(small_model, kit_model, synthetic_dir, tmp_path):
+    """The README's loop by its commands: make-tasks samples two checkpoints (HF generate here), serve,
+    simulate, export."""
+    tasks_path = tmp_path / "tasks.jsonl"
+    made = json.loads(rlhf("feedback", "make-tasks", "--prompts", str(synthetic_dir / "rl_test_seen.jsonl"),
+                           "--limit", "6", "--models", f"small={small_model['policy']},kit={kit_model['policy']}",
+                           "--backend", "hf", "--max-new-tokens", "8", "--out", str(tasks_path)).stdout)
+    assert made == {"tasks": 6, "pairwise": 6, "ranking": 0, "out": str(tasks_path)}
+    made_tasks = read_tasks(tasks_path)
+    assert all({r.model for r in t.responses} == {"small", "kit"} and "answer" in t.meta for t in made_tasks)
+    server = Server(tmp_path, tasks_path, ["alice", "bob"]).start()
+    try:
+        out = json.loads(rlhf("feedback", "simulate", "--url", server.url, "--tokens", str(server.tokens),
+                              "--tasks", str(tasks_path), "--noise", "0.1").stdout)
+    finally:
+        server.stop()
+    assert out["votes"] == 6 and set(out["annotators"]) == {"alice", "bob"}
+    prefs = tmp_path / "prefs.jsonl"
+    stats = json.loads(rlhf("feedback", "export", "--db", str(server.db), "--out", str(prefs), "--keep-ties",
+                            "--keep-both-bad").stdout)
+    assert stats["votes"] == 6 and stats["rows"] == 6
