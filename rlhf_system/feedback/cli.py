@@ -1,10 +1,11 @@
-"""`rlhf feedback ...`: make-tasks, serve, export, simulate (the subcommands of rlhf_system/cli.py).
+"""`rlhf feedback ...`: make-tasks, serve, simulate, export, report (subcommands of rlhf_system/cli.py).
 
     rlhf feedback make-tasks --prompts P.jsonl --models sft=runs/demo/sft/hf,base=runs/demo/tiny/policy --out T.jsonl
     rlhf feedback make-tasks --responses R.jsonl --k 2 --out T.jsonl
     rlhf feedback serve --tasks T.jsonl --db F.db --tokens tokens.json --annotators alice,bob [--overlap 2]
     rlhf feedback simulate --url http://127.0.0.1:8000 --tokens tokens.json --tasks T.jsonl --noise 0.1
     rlhf feedback export --db F.db --out prefs.jsonl [--format ranking] [--keep-ties] [--min-agreement 0.7]
+    rlhf feedback report --db F.db --out runs/feedback/report
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("feedback", help="collect human feedback: make-tasks, serve (web app), simulate, export")
+    p = sub.add_parser("feedback", help="collect human feedback: make-tasks, serve (web app), simulate, export, report")
     fsub = p.add_subparsers(dest="feedback_cmd", required=True)
 
     m = fsub.add_parser("make-tasks", help="comparison tasks from checkpoints' samples or a file of responses")
@@ -48,6 +49,12 @@ def add_parser(sub) -> None:
     x.add_argument("--keep-ties", action="store_true")
     x.add_argument("--keep-both-bad", action="store_true")
     x.add_argument("--min-agreement", type=float, default=0.0, help="share of a task's votes agreeing with its majority")
+
+    r = fsub.add_parser("report", help="agreement, model win rates and ratings, position bias, speed: md + PNG")
+    r.add_argument("--db", required=True)
+    r.add_argument("--out", required=True, help="folder for report.md, report.json, models.png, speed.png")
+    r.add_argument("--bootstrap", type=int, default=200, help="resamples for the rating intervals")
+    r.add_argument("--seed", type=int, default=0)
 
     v = fsub.add_parser("simulate", help="simulated annotators voting through the HTTP API")
     v.add_argument("--url", required=True)
@@ -128,6 +135,19 @@ def run(args) -> int:
                                   args.min_agreement)
         write_jsonl(rows, args.out)
         print(json.dumps({**stats, "out": args.out}))
+    elif cmd == "report":
+        from rlhf_system.feedback.report import make_report, write_report
+        from rlhf_system.feedback.store import Store
+
+        if not Path(args.db).exists():
+            from rlhf_system.data.sources import DataError
+
+            raise DataError(f"{args.db}: no such feedback database")
+        report = make_report(Store(args.db), args.bootstrap, args.seed)
+        write_report(report, args.out)
+        print(json.dumps({"votes": report["votes"], "krippendorff_alpha": report["agreement"]["krippendorff_alpha"],
+                          "models": {m: round(s["win_rate"], 3) for m, s in report["models"].items()},
+                          "out": args.out}))
     elif cmd == "simulate":
         from rlhf_system.feedback.app import Access
         from rlhf_system.feedback.simulate import rule_judge, simulate

@@ -210,3 +210,8 @@ def test_tasks_from_two_checkpoints_then_the_cli_annotators(small_model, kit_mod
     stats = json.loads(rlhf("feedback", "export", "--db", str(server.db), "--out", str(prefs), "--keep-ties",
                             "--keep-both-bad").stdout)
     assert stats["votes"] == 6 and stats["rows"] == 6
+    report = json.loads(rlhf("feedback", "report", "--db", str(server.db), "--out", str(tmp_path / "report"),
+                             "--bootstrap", "50").stdout)
+    assert report["votes"] == 6 and set(report["models"]) <= {"small", "kit"}
+    assert (tmp_path / "report" / "report.md").read_text().startswith("# Feedback report")
+    assert (tmp_path / "report" / "speed.png").stat().st_size > 1000

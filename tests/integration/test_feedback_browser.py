@@ -128,4 +128,6 @@ def test_an_annotator_in_chromium(tmp_path, small_model):
          "train.global_batch_size=2", "train.micro_batch_size=2", "logging.console=false",
          "checkpoint.export_hf=false")
     assert json.loads((run / "result.json").read_text())["steps"] == 2
+    rlhf("feedback", "report", "--db", str(server.db), "--out", str(shots / "report"), "--bootstrap", "50")
+    assert (shots / "report" / "models.png").stat().st_size > 2000  # the report's picture of the models
     assert (shots / "annotate.png").stat().st_size > 5000 and Path(shots / "admin.png").stat().st_size > 2000
