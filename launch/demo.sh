@@ -8,7 +8,9 @@
 #   4. RM      rlhf train rm  --config configs/rm/tiny-cpu.yaml            -> runs/demo/rm
 #   5. PPO     rlhf train ppo --config configs/ppo/tiny-cpu.yaml           -> runs/demo/ppo
 #   6. eval    base vs SFT vs RLHF: the alignment table                    -> runs/demo/report.md
-# Options: --smoke (every stage at toy size, under 3 minutes: what CI runs), --out DIR.
+# Options: --smoke (every stage at toy size, under 3 minutes: what CI runs), --out DIR, --with-feedback
+# (after the RM: simulated annotators judge pairs of SFT samples in the feedback app, and a reward model
+# trained on their votes is reported beside the synthetic-pair one).
 # The pipeline itself is rlhf_system/demo.py (`rlhf demo`).
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 exec rlhf demo "$@"

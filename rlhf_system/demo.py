@@ -8,6 +8,8 @@ synthetic tasks and a tiny model, on CPU.
     4. rm          reward model on the pairs     rlhf train rm  --config configs/rm/tiny-cpu.yaml
     5. ppo         PPO against the reward model plus the rule verifiers
                                                  rlhf train ppo --config configs/ppo/tiny-cpu.yaml
+       feedback    (--with-feedback) simulated annotators judge pairs of SFT samples in the feedback app
+                   (rlhf feedback ...); a reward model trained on the export is reported beside stage 4's
     6. eval        base, SFT and RLHF on held-out prompts (seen families + the unseen `sort` family):
                    the alignment table (eval/alignment.py) -> report.md, eval.json
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -37,15 +40,18 @@ class Sizes:
     ppo: tuple[str, ...]
     eval_limit: int
     stage_timeout_s: int
+    feedback_prompts: int  # --with-feedback: SFT prompts sampled twice for the simulated annotators
 
 
 FULL = Sizes(4000, 400, sft=("train.epochs=5",), rm=("train.epochs=2",),
-             ppo=(), eval_limit=400, stage_timeout_s=1800)
+             ppo=(), eval_limit=400, stage_timeout_s=1800, feedback_prompts=2000)
 SMOKE = Sizes(200, 40, sft=("train.epochs=1", "train.eval_every=0"), rm=("train.epochs=1",),
               ppo=("train.max_steps=2", "train.eval_every=0", "train.rollout_batch_size=8",
                    "train.global_batch_size=16", "train.micro_batch_size=8", "train.max_eval_samples=16",
                    "rollout.max_new_tokens=16"),
-              eval_limit=20, stage_timeout_s=600)
+              eval_limit=20, stage_timeout_s=600, feedback_prompts=48)
+FEEDBACK_NOISE = 0.1
+FEEDBACK_ANNOTATORS = [f"sim{i}" for i in range(5)]
 DEMO_FLAWS = 0.3
 STAGES = ("data", "model", "sft", "rm", "ppo", "eval")
 EXPECTED_MIN = {"data": 0.1, "model": 0.1, "sft": 1.6, "rm": 1.6, "ppo": 2.8, "eval": 0.3}  # measured 2026-12-02, 2 cores
@@ -78,8 +84,11 @@ def data_overrides(d: Path, train: str, eval_: list[str]) -> list[str]:
     return [f"data.train=[{{path: {d / train}}}]", f"data.eval=[{evals}]"]
 
 
-def run(out: str | Path = "runs/demo", smoke: bool = False, extra: dict[str, list[str]] | None = None) -> dict:
-    """Run the pipeline into `out`; returns the evaluation report. `extra`: more overrides per stage."""
+def run(out: str | Path = "runs/demo", smoke: bool = False, extra: dict[str, list[str]] | None = None,
+        with_feedback: bool = False) -> dict:
+    """Run the pipeline into `out`; returns the evaluation report. `extra`: more overrides per stage.
+    `with_feedback`: after the reward model, collect simulated feedback on SFT samples and train a second
+    reward model on it (feedback_stage)."""
     from rlhf_system.data.synthetic import write_dataset
     from rlhf_system.models.tiny import TinySpec, make_tiny_model
 
@@ -106,6 +115,8 @@ def run(out: str | Path = "runs/demo", smoke: bool = False, extra: dict[str, lis
     rlhf(["train", "rm", "--config", "configs/rm/tiny-cpu.yaml", f"model.path={runs['sft'] / 'hf'}",
           f"run_dir={runs['rm']}", *data_overrides(d, "pref_train.jsonl", ["pref_test.jsonl"]),
           *sizes.rm, *quiet, *extra.get("rm", [])], sizes.stage_timeout_s)
+    if with_feedback:
+        feedback_stage(out, d, runs, sizes, quiet, t0)
 
     header(5, "ppo", "PPO: actor, critic, reference, reward + vLLM engine on Ray", smoke, t0)
     rlhf(["train", "ppo", "--config", "configs/ppo/tiny-cpu.yaml", f"model.path={runs['sft'] / 'hf'}",
@@ -115,9 +126,71 @@ def run(out: str | Path = "runs/demo", smoke: bool = False, extra: dict[str, lis
 
     header(6, "eval", "base vs SFT vs RLHF on held-out prompts (greedy)", smoke, t0)
     report = evaluate(out, tiny / "policy", runs, d, sizes.eval_limit)
-    check_outputs(out)
+    check_outputs(out, with_feedback)
     print(f"\n{(out / 'report.md').read_text()}\nDone in {time.perf_counter() - t0:.0f}s. Run folder: {out}")
     return report
+
+
+def feedback_stage(out: Path, d: Path, runs: dict[str, Path], sizes: Sizes, quiet: list[str], t0: float) -> None:
+    """Collecting human feedback, simulated: two SFT samples per training prompt become pairwise tasks;
+    the feedback app serves them to simulated annotators (the rule verifiers with 10% noise, two per
+    task); the export trains a reward model like stage 4's, whose held-out pair accuracy the report
+    shows beside the one trained on the synthetic pairs."""
+    from rlhf_system.feedback.app import Access
+    from rlhf_system.feedback.serve import Background
+    from rlhf_system.feedback.simulate import rule_judge, simulate
+    from rlhf_system.feedback.tasks import read_tasks
+
+    fb = out / "feedback"
+    print(f"\n=== feedback: simulated annotators judge SFT samples in the feedback app -> {fb} "
+          f"(elapsed {time.perf_counter() - t0:.0f}s) ===", flush=True)
+    # A re-run samples new responses: it starts from an empty database (the app refuses changed tasks
+    # under stored ids, so that nothing already collected is overwritten).
+    shutil.rmtree(fb, ignore_errors=True)
+    tasks = fb / "tasks.jsonl"
+    rlhf(["feedback", "make-tasks", "--prompts", str(d / "rl_train.jsonl"), "--limit", str(sizes.feedback_prompts),
+          "--models", f"sft={runs['sft'] / 'hf'}", "--samples", "2", "--max-new-tokens", "24", "--out", str(tasks)],
+         sizes.stage_timeout_s)
+    by_id = {t.id: t for t in read_tasks(tasks)}
+    with Background(tasks, fb / "feedback.db", fb / "tokens.json", FEEDBACK_ANNOTATORS, overlap=2) as url:
+        access = Access.load(fb / "tokens.json")
+        simulate(url, access.annotators, by_id, rule_judge("synthetic"), noise=FEEDBACK_NOISE, seed=0)
+    rlhf(["feedback", "export", "--db", str(fb / "feedback.db"), "--out", str(fb / "prefs.jsonl")], 300)
+    rlhf(["feedback", "report", "--db", str(fb / "feedback.db"), "--out", str(fb / "report")], 300)
+    # Pairs of one model's samples are often equally good (both right, or both wrong): only the decisive
+    # ones are exported, so the batch shrinks to what there is (the shipped config's 32 pairs at most).
+    pairs = sum(1 for _ in (fb / "prefs.jsonl").open())
+    if pairs < 2:
+        raise SystemExit(f"demo: the simulated annotators found only {pairs} decisive pair(s) among the SFT samples")
+    batch = min(32, 1 << (pairs.bit_length() - 1))
+    rlhf(["train", "rm", "--config", "configs/rm/tiny-cpu.yaml", f"model.path={runs['sft'] / 'hf'}",
+          f"run_dir={out / 'rm-feedback'}", f"data.train=[{{path: {fb / 'prefs.jsonl'}}}]",
+          f"data.eval=[{{path: {d / 'pref_test.jsonl'}}}]", f"train.global_batch_size={batch}",
+          f"train.micro_batch_size={min(16, batch)}", *sizes.rm, *quiet], sizes.stage_timeout_s)
+
+
+def feedback_outputs(out: Path) -> list[Path]:
+    return [out / "feedback" / "prefs.jsonl", out / "feedback" / "report" / "report.md",
+            out / "rm-feedback" / "result.json"]
+
+
+def feedback_lines(out: Path, rm: dict) -> list[str]:
+    """The report's lines on the feedback-trained reward model, when the stage ran."""
+    path = out / "rm-feedback" / "result.json"
+    if not path.exists():
+        return []
+    fed = json.loads(path.read_text())
+    pairs = sum(1 for _ in (out / "feedback" / "prefs.jsonl").open())
+    synthetic = sum(1 for _ in (out / "data" / "pref_train.jsonl").open())
+    report = json.loads((out / "feedback" / "report" / "report.json").read_text())
+    alpha = report["agreement"]["krippendorff_alpha"]
+    return ["", "## Reward model from (simulated) human feedback", "",
+            f"{report['votes']} votes by {len(report['annotators'])} simulated annotators "
+            f"({FEEDBACK_NOISE:.0%} noise, two per task) on pairs of SFT samples; {pairs} decisive pairs exported; "
+            f"Krippendorff's alpha {alpha if alpha is None else round(alpha, 3)}.", "",
+            "| reward model trained on | pairs | held-out pair accuracy |", "|---|---|---|",
+            f"| synthetic pairs (stage 4) | {synthetic} | {rm['final'].get('eval_accuracy', float('nan')):.3f} |",
+            f"| simulated feedback on SFT samples | {pairs} | {fed['final'].get('eval_accuracy', float('nan')):.3f} |"]
 
 
 def evaluate(out: Path, base: Path, runs: dict[str, Path], d: Path, limit: int) -> dict:
@@ -155,7 +228,7 @@ def evaluate(out: Path, base: Path, runs: dict[str, Path], d: Path, limit: int) 
         f"- Reward model: held-out pair accuracy {rm['final'].get('eval_accuracy', float('nan')):.3f} "
         f"({rm['steps']} steps, {rm['seconds']:.0f}s)",
         f"- PPO: {ppo['steps']} steps, {ppo['seconds']:.0f}s; plots in ppo/plots/ (reward.png, kl.png, "
-        "held_out_reward.png, ppo_loss.png, time_split.png)", ""]
+        "held_out_reward.png, ppo_loss.png, time_split.png)", *feedback_lines(out, rm), ""]
     (out / "report.md").write_text("\n".join(lines))
     return report
 
@@ -181,8 +254,9 @@ def expected_outputs(out: Path) -> list[Path]:
     return files
 
 
-def check_outputs(out: Path) -> None:
-    missing = [str(p) for p in expected_outputs(out) if not p.exists()]
+def check_outputs(out: Path, with_feedback: bool = False) -> None:
+    files = expected_outputs(out) + (feedback_outputs(out) if with_feedback else [])
+    missing = [str(p) for p in files if not p.exists()]
     if missing:
         raise SystemExit(f"demo: stages finished but these outputs are missing: {', '.join(missing)}")
 
@@ -193,6 +267,9 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="rlhf demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("RLHF_DEMO_OUT", "runs/demo"))
     p.add_argument("--smoke", action="store_true", help="tiny sizes (CI): every stage runs and writes its outputs")
+    p.add_argument("--with-feedback", action="store_true",
+                   help="after the reward model: simulated annotators judge pairs of SFT samples in the feedback "
+                        "app, and a reward model trained on their votes is reported beside the synthetic-pair one")
     args = p.parse_args(argv)
-    run(args.out, args.smoke)
+    run(args.out, args.smoke, with_feedback=args.with_feedback)
     return 0

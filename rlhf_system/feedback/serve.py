@@ -61,3 +61,56 @@ def serve(tasks: str | None, db: str, tokens: str, names: list[str], host: str, 
         print(f"[feedback] {name}: http://{host}:{port}/annotate/{name}#token={token}", file=sys.stderr)
     print(f"[feedback] admin: http://{host}:{port}/admin#token={access.admin}", file=sys.stderr)
     uvicorn.run(make_app(store, access, overlap, max_body), host=host, port=port, log_level="warning")
+
+
+class Background:
+    """`rlhf feedback serve` in a child process, for scripts (the demo's feedback stage):
+
+        with Background(tasks, db, tokens, ["a1", "a2"], overlap=2) as url:
+            ...   # http://127.0.0.1:PORT answers
+
+    Entering waits, with a deadline, until the server answers; leaving stops it (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, tasks: str | Path, db: str | Path, tokens: str | Path, names: list[str], overlap: int = 1,
+                 deadline_s: float = 120.0):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "rlhf_system.cli", "feedback", "serve", "--tasks", str(tasks), "--db", str(db),
+                    "--tokens", str(tokens), "--annotators", ",".join(names), "--port", str(self.port),
+                    "--overlap", str(overlap)]
+        self.deadline_s, self.proc = deadline_s, None
+
+    def __enter__(self) -> str:
+        import subprocess
+        import time
+
+        import httpx
+
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL)
+        end = time.monotonic() + self.deadline_s
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the feedback server exited with status {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.url}/admin", timeout=2).status_code == 200:
+                    return self.url
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.__exit__()
+        raise TimeoutError(f"the feedback server did not answer within {self.deadline_s:g}s")
+
+    def __exit__(self, *exc) -> None:
+        import subprocess
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)

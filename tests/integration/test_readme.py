@@ -22,16 +22,19 @@ def test_readme_config_command():
 
 
 def test_demo_smoke_runs_every_stage(tmp_path):
-    """`bash launch/demo.sh --smoke` (CI's variant of the main job): data, tiny model, SFT, reward model,
-    PPO and the base / SFT / RLHF evaluation at toy sizes; every stage leaves its outputs."""
-    from rlhf_system.demo import expected_outputs
+    """`bash launch/demo.sh --smoke --with-feedback` (CI's variant of the main job): data, tiny model, SFT,
+    reward model, simulated feedback on SFT samples through the feedback app and a reward model trained on
+    it, PPO and the base / SFT / RLHF evaluation at toy sizes; every stage leaves its outputs."""
+    from rlhf_system.demo import expected_outputs, feedback_outputs
 
     out_dir = tmp_path / "demo"
-    out = subprocess.run(["bash", "launch/demo.sh", "--smoke", "--out", str(out_dir)], cwd=REPO, capture_output=True,
-                         text=True, timeout=900, stdin=subprocess.DEVNULL, env={**os.environ, "CI": "true"})
+    out = subprocess.run(["bash", "launch/demo.sh", "--smoke", "--with-feedback", "--out", str(out_dir)], cwd=REPO,
+                         capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,
+                         env={**os.environ, "CI": "true"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    for path in expected_outputs(out_dir):
+    for path in expected_outputs(out_dir) + feedback_outputs(out_dir):
         assert path.exists(), path
+    assert "| simulated feedback on SFT samples |" in (out_dir / "report.md").read_text()
     for stage in ("1/6: data", "3/6: sft", "4/6: rm", "5/6: ppo", "6/6: eval"):
         assert f"stage {stage}" in out.stdout, stage
     manifest = json.loads((out_dir / "data" / "manifest.json").read_text())
