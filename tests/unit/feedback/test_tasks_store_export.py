@@ -110,3 +110,24 @@ def test_export_of_an_empty_store_is_one_line(tmp_path):
     with pytest.raises(DataError, match="no votes to export yet"):
         export_rows(Store(tmp_path / "empty.db"))
 
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    """Bad input to `rlhf feedback`: one line on stderr, exit status 2, before any sampling or serving."""
+    from rlhf_system.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "q"}\n')
+    cases = [
+        (["make-tasks", "--prompts", str(prompts), "--models", "nope=/no/such/model", "--out", str(tmp_path / "t.jsonl")],
+         "--models nope: '/no/such/model' is not a model folder"),
+        (["make-tasks", "--prompts", str(prompts), "--out", str(tmp_path / "t.jsonl")], "give either --responses"),
+        (["export", "--db", str(tmp_path / "missing.db"), "--out", str(tmp_path / "x.jsonl")], "no such feedback database"),
+        (["report", "--db", str(Store(tmp_path / "empty.db").path), "--out", str(tmp_path / "r")], "no votes to report"),
+        (["serve", "--db", str(tmp_path / "empty2.db"), "--tokens", str(tmp_path / "tok.json")], "no tasks"),
+    ]
+    for argv, needle in cases:
+        rc = main(["feedback", *argv])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "t.jsonl").exists() and not (tmp_path / "x.jsonl").exists()
