@@ -46,7 +46,7 @@ def check_jsonl(path: Path) -> int:
     rows = 0
     with path.open("rb") as f:
         for lineno, line in enumerate(f, start=1):
-            _parse_line(path, lineno, line)
+            parse_jsonl_line(path, lineno, line)
             rows += 1
     return rows
 
@@ -57,10 +57,11 @@ def _jsonl_rows(paths: list[str]):
     for path in paths:
         with open(path, "rb") as f:
             for lineno, line in enumerate(f, start=1):
-                yield _parse_line(path, lineno, line)
+                yield parse_jsonl_line(path, lineno, line)
 
 
-def _parse_line(path, lineno: int, line: bytes) -> dict:
+def parse_jsonl_line(path, lineno: int, line: bytes) -> dict:
+    """One JSONL line as a JSON object, or a DataError naming path:lineno (blank, malformed, not an object)."""
     if not line.strip():
         raise DataError(f"{path}:{lineno}: blank line in JSONL (one JSON object per line expected)")
     try:

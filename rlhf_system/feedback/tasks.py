@@ -19,7 +19,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rlhf_system.data.sources import DataError
+from rlhf_system.data.sources import DataError, parse_jsonl_line
 
 
 @dataclass
@@ -87,13 +87,7 @@ def read_tasks(path: str | Path) -> list[Task]:
     with path.open("rb") as f:
         for lineno, line in enumerate(f, start=1):
             where = f"{path}:{lineno}"
-            if not line.strip():
-                raise DataError(f"{where}: blank line in JSONL (one task per line expected)")
-            try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DataError(f"{where}: malformed JSON line: {getattr(e, 'msg', str(e))}") from None
-            task = parse_task(obj, where)
+            task = parse_task(parse_jsonl_line(path, lineno, line), where)
             if task.id in seen:
                 raise DataError(f"{where}: duplicate task id {task.id!r} (first at line {seen[task.id]})")
             seen[task.id] = lineno

@@ -88,6 +88,18 @@ class Server:
         return json.loads(self.tokens.read_text())["annotators"]
 
 
+def collect_and_export(tmp_path: Path, tasks_path: Path, names: list[str], out: Path, **sim) -> Server:
+    """Serve the tasks, let simulated annotators (rule verifier) vote, stop, `rlhf feedback export`."""
+    tasks = {t.id: t for t in read_tasks(tasks_path)}
+    server = Server(tmp_path, tasks_path, names).start()
+    try:
+        simulate(server.url, server.access(), tasks, rule_judge("synthetic"), **sim)
+    finally:
+        server.stop()
+    rlhf("feedback", "export", "--db", str(server.db), "--out", str(out))
+    return server
+
+
 NAMES = [f"ann{i:02d}" for i in range(20)]
 
 
@@ -159,14 +171,8 @@ def test_votes_survive_a_sigkill_under_load(tasks_file, tmp_path):
 
 def test_export_trains_a_reward_model(tasks_file, tmp_path, small_model):
     """Simulated votes on 64 tasks -> `rlhf feedback export` -> `rlhf train rm` reads it as it is (2 steps)."""
-    tasks = {t.id: t for t in read_tasks(tasks_file)}
-    server = Server(tmp_path, tasks_file, NAMES[:2]).start()
-    try:
-        simulate(server.url, server.access(), tasks, rule_judge("synthetic"), seed=2, max_votes=32)
-    finally:
-        server.stop()
     out = tmp_path / "prefs.jsonl"
-    rlhf("feedback", "export", "--db", str(server.db), "--out", str(out))
+    collect_and_export(tmp_path, tasks_file, NAMES[:2], out, seed=2, max_votes=32)
     run = tmp_path / "rm"
     rlhf("train", "rm", "--config", "configs/rm/tiny-cpu.yaml", f"model.path={small_model['policy']}",
          f"run_dir={run}", f"data.train=[{{path: {out}}}]", f"data.eval=[{{path: {out}}}]", "train.max_steps=2",
@@ -225,13 +231,8 @@ def test_reward_model_on_noisy_simulated_feedback_matches_clean_pairs(sft_run, s
     0.05 of the clean one (measured: see the printed line)."""
     tasks_path = write_tasks(synthetic_tasks(synthetic_dir / "pref_train.jsonl", 600), tmp_path / "tasks.jsonl")
     tasks = {t.id: t for t in read_tasks(tasks_path)}
-    server = Server(tmp_path, tasks_path, NAMES[:10]).start()
-    try:
-        simulate(server.url, server.access(), tasks, rule_judge("synthetic"), noise=0.1, seed=3)
-    finally:
-        server.stop()
     feedback = tmp_path / "feedback.jsonl"
-    rlhf("feedback", "export", "--db", str(server.db), "--out", str(feedback))
+    collect_and_export(tmp_path, tasks_path, NAMES[:10], feedback, noise=0.1, seed=3)
     exported = [json.loads(line) for line in feedback.read_text().splitlines()]
     flipped = sum(r["chosen_model"] == "bad" for r in exported)
     clean = tmp_path / "clean.jsonl"
