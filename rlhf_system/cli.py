@@ -288,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from rlhf_system.data.sources import DataError
+    from rlhf_system.rewards.registry import RewardError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve-reward"]:  # its own parser (rewards/server.py): options pass through untouched
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, RewardError) as e:  # bad input: one line, before expensive work
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:

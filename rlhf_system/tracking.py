@@ -86,7 +86,9 @@ class Tracker:
             self._wandb.finish()
         if self._tb is not None:
             self._tb.close()
-        return plot_metrics(self.path, self.run_dir / "plots") if self.cfg.plots else []
+        # A run that failed before its first log line has nothing to plot; closing it must not raise and
+        # hide the error that stopped the run.
+        return plot_metrics(self.path, self.run_dir / "plots") if self.cfg.plots and self.path.exists() else []
 
 
 def plot_metrics(metrics_file: Path, out_dir: Path) -> list[Path]:

@@ -23,6 +23,7 @@ never started. Resume restores the engines, the KL coefficient and the position 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -319,7 +320,8 @@ def run(cfg: RunConfig) -> dict:
     try:
         groups, shared, rollout, sync = start(cfg, prep)
     except BaseException:
-        tracker.close()
+        with contextlib.suppress(Exception):  # the start-up error is the one to report, not a cleanup's
+            tracker.close()
         raise
     roles = [*groups, "rollout"]
     try:

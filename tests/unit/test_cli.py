@@ -75,3 +75,27 @@ def test_train_without_chat_template_fails_before_workers(sft_config, tmp_path, 
     err = capsys.readouterr().err
     assert rc == 2 and "the tokenizer has no chat template but data.template=chat" in err
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+@pytest.mark.parametrize("rule, needle", [
+    ("nope", "unknown reward rule 'nope'"),
+    ("/no/such/rewards.py:score", "/no/such/rewards.py"),
+])
+def test_reward_errors_are_one_line_before_workers(tmp_path, capsys, rule, needle):
+    """An unknown reward rule or a missing reward file: one line, exit 2, from `prepare` (no Ray started)."""
+    from rlhf_system.models.tiny import TinySpec, make_tiny_model
+
+    model = make_tiny_model(tmp_path / "m", TinySpec(hidden_size=64, num_heads=1, num_kv_heads=1, num_layers=1,
+                                                     intermediate_size=64))["policy"]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{i} + 1", "answer": str(i + 1)}) + "\n" for i in range(8)))
+    capsys.readouterr()  # the model kit's own output
+    rc = main(["train", "ppo", "--config", "configs/grpo/tiny-cpu.yaml", f"model.path={model}",
+               f"run_dir={tmp_path / 'run'}", f"data.train=[{{path: {prompts}}}]", "data.eval=[]",
+               f"rewards.rules=[{rule}]"])
+    err = capsys.readouterr().err  # tokenising the prompts shows progress bars first; then one error line
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith("error: ") and needle in last and "Traceback" not in err, err
+    import ray
+
+    assert not ray.is_initialized()

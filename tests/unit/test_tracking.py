@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from rlhf_system.config import LoggingConfig
 from rlhf_system.tracking import Tracker
 
@@ -39,3 +41,27 @@ def test_ppo_plots_reward_kl_and_time_split(tmp_path):
                      "time/reward": 0.1, "time/inference": 0.3, "time/train": 1.0, "time/sync": 0.05})
     names = sorted(p.name for p in t.close())
     assert names == ["kl.png", "ppo_loss.png", "reward.png", "time_split.png"], names
+
+
+def test_closing_a_run_that_never_logged_does_not_raise(tmp_path):
+    """A run that fails before its first metrics line closes its tracker in cleanup: that must not raise
+    (a FileNotFoundError on metrics.jsonl used to replace the error that stopped the run)."""
+    t = Tracker(tmp_path, LoggingConfig(console=False), total_steps=10)
+    assert t.close() == [] and not (tmp_path / "plots").exists()
+
+
+def test_a_ppo_start_up_error_is_the_one_reported(tmp_path, monkeypatch):
+    """When the roles fail to start, the user sees that failure, not an error from the cleanup after it."""
+    from rlhf_system.config import ConfigError, RunConfig
+    from rlhf_system.trainers import ppo
+
+    cfg = RunConfig(mode="ppo", run_dir=str(tmp_path / "run"))
+    cfg.logging.console = False
+    monkeypatch.setattr(ppo, "prepare", lambda cfg: ppo.Prepared(None, None, {}, steps=1))
+
+    def fail_to_start(cfg, prep):
+        raise ConfigError("model.dtype=float16 on CPU: the engine died at start-up")
+
+    monkeypatch.setattr(ppo, "start", fail_to_start)
+    with pytest.raises(ConfigError, match="the engine died at start-up"):
+        ppo.run(cfg)
