@@ -20,6 +20,7 @@ from rlhf_system.feedback.simulate import rule_judge, simulate
 from rlhf_system.feedback.store import Store
 from rlhf_system.feedback.tasks import Response, Task, read_tasks, write_tasks
 from tests.integration.conftest import REPO, rlhf
+from tests.integration.ray_nodes import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -36,14 +37,6 @@ def synthetic_tasks(pref_file: Path, n: int, seed: int = 0) -> list[Task]:
         meta = {k: v for k, v in r.items() if k not in ("prompt", "chosen", "rejected")} | {"answer": r["chosen"]}
         tasks.append(Task(f"t{i:05d}", r["prompt"], pair, meta))
     return tasks
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
