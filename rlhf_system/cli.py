@@ -15,7 +15,9 @@
     rlhf serve-reward --rules synthetic     HTTP reward server (bearer token from $RLHF_REWARD_TOKEN)
     rlhf feedback make-tasks|serve|simulate|export   collect human feedback (rlhf_system/feedback/cli.py)
 
-Every user error (config, data) is one line on stderr and exit status 2, before any heavy work.
+Every error is one line on stderr (errors.py): exit status 2 for bad input (config, data, model, reward,
+checkpoint), found before any heavy work; 1 for a runtime failure or a bug, whose traceback goes to the
+run folder's error.log (the line gives the path).
 Heavy imports (torch, transformers, vllm) happen inside the commands that need them.
 """
 
@@ -85,6 +87,7 @@ def cmd_prepare_data(args) -> int:
     from rlhf_system.data.build import build_dataset
 
     cfg = load_config(args.config, args.overrides, mode=args.mode)
+    args.state["run_dir"] = cfg.run_dir
     tok, tok_path = load_tokenizer(cfg)
     cfg.dump(Path(cfg.run_dir) / "config.yaml")
     report = {}
@@ -95,6 +98,8 @@ def cmd_prepare_data(args) -> int:
         ds, stats = build_dataset(MODE_KIND[cfg.mode], cfg.data, sources, tok, cfg.seed, tok_path)
         report[split] = {"formats": stats.formats, "rows_in": stats.rows_in, "samples_out": stats.samples_out,
                          "seconds": round(time.perf_counter() - t0, 2)}
+        if stats.identical_pairs:
+            report[split]["dropped_identical_pairs"] = stats.identical_pairs
         if not cfg.data.streaming:
             col = "input_ids" if "input_ids" in ds.column_names else ds.column_names[0]
             lens = [len(x) for x in ds[col]]
@@ -107,6 +112,7 @@ def cmd_train(args) -> int:
     import importlib
 
     cfg = load_config(args.config, args.overrides, mode=args.mode)
+    args.state.update(run_dir=cfg.run_dir, checkpoints=cfg.checkpoint.save_every > 0)
     trainer = importlib.import_module(f"rlhf_system.trainers.{TRAINERS[args.mode]}")
     result = trainer.run(cfg)
     # Also on disk: libraries (DeepSpeed's JIT builds, ...) may print to stdout as well.
@@ -287,10 +293,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlhf_system.data.sources import DataError
-    from rlhf_system.rewards.registry import RewardError
-
     argv = sys.argv[1:] if argv is None else list(argv)
+    state: dict = {}  # what a command learnt before failing: its run_dir (where error.log goes)
+    try:
+        return _dispatch(argv, state)
+    except SystemExit:
+        raise  # argparse's usage errors (exit 2) and -h
+    except BaseException as e:  # the one place every failure is reported
+        from rlhf_system.errors import report
+
+        # A failed or interrupted run leaves every checkpoint already written complete (they are atomic).
+        hint = "resume with checkpoint.resume=auto" if state.get("checkpoints") else ""
+        line, code = report(e, state.get("run_dir"), hint)
+        print(f"error: {line}", file=sys.stderr)
+        return code
+
+
+def _dispatch(argv: list[str], state: dict) -> int:
     if argv[:1] == ["serve-reward"]:  # its own parser (rewards/server.py): options pass through untouched
         from rlhf_system.rewards.server import main as serve_main
 
@@ -306,22 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
-    try:
-        return args.func(args)
-    except (ConfigError, DataError, RewardError) as e:  # bad input: one line, before expensive work
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        from rlhf_system.distributed.weight_sync import WeightSyncError
-        from rlhf_system.workers.group import GroupCallError
-
-        if not isinstance(e, (GroupCallError, WeightSyncError)):
-            raise
-        # A worker or engine died or missed its deadline: the message names it. Checkpoints already
-        # written are complete (atomic), so checkpoint.resume=auto goes on from the latest.
-        print(f"error: {e}\n(resume from the latest checkpoint with checkpoint.resume=auto)", file=sys.stderr)
-        return 1
-
+    args.state = state
+    return args.func(args)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,9 +21,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rlhf_system.config_checks import problems
+from rlhf_system.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config problem, phrased for a user: field, value and fix."""
 
 
@@ -40,6 +41,8 @@ class ModelConfig(_Section):
         "auto", description="auto: bfloat16 on CUDA, float32 on CPU (bf16 is ~40x slower per token on "
         "CPUs without AVX-512 BF16).")
     trust_remote_code: bool = False
+    allow_pickle: bool = Field(False, description="Load pickled weights (pytorch_model.bin); unpickling can run "
+                               "code, so only safetensors load unless this is true.")
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
     gradient_checkpointing: bool = False
     reward_path: str = Field("", description="Reward model (sequence classifier) for PPO / eval.")
@@ -129,7 +132,6 @@ class DataConfig(_Section):
                             "each data-parallel rank reads its own share, and a run needs train.max_steps. "
                             "Held-out sets are read into memory (up to train.max_eval_samples).")
     mix_stopping: Literal["first_exhausted", "all_exhausted"] = "all_exhausted"
-    shuffle_seed: int = 0
     num_proc: int = Field(1, ge=1)
     cache_dir: str = Field("", description="Tokenisation cache; empty means the datasets default.")
 
@@ -167,7 +169,6 @@ class DeepSpeedConfig(_Section):
 
 # ----------------------------------------------------------------------------------- RL / losses
 class RolloutConfig(_Section):
-    backend: Literal["vllm", "hf"] = "vllm"
     num_engines: int = Field(1, ge=1)
     tensor_parallel_size: int = Field(1, ge=1)
     n_samples_per_prompt: int = Field(1, ge=1)
@@ -292,6 +293,8 @@ class CheckpointConfig(_Section):
     save_every: int = Field(0, ge=0, description="Steps between checkpoints; 0: only at the end.")
     keep_last: int = Field(2, ge=1)
     resume: str = Field("none", description="none, auto (latest in run_dir) or a checkpoint folder.")
+    allow_config_change: bool = Field(False, description="Resume although the config differs from the "
+                                      "checkpoint's in more than logging, saving, run length and deadlines.")
     export_hf: bool = True
     export_shard_mb: int = Field(2048, ge=1, description="Under ZeRO-3 the export gathers and writes one "
                                  "safetensors shard of at most this size at a time.")
@@ -366,6 +369,8 @@ def _describe(err: dict, source: str, overrides: list[str] = ()) -> str:
     # The override that set this key (or a section above it) is the origin, else the YAML file.
     given = [o for o in overrides if (k := tuple(parse_override(o)[0])) == tuple(loc[:len(k)])]
     origin = f" (from the override '{given[-1]}')" if given else f" (from {source})" if source else ""
+    if err["type"] == "extra_forbidden" and where in REMOVED:
+        return f"config key '{where}'{origin} was removed: {REMOVED[where]}"
     if err["type"] == "extra_forbidden":
         section = _section_at(loc)
         valid = _field_names(section) if section else []
@@ -379,6 +384,14 @@ def _describe(err: dict, source: str, overrides: list[str] = ()) -> str:
         expected = f" ({field.description})" if field.description else ""
         expected = f"; expected {_type_name(field.annotation)}{expected}"
     return f"config field '{where}'{origin}: got {got!r}: {err['msg']}{expected}. Fix: set {where} to a valid value"
+
+
+# Keys that were never read (a setting that does nothing is worse than none): why, and what to use.
+REMOVED = {
+    "data.shuffle_seed": "the data order comes from `seed` (seed + epoch). Fix: delete the key, set seed",
+    "rollout.backend": "rollouts always run on vLLM engines (`rlhf bench ppo` and `rlhf sample --backend hf` "
+                       "compare HF generate). Fix: delete the key",
+}
 
 
 def _type_name(annotation: Any) -> str:
@@ -423,12 +436,27 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' given twice (first on line {seen[key] + 1}); keep one",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""

@@ -110,6 +110,9 @@ def problems(cfg) -> list[str]:
         if cfg.model.dtype == "float32":
             errors.append("model.attn_implementation=flash_attention_2 runs in bfloat16 or float16 only, but "
                           "model.dtype=float32. Fix: model.dtype=bfloat16 (or auto on GPU)")
+    if cfg.model.dtype == "float16" and cfg.placement.gpus_per_node == 0:
+        errors.append("model.dtype=float16 needs GPUs (CPUs lack fp16 kernels), but placement.gpus_per_node=0. "
+                      "Fix: model.dtype=float32 or auto on CPU")
     if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:
         errors.append(f"deepspeed.offload_params=true needs deepspeed.zero_stage=3 (got {cfg.deepspeed.zero_stage}). "
                       "Fix: deepspeed.zero_stage=3 or deepspeed.offload_params=false")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -35,8 +36,10 @@ from rlhf_system.data.tokenize import (
     truncate,
 )
 
-CACHE_VERSION = "2"  # bump when the processing below changes its output
+CACHE_VERSION = "3"  # bump when the processing below changes its output
+IDENTICAL = "_identical"  # preference pairs whose chosen and rejected tokens are the same: no signal
 MAP_BATCH = 256
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,6 +47,7 @@ class BuildStats:
     rows_in: dict[str, int] = field(default_factory=dict)      # per source path (map-style only)
     samples_out: dict[str, int] = field(default_factory=dict)  # after truncation/expansion
     formats: dict[str, str] = field(default_factory=dict)
+    identical_pairs: dict[str, int] = field(default_factory=dict)  # dropped preference pairs per source
 
 
 # ------------------------------------------------------------------------------- per-kind rows
@@ -61,7 +65,8 @@ def _sft_rows(batch: dict, idx: list[int], *, src: LoadedSource, fmt: str, cfg: 
 
 
 def _preference_rows(batch: dict, idx: list[int], *, src: LoadedSource, fmt: str, cfg: DataConfig, tok) -> dict:
-    out = {k: [] for k in ("chosen_input_ids", "chosen_loss_mask", "rejected_input_ids", "rejected_loss_mask")}
+    out = {k: [] for k in ("chosen_input_ids", "chosen_loss_mask", "rejected_input_ids", "rejected_loss_mask",
+                           IDENTICAL)}
     for row, i in zip(_rows(batch), idx):
         where = src.where(i)
         for pair in formats.to_preference(row, fmt, cfg.keys, where, cfg.system_prompt):
@@ -75,6 +80,8 @@ def _preference_rows(batch: dict, idx: list[int], *, src: LoadedSource, fmt: str
             for side, (ids, mask) in sides.items():
                 out[f"{side}_input_ids"].append(ids)
                 out[f"{side}_loss_mask"].append(mask)
+            # Marked, not dropped here, so build_dataset can count them (a map cannot report counts).
+            out[IDENTICAL].append(sides["chosen"][0] == sides["rejected"][0])
     return out
 
 
@@ -140,6 +147,8 @@ def build_dataset(kind: str, cfg: DataConfig, sources: list[DataSource], tokeniz
         kwargs = dict(batched=True, batch_size=MAP_BATCH, with_indices=True, remove_columns=src.columns)
         if cfg.streaming:
             ds = src.dataset.map(fn, **kwargs)
+            if kind == "preference":  # uncounted: counting would read the stream before training
+                ds = ds.filter(lambda r: not r[IDENTICAL]).remove_columns([IDENTICAL])
         else:
             stats.rows_in[src.source.path] = len(src.dataset)
             settings = cfg.model_dump_json(include={"keys", "template", "system_prompt", "max_len",
@@ -147,6 +156,8 @@ def build_dataset(kind: str, cfg: DataConfig, sources: list[DataSource], tokeniz
             fp = _fingerprint(src.dataset._fingerprint, kind, fmt, tok_fp, settings)
             ds = src.dataset.map(fn, new_fingerprint=fp, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
                                  desc=f"tokenising {src.source.path}", **kwargs)
+            if kind == "preference":
+                ds = _drop_identical(ds, src.source.path, stats)
             stats.samples_out[src.source.path] = len(ds)
             if len(ds) == 0:
                 raise DataError(f"{src.source.path}: empty after filtering: all {len(src.dataset)} rows were "
@@ -164,6 +175,22 @@ def build_dataset(kind: str, cfg: DataConfig, sources: list[DataSource], tokeniz
         raise DataError(f"{[s.path for s in sources]}: empty after filtering (truncation={cfg.truncation}, "
                         f"max_len={cfg.max_len})")
     return ds, stats
+
+
+def _drop_identical(ds: datasets.Dataset, path: str, stats: BuildStats) -> datasets.Dataset:
+    """Drop (and count) pairs whose chosen equals rejected: they train to a flat ln 2 and teach nothing.
+    All of them identical is an error (a column mix-up, most often)."""
+    flags = ds.data.column(IDENTICAL).to_pylist()
+    n = sum(flags)
+    if n and n == len(flags):
+        raise DataError(f"{path}: all {n} preference pairs have chosen == rejected (after tokenisation). Fix: "
+                        "check data.keys.chosen / data.keys.rejected point at different responses")
+    if n:
+        stats.identical_pairs[path] = n
+        logger.warning("%s: dropped %d of %d preference pairs whose chosen equals rejected", path, n, len(flags))
+        ds = ds.filter(lambda flag: not flag, input_columns=IDENTICAL,
+                       new_fingerprint=_fingerprint(ds._fingerprint, "drop-identical"))
+    return ds.remove_columns([IDENTICAL])
 
 
 def _fingerprint(*parts: str) -> str:

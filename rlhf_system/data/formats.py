@@ -14,7 +14,8 @@ Accepted formats (column names come from `data.keys`, shown here with their defa
 | alpaca              | sft        | {"instruction": "Add.", "input": "2 + 2", "output": "4"}              |
 | messages            | sft        | {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}    |
 | pairwise            | preference | {"prompt": "2+2?", "chosen": "4", "rejected": "5"} (prompt optional; |
-|                     |            |  chosen/rejected may also be message lists)                          |
+|                     |            |  chosen/rejected may also be message lists, or whole conversations   |
+|                     |            |  that start with the user turn, as in UltraFeedback)                 |
 | transcript_pairwise | preference | {"chosen": "\\n\\nHuman: hi\\n\\nAssistant: hello", "rejected": ...}  |
 | ranking             | preference | {"prompt": "...", "responses": ["a", "b", "c"], "ranks": [1, 3, 2]}   |
 |                     |            |  lower rank is better; expanded into every strictly ordered pair     |
@@ -183,13 +184,15 @@ def to_preference(row: dict, fmt: str, keys: DataKeys, where: str, system: str =
         a = parse_transcript(_text(chosen, keys.chosen, where), f"{where} ({keys.chosen})")
         b = parse_transcript(_text(rejected, keys.rejected, where), f"{where} ({keys.rejected})")
         prompt, c, r = _split_common_prefix(a, b, where)
+    elif isinstance(chosen, list) and chosen and isinstance(chosen[0], dict) and chosen[0].get("role") != "assistant":
+        # Whole conversations (UltraFeedback, HH as messages): the shared turns are the prompt, and a
+        # `prompt` column beside them repeats the user turn, so it is not prepended again.
+        prompt, c, r = _split_common_prefix(_messages(chosen, keys.chosen, where, "assistant"),
+                                            _messages(rejected, keys.rejected, where, "assistant"), where)
     elif row.get(keys.prompt) is not None:
         prompt = _messages(row[keys.prompt], keys.prompt, where, "user")
         c = _messages(chosen, keys.chosen, where, "assistant")
         r = _messages(rejected, keys.rejected, where, "assistant")
-    elif isinstance(chosen, list):
-        prompt, c, r = _split_common_prefix(_messages(chosen, keys.chosen, where, "assistant"),
-                                            _messages(rejected, keys.rejected, where, "assistant"), where)
     else:  # bare texts: a reward model scores them whole
         prompt = []
         c = _messages(chosen, keys.chosen, where, "assistant")

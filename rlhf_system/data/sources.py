@@ -11,15 +11,17 @@ tokenize.py.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 
 from rlhf_system.config import DataSource
+from rlhf_system.errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data, phrased for a user: it names the file, line, key or sample."""
 
 
@@ -78,7 +80,15 @@ def load_source(src: DataSource, streaming: bool = False, cache_dir: str = "") -
     if not path.exists():
         raise DataError(f"{src.path}: no such file or folder (data source)")
     if path.is_dir():
-        ds = datasets.load_from_disk(str(path))
+        if not any((path / marker).is_file() for marker in ("dataset_dict.json", "state.json")):
+            found = sorted(p.name for p in path.iterdir())[:5]
+            raise DataError(f"{src.path}: a folder but not a saved dataset (no dataset_dict.json or state.json; "
+                            f"found {found or 'nothing'}). Fix: point at the .jsonl/.json/.parquet file, or save "
+                            "the folder with datasets' save_to_disk")
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (OSError, ValueError) as e:  # a damaged save: name the folder, keep the first line
+            raise DataError(f"{src.path}: could not load the saved dataset: {str(e).splitlines()[0]}") from None
         if isinstance(ds, datasets.DatasetDict):
             if src.split not in ds:
                 raise DataError(f"{src.path}: split '{src.split}' not found; splits: {sorted(ds)}")
@@ -106,11 +116,16 @@ def _read_file(path: Path, streaming: bool, cache: str | None) -> datasets.Datas
                         "folder)")
     if suffix == ".jsonl" and check_jsonl(path) == 0:
         raise DataError(f"{path}: empty file")
+    quiet = logging.getLogger("datasets.packaged_modules")  # it logs the failure we report below
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming,
                                      cache_dir=cache)
     except Exception as e:  # the Arrow readers raise many types: name the file, keep the first line
         raise DataError(f"{path}: could not be read as {builder}: {str(e).splitlines()[0]}") from None
+    finally:
+        quiet.setLevel(level)
 
 
 def _stream_columns(ds: datasets.IterableDataset) -> list[str]:

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from rlhf_system.config import ConfigError
+from rlhf_system.errors import RunFailure
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,7 @@ def backend_for_device() -> str:
 
 
 # ------------------------------------------------------------------------ controller side
-class WeightSyncError(RuntimeError):
+class WeightSyncError(RunFailure):
     """A sync step failed or missed its deadline; names the engine(s)."""
 
 

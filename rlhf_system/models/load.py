@@ -29,6 +29,29 @@ def check_model_path(path: str, field: str) -> str:
     return path
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_model(path: str, field: str, allow_pickle: bool = False) -> str:
+    """check_model_path, and a local folder holds weights we load: safetensors, or pickled weights
+    only with model.allow_pickle=true (unpickling a file can run any code in it)."""
+    check_model_path(path, field)
+    p = Path(path)
+    if not p.is_dir():
+        return path  # a hub id: from_pretrained(use_safetensors=...) enforces the same rule
+    if any(p.glob("*.safetensors")):
+        return path
+    pickled = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if not pickled:
+        raise ConfigError(f"{field}: '{path}' has a config.json but no weights (*.safetensors). Fix: point it at "
+                          "a complete saved model")
+    if not allow_pickle:
+        raise ConfigError(f"{field}: '{path}' holds pickled weights ({', '.join(pickled[:3])}), which can run code "
+                          "when loaded; only safetensors load by default. Fix: re-save it with save_pretrained("
+                          "safe_serialization=True), or set model.allow_pickle=true if you trust the file")
+    return path
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
@@ -138,7 +161,9 @@ def load_pretrained(auto_class, cfg: ModelConfig, path: str, task_type: str, pef
         raise ValueError("frozen_quant is for models without peft; use peft.quant to train one")
     check_dtype_supported(cfg.resolved_dtype())
     dtype = DTYPES[cfg.resolved_dtype()]
-    kwargs |= {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    # use_safetensors=True: never unpickle weights unless model.allow_pickle (check_model says why).
+    kwargs |= {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code,
+               "use_safetensors": None if cfg.allow_pickle else True}
     if cfg.attn_implementation != "auto":
         kwargs["attn_implementation"] = cfg.attn_implementation
     quant = quantization_config(peft, dtype) if peft else frozen_quantization(frozen_quant, dtype)

@@ -17,10 +17,12 @@ import urllib.request
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
+from rlhf_system.errors import RunFailure, UserError
+
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-class RewardServerError(RuntimeError):
+class RewardServerError(RunFailure):
     """The reward server could not be reached, refused the request or replied nonsense."""
 
 
@@ -33,9 +35,10 @@ class RemoteReward:
                  backoff_s: float = 0.5, *, token_env: str = "RLHF_REWARD_TOKEN"):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"reward server url {url!r} must look like http://host:port")
+            raise UserError(f"rewards.remote_url={url!r} must look like http://host:port")
         if not token:
-            raise ValueError(f"reward server {url}: empty bearer token (set ${token_env})")
+            raise UserError(f"rewards.remote_url={url}: empty bearer token. Fix: export {token_env}=<token> "
+                            "(the server's token)")
         if batch_size < 1 or retries < 0 or timeout_s <= 0 or backoff_s < 0:
             raise ValueError(f"reward client: need batch_size >= 1, retries >= 0, timeout_s > 0, backoff_s >= 0; "
                              f"got {batch_size}, {retries}, {timeout_s}, {backoff_s}")
@@ -120,10 +123,11 @@ def _error_text(e: urllib.error.HTTPError) -> str:
 def from_config(rewards_cfg) -> RemoteReward:
     """RemoteReward from a RewardsConfig; the token comes from the env var it names."""
     if not rewards_cfg.remote_url:
-        raise ValueError("rewards.remote_url is empty: no reward server configured")
+        raise UserError("rewards.remote_url is empty: no reward server configured")
     env = rewards_cfg.remote_token_env
     token = os.environ.get(env, "")
     if not token:
-        raise ValueError(f"rewards.remote_url is set but ${env} (rewards.remote_token_env) is unset or empty")
+        raise UserError(f"rewards.remote_url is set but ${env} (rewards.remote_token_env) is unset or empty. "
+                        f"Fix: export {env}=<the server's token>")
     return RemoteReward(rewards_cfg.remote_url, token, timeout_s=rewards_cfg.timeout_s,
                         retries=rewards_cfg.retries, token_env=env)

@@ -16,12 +16,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rlhf_system.data import synthetic
+from rlhf_system.errors import UserError
 
 RewardFn = Callable[[str, str, dict], float]
 REGISTRY: dict[str, RewardFn] = {}
 
 
-class RewardError(ValueError):
+class RewardError(UserError):
     """A reward function, its spec or its input is unusable."""
 
 

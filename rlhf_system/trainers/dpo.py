@@ -17,7 +17,7 @@ from __future__ import annotations
 from rlhf_system.config import ConfigError, RunConfig
 from rlhf_system.data.batching import checked_total_steps
 from rlhf_system.data.build import run_datasets
-from rlhf_system.models.load import check_lora_targets, check_model_path, load_tokenizer
+from rlhf_system.models.load import check_lora_targets, check_model, load_tokenizer
 from rlhf_system.trainers.loop import train_with_group
 from rlhf_system.workers.dpo import UNIT, reference_path
 
@@ -27,8 +27,9 @@ def prepare(cfg: RunConfig) -> int:
     from transformers import AutoConfig
 
     tokenizer = load_tokenizer(cfg.model)  # fails fast on a bad path
-    check_model_path(cfg.model.path, "model.path")
-    check_model_path(reference_path(cfg), "model.reference_path" if cfg.model.reference_path else "model.path")
+    check_model(cfg.model.path, "model.path", cfg.model.allow_pickle)
+    check_model(reference_path(cfg), "model.reference_path" if cfg.model.reference_path else "model.path",
+                cfg.model.allow_pickle)
     check_lora_targets(cfg.model, cfg.peft)
     if cfg.model.reference_path:
         # Log-probs of the same token ids are only comparable over the same vocabulary.

@@ -1,6 +1,6 @@
 """The controller's step loop shared by the SFT, reward-model and DPO trainers.
 
-    result = fit(cfg, group, n_train, steps, tracker)   # group: SFTWorker, RewardModelWorker or DPOWorker ranks
+    result = fit(cfg, group, n_train, steps, tracker, resume) # group: SFTWorker, RewardModelWorker or DPOWorker ranks
 
 It walks epochs and global batches (data/batching.py), calls the group's `train_step` on every
 rank, evaluates and logs, writes checkpoints every `checkpoint.save_every` steps (checkpoint.py), and
@@ -21,10 +21,10 @@ from rlhf_system.tracking import Tracker
 
 
 def save(cfg: RunConfig, group, step: int, epoch: int, position: int, initial: dict) -> None:
-    tmp = checkpoint.begin(cfg.run_dir, step)
-    group.call("save_checkpoint", str(tmp))
-    checkpoint.commit(tmp, {"step": step, "epoch": epoch, "position": position, "seed": cfg.seed,
-                            "initial": initial}, cfg.checkpoint.keep_last)
+    with checkpoint.saving(cfg.run_dir, step) as tmp:
+        group.call("save_checkpoint", str(tmp))
+        checkpoint.commit(tmp, {"step": step, "epoch": epoch, "position": position, "seed": cfg.seed,
+                                "initial": initial, **checkpoint.identity(cfg)}, cfg.checkpoint.keep_last)
 
 
 def batch_plan(cfg: RunConfig, n_train: int | None, start_epoch: int, start_pos: int):
@@ -40,9 +40,8 @@ def batch_plan(cfg: RunConfig, n_train: int | None, start_epoch: int, start_pos:
             yield epoch, position, batches[position]
 
 
-def fit(cfg: RunConfig, group, n_train: int | None, steps: int, tracker: Tracker) -> dict:
+def fit(cfg: RunConfig, group, n_train: int | None, steps: int, tracker: Tracker, resume: Path | None) -> dict:
     t0 = time.perf_counter()
-    resume = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.run_dir)
     if resume is not None:
         group.call("load_checkpoint", str(resume))
         state = checkpoint.read_run_state(resume)
@@ -80,13 +79,14 @@ def train_with_group(cfg: RunConfig, steps: int, role: str, worker_cls: type, nu
     `evaluate`, export to run_dir/hf, and always shut the group down."""
     from rlhf_system.workers.group import make_group
 
+    resume = checkpoint.check_resume(cfg)  # a bad checkpoint fails here, before any worker starts
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     cfg.dump(Path(cfg.run_dir) / "config.yaml")
     tracker = Tracker(cfg.run_dir, cfg.logging, steps, config=cfg.model_dump(mode="json"), name=cfg.name)
     group = make_group(role, worker_cls, num_workers, cfg.placement)
     try:
         n_train = group.call("setup", cfg)[0]["train_samples"]
-        result = fit(cfg, group, n_train, steps, tracker)
+        result = fit(cfg, group, n_train, steps, tracker, resume)
         out = Path(cfg.run_dir) / "hf"
         if cfg.checkpoint.export_hf:
             group.call("save_hf", str(out))

@@ -41,7 +41,7 @@ from rlhf_system.data.experience import Experience
 from rlhf_system.data.prompts import StepPrompts, prompt_row
 from rlhf_system.data.stream import materialise
 from rlhf_system.distributed.weight_sync import check_bucket_size
-from rlhf_system.models.load import DTYPES, check_lora_targets, check_model_path, load_tokenizer
+from rlhf_system.models.load import DTYPES, check_lora_targets, check_model, load_tokenizer
 from rlhf_system.tracking import Tracker
 from rlhf_system.workers.update import one_optimizer_step
 
@@ -56,38 +56,45 @@ class Prepared:
     remote: object | None = None            # rewards.client.RemoteReward
     steps: int = 0
     optimizer_steps: int = 0
+    resume: Path | None = None               # the checked checkpoint to resume from
     notes: dict = field(default_factory=dict)
 
 
 def prepare(cfg: RunConfig) -> Prepared:
     from rlhf_system.rewards.client import from_config
+    from rlhf_system.rewards.dry_run import ROWS, dry_run
     from rlhf_system.rewards.registry import RuleRewards
 
     tok = load_tokenizer(cfg.model)
+    check_model(cfg.model.path, "model.path", cfg.model.allow_pickle)
     check_lora_targets(cfg.model, cfg.peft)
     check_bucket_size(cfg.model.path, int(cfg.rollout.sync_bucket_mb * 2**20),
                       DTYPES[cfg.model.resolved_dtype()].itemsize)
     if cfg.rewards.use_model:
-        check_model_path(cfg.model.reward_path, "model.reward_path")
+        check_model(cfg.model.reward_path, "model.reward_path", cfg.model.allow_pickle)
     for field_name in ("critic_path", "reference_path"):
         if getattr(cfg.model, field_name):
-            check_model_path(getattr(cfg.model, field_name), f"model.{field_name}")
+            check_model(getattr(cfg.model, field_name), f"model.{field_name}", cfg.model.allow_pickle)
     name = cfg.model.tokenizer_path or cfg.model.path
-    train = StepPrompts(build_dataset("prompt", cfg.data, cfg.data.train, tok, cfg.seed, name)[0],
-                        cfg.train.rollout_batch_size, cfg.seed, cfg.data.streaming)
+    train_ds = build_dataset("prompt", cfg.data, cfg.data.train, tok, cfg.seed, name)[0]
+    train = StepPrompts(train_ds, cfg.train.rollout_batch_size, cfg.seed, cfg.data.streaming)
     limit = cfg.train.max_eval_samples
     evals = {Path(src.path).stem: [prompt_row(r) for r in materialise(
                 build_dataset("prompt", cfg.data, [src], tok, cfg.seed, name)[0], limit)][:limit or None]
              for src in cfg.data.eval}
     rules = RuleRewards(cfg.rewards.rules) if cfg.rewards.rules else None
     remote = from_config(cfg.rewards) if cfg.rewards.remote_url else None
+    rows = [prompt_row(r) for r in (train_ds.take(ROWS) if cfg.data.streaming
+                                    else train_ds.select(range(min(ROWS, len(train_ds)))))]
+    dry_run(rules, remote, rows, f"the first prompts of {cfg.data.train[0].path}")
     if train.per_epoch == 0:
         raise ConfigError(f"data.train has {len(train.ds)} prompts, fewer than train.rollout_batch_size="
                           f"{cfg.train.rollout_batch_size}. Fix: lower the rollout batch or add prompts")
     steps = cfg.train.max_steps if cfg.train.max_steps > 0 else train.per_epoch * cfg.train.epochs
     experiences = cfg.train.rollout_batch_size * cfg.rollout.n_samples_per_prompt
     opt_steps = steps * cfg.algorithm.ppo_epochs * (experiences // cfg.train.global_batch_size)
-    return Prepared(tok, train, evals, rules, remote, steps, opt_steps)
+    resume = checkpoint.check_resume(cfg)
+    return Prepared(tok, train, evals, rules, remote, steps, opt_steps, resume)
 
 
 # ----------------------------------------------------------------------------------------- groups
@@ -300,13 +307,13 @@ def evaluate(cfg: RunConfig, prep: Prepared, groups: dict, rollout) -> dict:
 
 # ----------------------------------------------------------------------------------------- the run
 def save(cfg: RunConfig, groups: dict, step: int, prompts: StepPrompts, kl_ctl, initial: dict) -> None:
-    tmp = checkpoint.begin(cfg.run_dir, step)
-    waits = [groups[r].submit("save_checkpoint", str(tmp / r)) for r in ("actor", "critic") if r in groups]
-    for w in waits:
-        w()
-    # The prompts' place: (epoch, position) in the shuffled batch order, or the stream's position.
-    checkpoint.commit(tmp, {"step": step, **prompts.state_dict(), "seed": cfg.seed,
-                            "kl": kl_ctl.state_dict(), "initial": initial}, cfg.checkpoint.keep_last)
+    with checkpoint.saving(cfg.run_dir, step) as tmp:
+        waits = [groups[r].submit("save_checkpoint", str(tmp / r)) for r in ("actor", "critic") if r in groups]
+        for w in waits:
+            w()
+        # The prompts' place: (epoch, position) in the shuffled batch order, or the stream's position.
+        checkpoint.commit(tmp, {"step": step, **prompts.state_dict(), "seed": cfg.seed, "kl": kl_ctl.state_dict(),
+                                "initial": initial, **checkpoint.identity(cfg)}, cfg.checkpoint.keep_last)
 
 
 def run(cfg: RunConfig) -> dict:
@@ -326,7 +333,7 @@ def run(cfg: RunConfig) -> dict:
     roles = [*groups, "rollout"]
     try:
         step = 0
-        resume = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.run_dir)
+        resume = prep.resume
         if resume is not None:
             for w in [groups[r].submit("load_checkpoint", str(resume / r)) for r in ("actor", "critic") if r in groups]:
                 w()

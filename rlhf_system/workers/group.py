@@ -26,6 +26,7 @@ from typing import Any
 
 from rlhf_system.config import ConfigError, PlacementConfig
 from rlhf_system.distributed.waits import blame, collect
+from rlhf_system.errors import RunFailure
 
 # Environment the workers need whatever cluster they land on (a Ray cluster does not forward the
 # driver's environment to workers on other nodes).
@@ -33,7 +34,7 @@ FORWARDED_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOK
                  "WANDB_MODE", "VLLM_CPU_KVCACHE_SPACE", "OMP_NUM_THREADS", "HF_DATASETS_CACHE", "TORCH_EXTENSIONS_DIR")
 
 
-class GroupCallError(RuntimeError):
+class GroupCallError(RunFailure):
     """A remote call failed or missed its deadline; the message names role, rank and method."""
 
 

@@ -71,6 +71,7 @@ def test_train_without_chat_template_fails_before_workers(sft_config, tmp_path, 
     cfg_file.write_text(json.dumps(cfg))
     (tmp_path / "model" / "chat_template.jinja").unlink(missing_ok=True)
     (tmp_path / "model" / "config.json").write_text("{}")  # a model folder; never loaded: the error comes first
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"")
     rc = main(["train", "sft", "--config", str(sft_config)])
     err = capsys.readouterr().err
     assert rc == 2 and "the tokenizer has no chat template but data.template=chat" in err

@@ -223,7 +223,7 @@ def test_client_checks_the_reply(scripted, payload, message):
 def test_client_argument_errors():
     with pytest.raises(ValueError, match="must look like http://host:port"):
         RemoteReward("127.0.0.1:8000", TOKEN)
-    with pytest.raises(ValueError, match=r"empty bearer token \(set \$RLHF_REWARD_TOKEN\)"):
+    with pytest.raises(ValueError, match=r"empty bearer token. Fix: export RLHF_REWARD_TOKEN="):
         RemoteReward("http://127.0.0.1:8000", "")
 
 
