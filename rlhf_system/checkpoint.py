@@ -67,24 +67,29 @@ def saving(run_dir: str | Path, step: int):
     try:
         yield tmp
     except Exception as e:
-        if not _is_disk_error(e):
+        free = shutil.disk_usage(tmp.parent).free
+        cause = _disk_cause(e, free)
+        if cause is None:
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-        free = shutil.disk_usage(tmp.parent).free / 2**20
         done = complete_checkpoints(tmp.parent)
         kept = f"; {done[-1].name} is intact (resume uses it)" if done else ""
-        raise RunFailure(f"checkpoint {tmp}: write failed ({_disk_cause(e)}); {free:.0f} MiB free on "
+        raise RunFailure(f"checkpoint {tmp}: write failed ({cause}); {free / 2**20:.0f} MiB free on "
                          f"{tmp.parent}{kept}. Fix: free space or move run_dir") from e
 
 
-def _is_disk_error(e: BaseException) -> bool:
-    return any(isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(x)
-               for x in _chain(e))
+LOW_SPACE = 64 * 2**20  # bytes free at a failed save below which the disk is taken to be the cause
 
 
-def _disk_cause(e: BaseException) -> str:
-    return next(f"{x.strerror or x}" if isinstance(x, OSError) else "No space left on device"
-                for x in _chain(e) if isinstance(x, OSError) or "No space left" in str(x))
+def _disk_cause(e: BaseException, free: int) -> str | None:
+    """Why a save failed, when the disk is the reason: an ENOSPC / EDQUOT error, or any error with the
+    disk (nearly) full. torch.save on a full disk raises "unexpected pos 576 vs 534", naming no disk."""
+    for x in _chain(e):
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return x.strerror or str(x)
+        if "No space left" in str(x):
+            return "No space left on device"
+    return "the disk is full" if free < LOW_SPACE else None
 
 
 def _chain(e: BaseException | None):

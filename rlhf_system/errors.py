@@ -68,13 +68,16 @@ def write_log(e: BaseException, run_dir: str | None) -> Path:
     text = f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}\n" + "".join(
         traceback.format_exception(type(e), e, e.__traceback__))
     if run_dir and Path(run_dir).is_dir():
-        path = Path(run_dir) / "error.log"
-    else:
-        folder = Path(tempfile.gettempdir()) / "rlhf-errors"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    with path.open("a") as f:
-        f.write(text + "\n")
+        try:
+            with (Path(run_dir) / "error.log").open("a") as f:
+                f.write(text + "\n")
+            return Path(run_dir) / "error.log"
+        except OSError:  # the run's disk may be what failed: the temp folder then
+            pass
+    folder = Path(tempfile.gettempdir()) / "rlhf-errors"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    path.write_text(text + "\n")
     return path
 
 
@@ -92,3 +95,23 @@ def report(e: BaseException, run_dir: str | None, hint: str = "") -> tuple[str, 
         return line, code
     where = f" (traceback: {log})" if log else ""
     return line + (f"; {hint}" if hint else "") + where, code
+
+
+def cleanup(failed: bool, *steps) -> None:
+    """Run every cleanup step (close trackers, stop workers). While a failure is on its way out
+    (`failed`), a cleanup error is logged, never raised: it would replace the error the user needs.
+    After a success the first cleanup error is raised once every step has run."""
+    import logging
+
+    first = None
+    for fn in steps:
+        try:
+            fn()
+        except Exception as e:
+            if failed:
+                logging.getLogger(__name__).warning("cleanup after the failure also failed: %s: %s",
+                                                    type(e).__name__, e)
+            elif first is None:
+                first = e
+    if first is not None:
+        raise first

@@ -6,6 +6,7 @@ It walks epochs and global batches (data/batching.py), calls the group's `train_
 rank, evaluates and logs, writes checkpoints every `checkpoint.save_every` steps (checkpoint.py), and
 resumes from one: the engines are restored by the workers, and the loop skips to the saved
 (epoch, position), so an interrupted run continues on exactly the batches it would have seen.
+SIGTERM / SIGUSR1 (preemption.py) end the run after the step in progress, with a checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 from rlhf_system import checkpoint
 from rlhf_system.config import RunConfig
 from rlhf_system.data.batching import global_batches
+from rlhf_system.errors import cleanup
+from rlhf_system.preemption import StopOnSignal
 from rlhf_system.tracking import Tracker
 
 
@@ -52,21 +55,27 @@ def fit(cfg: RunConfig, group, n_train: int | None, steps: int, tracker: Tracker
         initial = group.call("evaluate")[0]
         tracker.log(0, initial)
     every = cfg.checkpoint.save_every
-    for epoch, position, batch in batch_plan(cfg, n_train, start_epoch, start_pos):
-        if step >= steps:
-            break
-        t = time.perf_counter()
-        metrics = group.call("train_step", batch, step)[0]
-        step += 1
-        metrics["step_s"] = time.perf_counter() - t
-        if "tokens" in metrics:
-            metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_s"]
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-            metrics.update(group.call("evaluate")[0])
-        if step % cfg.logging.log_every == 0 or step == steps:
-            tracker.log(step, metrics)
-        if every and (step % every == 0 or step == steps):
-            save(cfg, group, step, epoch, position + 1, initial)
+    with StopOnSignal() as stop:
+        for epoch, position, batch in batch_plan(cfg, n_train, start_epoch, start_pos):
+            if step >= steps:
+                break
+            t = time.perf_counter()
+            metrics = group.call("train_step", batch, step)[0]
+            step += 1
+            metrics["step_s"] = time.perf_counter() - t
+            if "tokens" in metrics:
+                metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_s"]
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                metrics.update(group.call("evaluate")[0])
+            if step % cfg.logging.log_every == 0 or step == steps or stop.requested:
+                tracker.log(step, metrics)
+            if (every and (step % every == 0 or step == steps)) or stop.requested:
+                save(cfg, group, step, epoch, position + 1, initial)
+            if stop.requested:  # preempted: the checkpoint above is where resume=auto goes on
+                tracker.log(step, {"stopped_by": stop.signal})
+                tracker.close()
+                return {"steps": step, "seconds": time.perf_counter() - t0, "initial": initial,
+                        "stopped_by": stop.signal}
     final = group.call("evaluate")[0]
     tracker.log(step, final)
     tracker.close()  # wandb / tensorboard flushed, plots written
@@ -84,12 +93,15 @@ def train_with_group(cfg: RunConfig, steps: int, role: str, worker_cls: type, nu
     cfg.dump(Path(cfg.run_dir) / "config.yaml")
     tracker = Tracker(cfg.run_dir, cfg.logging, steps, config=cfg.model_dump(mode="json"), name=cfg.name)
     group = make_group(role, worker_cls, num_workers, cfg.placement)
+    failed = True
     try:
         n_train = group.call("setup", cfg)[0]["train_samples"]
         result = fit(cfg, group, n_train, steps, tracker, resume)
         out = Path(cfg.run_dir) / "hf"
-        if cfg.checkpoint.export_hf:
+        export = cfg.checkpoint.export_hf and "stopped_by" not in result  # preempted: no time to export
+        if export:
             group.call("save_hf", str(out))
-        return {**result, "export": str(out) if cfg.checkpoint.export_hf else None}
+        failed = False
+        return {**result, "export": str(out) if export else None}
     finally:
-        group.shutdown()
+        cleanup(failed, group.shutdown)

@@ -16,6 +16,7 @@ opens, and each step does:
  5. train      actor and critic PPO epochs, concurrently
  6. sync       actor weights -> every engine (distributed/weight_sync.py), prefix caches reset
  7. log        metrics with per-phase timings; evaluate every train.eval_every steps; checkpoint
+               (and after SIGTERM / SIGUSR1: checkpoint, stop, exit 0; preemption.py)
 
 The estimator is a config choice (algorithm.estimator); with a critic-free one the critic group is
 never started. Resume restores the engines, the KL coefficient and the position in the prompt data.
@@ -23,7 +24,6 @@ never started. Resume restores the engines, the KL coefficient and the position 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -41,7 +41,9 @@ from rlhf_system.data.experience import Experience
 from rlhf_system.data.prompts import StepPrompts, prompt_row
 from rlhf_system.data.stream import materialise
 from rlhf_system.distributed.weight_sync import check_bucket_size
+from rlhf_system.errors import cleanup
 from rlhf_system.models.load import DTYPES, check_lora_targets, check_model, load_tokenizer
+from rlhf_system.preemption import StopOnSignal
 from rlhf_system.tracking import Tracker
 from rlhf_system.workers.update import one_optimizer_step
 
@@ -327,10 +329,10 @@ def run(cfg: RunConfig) -> dict:
     try:
         groups, shared, rollout, sync = start(cfg, prep)
     except BaseException:
-        with contextlib.suppress(Exception):  # the start-up error is the one to report, not a cleanup's
-            tracker.close()
+        cleanup(True, tracker.close)  # the start-up error is the one to report, not a cleanup's
         raise
     roles = [*groups, "rollout"]
+    failed = True
     try:
         step = 0
         resume = prep.resume
@@ -347,24 +349,30 @@ def run(cfg: RunConfig) -> dict:
             initial = evaluate(cfg, prep, groups, rollout)
             tracker.log(0, initial)
         every = cfg.checkpoint.save_every
-        while step < prep.steps:
-            metrics = ppo_step(cfg, prep, groups, rollout, sync, prep.train.next(), step, kl_ctl.value)
-            if "kl" in metrics:
-                kl_ctl.update(metrics["kl"], cfg.train.rollout_batch_size * cfg.rollout.n_samples_per_prompt)
-            step += 1
-            metrics["kl_coef"] = kl_ctl.value
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < prep.steps:
-                metrics |= evaluate(cfg, prep, groups, rollout)
-            tracker.log(step, metrics)
-            if every and (step % every == 0 or step == prep.steps):
-                save(cfg, groups, step, prep.train, kl_ctl, initial)
+        with StopOnSignal() as preempt:
+            while step < prep.steps:
+                metrics = ppo_step(cfg, prep, groups, rollout, sync, prep.train.next(), step, kl_ctl.value)
+                if "kl" in metrics:
+                    kl_ctl.update(metrics["kl"], cfg.train.rollout_batch_size * cfg.rollout.n_samples_per_prompt)
+                step += 1
+                metrics["kl_coef"] = kl_ctl.value
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < prep.steps:
+                    metrics |= evaluate(cfg, prep, groups, rollout)
+                tracker.log(step, metrics)
+                if (every and (step % every == 0 or step == prep.steps)) or preempt.requested:
+                    save(cfg, groups, step, prep.train, kl_ctl, initial)
+                if preempt.requested:  # the checkpoint above is where resume=auto goes on
+                    tracker.log(step, {"stopped_by": preempt.signal})
+                    failed = False
+                    return {"steps": step, "seconds": time.perf_counter() - t0, "roles": roles, "initial": initial,
+                            "stopped_by": preempt.signal, "export": None}
         final = evaluate(cfg, prep, groups, rollout)
         tracker.log(step, final)
         out = Path(cfg.run_dir) / "hf"
         if cfg.checkpoint.export_hf:
             groups["actor"].call("save_hf", str(out))
+        failed = False
     finally:
-        tracker.close()
-        stop(groups, shared, rollout, sync)
+        cleanup(failed, tracker.close, lambda: stop(groups, shared, rollout, sync))
     return {"steps": step, "seconds": time.perf_counter() - t0, "roles": roles, "initial": initial, "final": final,
             "export": str(out) if cfg.checkpoint.export_hf else None}

@@ -66,6 +66,10 @@ def ensure_ray(num_cpus_needed: int = 0) -> None:
         # Logical CPUs: a CPU "slot" per worker even on a 2-core laptop (torch threads are capped per worker).
         ray.init(num_cpus=max(os.cpu_count() or 1, num_cpus_needed), include_dashboard=False,
                  runtime_env={"env_vars": env}, log_to_driver=True)
+        # This process now owns a cluster: if it is killed without shutting it down, the reaper does.
+        from rlhf_system.distributed import reaper
+
+        reaper.start()
 
 
 def bundles_for(placement: PlacementConfig, n: int) -> list[dict[str, float]]:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 
 from rlhf_system.cli import main
 

@@ -72,6 +72,18 @@ def test_preference_formats(tmp_path, bpe_tokenizer):
         "go away<|im_end|>"
 
 
+def test_identical_pairs_are_dropped_and_counted(tmp_path, bpe_tokenizer):
+    rows = [{"prompt": f"{i} + 1", "chosen": str(i + 1), "rejected": str(i + 1) if i % 4 == 0 else "x"}
+            for i in range(40)]
+    p = jsonl(tmp_path / "p.jsonl", rows)
+    for streaming in (False, True):
+        ds, stats = build_dataset("preference", cfg(p, streaming=streaming), cfg(p).train, bpe_tokenizer)
+        got = list(ds)
+        assert len(got) == 30 and all(r["chosen_input_ids"] != r["rejected_input_ids"] for r in got)
+        assert set(got[0]) == {"chosen_input_ids", "chosen_loss_mask", "rejected_input_ids", "rejected_loss_mask"}
+        assert stats.identical_pairs == ({} if streaming else {p: 10})  # a stream is not read ahead to count
+
+
 def test_prompt_set_keeps_answer_and_meta(tmp_path, bpe_tokenizer):
     p = jsonl(tmp_path / "rl.jsonl", [{"prompt": "7 + 5", "answer": "12", "family": "arithmetic"}])
     ds, _ = build_dataset("prompt", cfg(p), cfg(p).train, bpe_tokenizer)

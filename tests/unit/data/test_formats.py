@@ -80,6 +80,18 @@ def test_pairwise_message_lists_split_at_common_prefix():
         {"prompt": [U("a"), A("b"), U("c")], "chosen": [A("good")], "rejected": [A("bad")]}]
 
 
+def test_ultrafeedback_rows_render_the_user_turn_once():
+    """UltraFeedback / HH-as-messages: a `prompt` column beside chosen/rejected conversations that already
+    start with the user turn. The prompt is the shared turns, not the column prepended to them again."""
+    row = {"prompt": "2+2?", "chosen": [U("2+2?"), A("4")], "rejected": [U("2+2?"), A("5")]}
+    assert formats.to_preference(row, "pairwise", K, "f") == [
+        {"prompt": [U("2+2?")], "chosen": [A("4")], "rejected": [A("5")]}]
+    # chosen/rejected as assistant-only lists still continue the prompt column
+    row = {"prompt": "2+2?", "chosen": [A("4")], "rejected": [A("5")]}
+    assert formats.to_preference(row, "pairwise", K, "f") == [
+        {"prompt": [U("2+2?")], "chosen": [A("4")], "rejected": [A("5")]}]
+
+
 def test_transcript_pairs():
     row = {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: help?\n\nAssistant: sure",
            "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: help?\n\nAssistant: no"}
