@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,7 +241,8 @@ def inputs(small_model, synthetic_dir, tmp_path_factory):
     """The real inputs: models (policy, one of another shape), data, a checkpoint of a real SFT run,
     and a live reward server (token 'secret')."""
     from rlhf_system.models.tiny import TinySpec, make_tiny_model
-    from rlhf_system.rewards.server import make_server
+    from rlhf_system.rewards.registry import RuleRewards
+    from rlhf_system.rewards.server import RewardServer, Scorer
 
     root = tmp_path_factory.mktemp("bad_inputs")
     other = make_tiny_model(root / "other_shape", TinySpec(vocab_size=1024, hidden_size=64, num_heads=1,
@@ -255,13 +255,8 @@ def inputs(small_model, synthetic_dir, tmp_path_factory):
     rlhf(*argv)
     (run / "argv.json").write_text(json.dumps(argv))
     checkpoint = sorted((run / "checkpoints").glob("step_*"))[-1]
-    server = make_server(["synthetic"], None, "127.0.0.1", 0, "secret")
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    host, port = server.server_address[:2]
-    yield root, {**small_model, "other_shape": other["policy"]}, synthetic_dir, checkpoint, run, f"http://{host}:{port}"
-    server.shutdown()
-    server.server_close()
+    with RewardServer(Scorer(RuleRewards(["synthetic"])), "secret") as server:
+        yield root, {**small_model, "other_shape": other["policy"]}, synthetic_dir, checkpoint, run, server.url
 
 
 def _children() -> set[int]:

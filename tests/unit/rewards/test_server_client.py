@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from rlhf_system.cli import main as cli_main
 from rlhf_system.config import RewardsConfig
 from rlhf_system.data import synthetic as S
 from rlhf_system.rewards import server as server_mod
@@ -32,12 +33,8 @@ def _serve(server):
 
 @pytest.fixture
 def live():
-    server = server_mod.make_server(RULES, WEIGHTS, "127.0.0.1", 0, TOKEN)
-    url, thread = _serve(server)
-    yield url, server
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with server_mod.RewardServer(server_mod.Scorer(RuleRewards(RULES, WEIGHTS)), TOKEN) as server:
+        yield server.url, server
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +70,7 @@ def _free_port():
 
 def test_health_needs_no_auth(live):
     url, _ = live
-    assert _request(url + "/health", token=None) == (200, {"ok": True})
+    assert _request(url + "/health", token=None) == (200, {"ok": True, "rules": RULES, "model": None})
 
 
 def test_score_matches_local_rules(live, rows):
@@ -119,9 +116,80 @@ def test_unknown_path_is_404(live):
     assert _request(url + "/nope", {"items": []})[0] == 404
 
 
-def test_make_server_needs_a_token():
+def test_make_app_needs_a_token():
     with pytest.raises(ValueError, match="non-empty bearer token"):
-        server_mod.make_server(RULES, None, "127.0.0.1", 0, "")
+        server_mod.make_app(server_mod.Scorer(RuleRewards(RULES)), "")
+
+
+def _raw(url: str, head: str, body: bytes = b"") -> tuple[int, dict]:
+    """Send `head` (+ `body`) on a raw socket and read the reply: a refusal must come back without the
+    server waiting for a body that was announced and never sent."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head.encode() + b"\r\n" + body)
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < int(
+                reply.split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0] if b"content-length: " in reply else 0):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    status = int(reply.split(b" ", 2)[1])
+    return status, json.loads(reply.split(b"\r\n\r\n", 1)[1])
+
+
+def test_token_is_checked_before_the_body_is_read(live):
+    url, server = live
+    announced = 60 * 2**20  # announced, never sent: a server reading it first would wait until our timeout
+    head = f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {announced}\r\n"
+    status, reply = _raw(url, head + "Authorization: Bearer wrong\r\n")
+    assert status == 401 and "bearer token" in reply["error"]
+    status, reply = _raw(url, head.replace(str(announced), str(server_mod.MAX_BODY + 1)) + f"Authorization: Bearer {TOKEN}\r\n")
+    assert status == 413 and "limit" in reply["error"]
+    assert server.stats["requests"] == 0
+
+
+def test_item_limit(rows):
+    with server_mod.RewardServer(server_mod.Scorer(RuleRewards(RULES, WEIGHTS)), TOKEN, max_items=3) as server:
+        status, reply = _request(server.url + "/score", {"items": _items(rows[:4], ["x"] * 4)})
+        assert status == 413 and "4 items is over the 3-item limit" in reply["error"]
+
+
+def test_200_concurrent_requests_all_answered_right(live, rows):
+    """200 clients at once on one server: no connection reset or refused, every score right (the old
+    ThreadingHTTPServer's listen backlog of 5 reset 27 of 150 at 50 clients)."""
+    import http.client
+
+    url, server = live
+    host, port = url.removeprefix("http://").split(":")
+    n = 200
+    barrier = threading.Barrier(n)
+    results: list = [None] * n
+
+    def one(i: int) -> None:
+        row = rows[i % len(rows)]
+        response = row["answer"] if i % 2 else "wrong"
+        body = json.dumps({"items": _items([row], [response])})
+        barrier.wait(timeout=60)
+        try:
+            conn = http.client.HTTPConnection(host, int(port), timeout=60)
+            conn.request("POST", "/score", body, {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+            resp = conn.getresponse()
+            results[i] = (resp.status, json.loads(resp.read())["scores"][0],
+                          RuleRewards(RULES, WEIGHTS).score([row["prompt"]], [response], [row])[0])
+            conn.close()
+        except Exception as e:  # a reset or refusal is what this test is about
+            results[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    errors = [r for r in results if not isinstance(r, tuple)]
+    assert not errors, f"{len(errors)} of {n} failed, e.g. {errors[:3]}"
+    assert all(status == 200 and got == pytest.approx(want) for status, got, want in results)
+    assert server.stats == {"requests": n, "items": n}
 
 
 # ---------------------------------------------------------------- client
@@ -244,17 +312,19 @@ def test_from_config(monkeypatch):
 
 def test_main_refuses_to_start_without_token(monkeypatch, capsys):
     monkeypatch.delenv("NO_SUCH_REWARD_TOKEN", raising=False)
-    assert server_mod.main(["--rules", "synthetic", "--port", "0", "--token-env", "NO_SUCH_REWARD_TOKEN"]) == 2
+    assert cli_main(["serve-reward", "--rules", "synthetic", "--port", "0", "--token-env", "NO_SUCH_REWARD_TOKEN"]) == 2
     out, err = capsys.readouterr()
     assert "$NO_SUCH_REWARD_TOKEN" in err and out == ""
 
 
-def test_main_rejects_unknown_rule_and_bad_weights(monkeypatch, capsys):
+def test_main_rejects_unknown_rule_bad_weights_and_nothing_to_serve(monkeypatch, capsys):
     monkeypatch.setenv("RLHF_REWARD_TOKEN", TOKEN)
-    assert server_mod.main(["--rules", "synthetic,nope", "--port", "0"]) == 2
+    assert cli_main(["serve-reward", "--rules", "synthetic,nope", "--port", "0"]) == 2
     assert "unknown reward rule 'nope'" in capsys.readouterr().err
-    assert server_mod.main(["--rules", "synthetic", "--weights", "heavy", "--port", "0"]) == 2
+    assert cli_main(["serve-reward", "--rules", "synthetic", "--weights", "heavy", "--port", "0"]) == 2
     assert "--weights must be numbers" in capsys.readouterr().err
+    assert cli_main(["serve-reward", "--port", "0"]) == 2
+    assert "needs --rules, --reward-model, or both" in capsys.readouterr().err
 
 
 def test_main_serves_and_prints_url(rows):
