@@ -1,8 +1,10 @@
-"""Resume equivalence with a real kill: N steps straight == k steps, SIGKILL, resume, N-k steps.
+"""Resume equivalence with a real interruption: N steps straight == k steps, stop, resume, N-k steps.
 
-The interrupted run is killed (SIGKILL to its whole process group) as soon as its first checkpoint
-is published; the resumed run picks the latest complete checkpoint (`checkpoint.resume=auto`) and
-must end with the same parameters as the straight run within 1e-6 (CPU, fp32).
+SFT, RM and DPO are killed (SIGKILL to the whole process group) as soon as the first checkpoint is
+published; PPO's controller is SIGKILLed alone (GAE: no process or port may outlive it) or preempted
+with SIGTERM (GRPO: it checkpoints and exits 0). The resumed run picks the latest complete checkpoint
+(`checkpoint.resume=auto`) and must log the same metrics for every later step and end with the same
+parameters as the straight run, within 1e-6 (CPU, fp32).
 """
 
 import json
@@ -60,7 +62,29 @@ MODEL_FOR = {"sft": "policy", "rm": "policy", "dpo": "policy"}  # rm: value head
 # stream on two ranks, and DPO, whose reference scores each streamed step instead of a precomputed table.
 STREAMING = ("data.streaming=true", "algorithm.dpo.precompute_reference=true")
 CASES = {"sft": ("sft", ()), "rm": ("rm", ()), "dpo": ("dpo", ()),
+         "sft-2-ranks-zero2": ("sft", ("placement.actor=2", "deepspeed.zero_stage=2")),
+         "sft-2-ranks-zero3": ("sft", ("placement.actor=2", "deepspeed.zero_stage=3")),
          "sft-streaming-2-ranks": ("sft", (*STREAMING, "placement.actor=2")), "dpo-streaming": ("dpo", STREAMING)}
+TIMING = ("time", "step_s", "tokens_per_s", "seconds")  # wall-clock metrics differ between any two runs
+
+
+def assert_same_metrics(straight: Path, broken: Path, after_step: int) -> None:
+    """Every metric of every step after the kill equals the straight run's (the resumed run's row is the
+    last one logged for its step: the killed run may have logged a step past its checkpoint)."""
+    def rows(run: Path) -> dict[int, dict]:
+        out: dict[int, dict] = {}
+        for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()):
+            if "resumed_from" not in r and "stopped_by" not in r:
+                out.setdefault(r["step"], {}).update({k: v for k, v in r.items() if not k.startswith(TIMING)})
+        return out
+
+    a, b = rows(straight), rows(broken)
+    later = [s for s in a if s > after_step]
+    assert later and set(later) <= set(b), (later, sorted(b))
+    for s in later:
+        assert a[s].keys() == b[s].keys(), (s, a[s].keys() ^ b[s].keys())
+        for k, v in a[s].items():
+            assert v == pytest.approx(b[s][k], rel=0, abs=1e-6), (s, k, v, b[s][k])
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -81,3 +105,127 @@ def test_kill_and_resume_matches_straight_run(case, small_model, synthetic_dir, 
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     logged = [json.loads(line) for line in (broken / "metrics.jsonl").read_text().splitlines()]
     assert any("resumed_from" in row for row in logged)
+    assert_same_metrics(straight, broken, killed_at)
+
+
+# ------------------------------------------------------------------------------------------- PPO
+PPO_STEPS = 4
+
+
+def ppo_command(estimator: str, model: Path, data: Path, run_dir: Path, *extra: str) -> list[str]:
+    """The shipped GAE (actor, critic, reference, vLLM engine) or GRPO config on the small model, shrunk,
+    with the rule reward. A checkpoint every 2 steps; sampling seeded per step (rollout.seed + step)."""
+    config = {"gae": "configs/ppo/tiny-cpu.yaml", "grpo": "configs/grpo/tiny-cpu.yaml"}[estimator]
+    return [sys.executable, "-m", "rlhf_system.cli", "train", "ppo", "--config", config, f"model.path={model}",
+            f"run_dir={run_dir}", f"train.max_steps={PPO_STEPS}", "logging.console=false", "checkpoint.save_every=2",
+            f"data.train=[{{path: {data / 'rl_train.jsonl'}}}]", "data.eval=[]", "train.eval_every=0",
+            "train.rollout_batch_size=8", "rollout.n_samples_per_prompt=2", "train.global_batch_size=16",
+            "train.micro_batch_size=8", "rollout.max_new_tokens=16", "rewards.use_model=false",
+            "rewards.rules=[synthetic]", "model.reward_path=''", "placement.call_timeout_s=240", *extra]
+
+
+def engine_module(ckpt: Path, role: str) -> dict:
+    states = torch.load(ckpt / role / "engine" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return states["module"]
+
+
+def stop_after_first_step(cmd: list[str], run_dir: Path) -> tuple[int, str]:
+    """Preemption: SIGTERM once step 1 is logged. The run finishes that step, checkpoints it and exits 0
+    within the deadline (one step and one save). Returns (the checkpoint's step, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.exists() and '"step": 1,' in metrics.read_text()):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no step within 600 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["stopped_by"] == "SIGTERM" and "SIGTERM received" in err
+    done = complete_checkpoints(run_dir / "checkpoints")
+    return json.loads((done[-1] / "run_state.json").read_text())["step"], err
+
+
+def kill_controller_after_first_checkpoint(cmd: list[str], run_dir: Path) -> int:
+    """SIGKILL the controller alone (not its process group): every process of the run and every port it
+    listened on must be gone within 60 s (distributed/reaper.py stops what its shutdown would have)."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not complete_checkpoints(run_dir / "checkpoints"):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 600 s"
+        time.sleep(0.05)
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    procs = {p.pid: p.create_time() for p in tree}
+    ports = {c.laddr.port for p in tree for c in _listening(p)}
+    assert len(procs) >= 5 and ports, (procs, ports)  # Ray's processes, the trainers, the engine
+    proc.kill()
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while (alive := _alive(procs)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not alive, [" ".join(p.cmdline())[:100] for p in alive]
+    listening = {c.laddr.port for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+    assert not listening & ports, f"ports still listening: {listening & ports}"
+    done = complete_checkpoints(run_dir / "checkpoints")
+    return json.loads((done[-1] / "run_state.json").read_text())["step"]
+
+
+def _listening(p) -> list:
+    import psutil
+
+    try:
+        return [c for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:
+        return []
+
+
+def _alive(procs: dict[int, float]) -> list:
+    import psutil
+
+    out = []
+    for pid, created in procs.items():
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_ppo_interrupt_and_resume_matches_straight_run(estimator, small_model, synthetic_dir, tmp_path):
+    """GAE: the controller is SIGKILLed after its step-2 checkpoint and leaves no process or port behind.
+    GRPO: it is preempted (SIGTERM) after step 1, checkpoints that step and exits 0. Then resume=auto:
+    the later steps sample the same tokens (vLLM seeded per step, the engine reloaded from the resumed
+    actor), so every metric and the final actor and critic weights equal a straight run's within 1e-6."""
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    model = small_model["policy"]
+    run(ppo_command(estimator, model, synthetic_dir, straight))
+    if estimator == "gae":
+        stopped_at = kill_controller_after_first_checkpoint(ppo_command(estimator, model, synthetic_dir, broken), broken)
+    else:
+        stopped_at, _ = stop_after_first_step(ppo_command(estimator, model, synthetic_dir, broken), broken)
+    assert 0 < stopped_at < PPO_STEPS and not (broken / "hf").exists()
+    run(ppo_command(estimator, model, synthetic_dir, broken, "checkpoint.resume=auto"))
+
+    assert_same_metrics(straight, broken, stopped_at)
+    a, b = load_file(straight / "hf" / "model.safetensors"), load_file(broken / "hf" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    last_a, last_b = (complete_checkpoints(r / "checkpoints")[-1] for r in (straight, broken))
+    roles = ["actor", "critic"] if estimator == "gae" else ["actor"]
+    assert (last_b / "critic").exists() == (estimator == "gae")
+    for role in roles:
+        ma, mb = engine_module(last_a, role), engine_module(last_b, role)
+        assert ma.keys() == mb.keys()
+        for k in ma:
+            torch.testing.assert_close(ma[k], mb[k], rtol=0, atol=1e-6, msg=f"{role}: {k}")
