@@ -109,7 +109,7 @@ def test_kill_and_resume_matches_straight_run(case, small_model, synthetic_dir, 
 
 
 # ------------------------------------------------------------------------------------------- PPO
-PPO_STEPS = 4
+PPO_STEPS = 3
 
 
 def ppo_command(estimator: str, model: Path, data: Path, run_dir: Path, *extra: str) -> list[str]:
