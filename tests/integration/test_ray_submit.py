@@ -58,7 +58,8 @@ def test_tiny_ppo_config_runs_as_a_ray_job(head, small_model, synthetic_dir, tmp
         f"model.path={small_model['policy']}", f"run_dir={run_dir}",
         f"data.train=[{{path: {d / 'rl_train.jsonl'}}}]", f"data.eval=[{{path: {d / 'rl_test_seen.jsonl'}}}]",
         # one step, two roles + one engine: the five-role run is test_ppo's; this test is about the launcher
-        "algorithm.estimator=rloo", "rewards.use_model=false", "train.max_steps=1", "train.eval_every=0",
+        # (and that a critic-free estimator starts no critic)
+        "algorithm.estimator=reinforce_pp", "rewards.use_model=false", "train.max_steps=1", "train.eval_every=0",
         "train.rollout_batch_size=8", "train.global_batch_size=16", "train.micro_batch_size=8",
         "train.max_eval_samples=8", "rollout.max_new_tokens=16", "logging.console=false",
         "placement.call_timeout_s=240")
@@ -68,7 +69,8 @@ def test_tiny_ppo_config_runs_as_a_ray_job(head, small_model, synthetic_dir, tmp
     assert result["steps"] == 1 and sorted(result["roles"]) == ["actor", "reference", "rollout"]
     assert (run_dir / "hf" / "config.json").exists() and (run_dir / "config.yaml").exists()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert any(r.get("step") == 1 and "actor/loss" in r for r in rows)
+    step = next(r for r in rows if r.get("step") == 1 and "actor/loss" in r)
+    assert not any(k.startswith("critic/") for k in step)
     # the job's own logs are the run's output (streamed by the launcher as well)
     assert '"steps": 1' in out.stdout
 

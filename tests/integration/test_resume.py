@@ -62,9 +62,9 @@ MODEL_FOR = {"sft": "policy", "rm": "policy", "dpo": "policy"}  # rm: value head
 # stream on two ranks, and DPO, whose reference scores each streamed step instead of a precomputed table.
 STREAMING = ("data.streaming=true", "algorithm.dpo.precompute_reference=true")
 CASES = {"sft": ("sft", ()), "rm": ("rm", ()), "dpo": ("dpo", ()),
-         "sft-2-ranks-zero2": ("sft", ("placement.actor=2", "deepspeed.zero_stage=2")),
          "sft-2-ranks-zero3": ("sft", ("placement.actor=2", "deepspeed.zero_stage=3")),
-         "sft-streaming-2-ranks": ("sft", (*STREAMING, "placement.actor=2")), "dpo-streaming": ("dpo", STREAMING)}
+         "sft-streaming-2-ranks-zero2": ("sft", (*STREAMING, "placement.actor=2", "deepspeed.zero_stage=2")),
+         "dpo-streaming": ("dpo", STREAMING)}
 TIMING = ("time", "step_s", "tokens_per_s", "seconds")  # wall-clock metrics differ between any two runs
 
 
