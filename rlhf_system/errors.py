@@ -57,7 +57,7 @@ def one_line(e: BaseException) -> str:
         return str(cause).strip() or type(cause).__name__
     text = str(e).strip()
     first = text.splitlines()[0] if text else ""
-    if isinstance(e, (RunFailure, KeyboardInterrupt)) or type(e).__name__ in ("GroupCallError", "WeightSyncError"):
+    if isinstance(e, (RunFailure, KeyboardInterrupt)):
         return first or type(e).__name__
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
