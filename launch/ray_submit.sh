@@ -119,18 +119,39 @@ if [[ $WAIT == 0 ]]; then
   exit 0
 fi
 
+# Submitted without following, then followed here rather than by `ray job submit`: Ray's own stream
+# can end before the job's last lines reach it (ray-project/ray#48701), so the follower finishes from the
+# stored log once the job is over. stdout carries the job's output alone; Ray's CLI chatter goes to stderr.
+ray job submit "${RJ[@]}" --submission-id "$ID" --runtime-env-json "$RUNTIME_ENV" --no-wait -- "${ENTRY[@]}" >&2 \
+  || { echo "[ray_submit] job $ID was not submitted (see the error above)" >&2; exit 1; }
 trap 'echo "[ray_submit] stopped following; job $ID keeps running. Stop it: ray job stop $ID --address $ADDRESS" >&2; exit 130' INT
-# `ray job submit` streams the logs until the job ends (its own exit status only says how the stream ended).
 rc=0
-if [[ -n "$TIMEOUT" ]]; then
-  timeout "$TIMEOUT" ray job submit "${RJ[@]}" --submission-id "$ID" --runtime-env-json "$RUNTIME_ENV" -- "${ENTRY[@]}" || rc=$?
-  if [[ $rc == 124 ]]; then
-    echo "[ray_submit] job $ID did not finish within ${TIMEOUT}s; stopping it" >&2
-    timeout 60 ray job stop "${RJ[@]}" --no-wait "$ID" >&2 || true
-    exit 1
-  fi
-else
-  ray job submit "${RJ[@]}" --submission-id "$ID" --runtime-env-json "$RUNTIME_ENV" -- "${ENTRY[@]}" || rc=$?
+timeout "${TIMEOUT:-0}" "$PY" - "$ADDRESS" "$ID" <<'EOF' || rc=$?
+import asyncio, sys, time
+from ray.job_submission import JobSubmissionClient
+
+client, job = JobSubmissionClient(sys.argv[1]), sys.argv[2]
+shown = 0  # characters of the job's log already written
+
+
+async def follow():
+    global shown
+    async for chunk in client.tail_job_logs(job):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+        shown += len(chunk)
+
+asyncio.run(follow())
+deadline = time.monotonic() + 60  # the stream ends with the job; its status can lag a moment behind
+while not client.get_job_status(job).is_terminal() and time.monotonic() < deadline:
+    time.sleep(1)
+sys.stdout.write(client.get_job_logs(job)[shown:])
+sys.stdout.flush()
+EOF
+if [[ $rc == 124 ]]; then
+  echo "[ray_submit] job $ID did not finish within ${TIMEOUT}s; stopping it" >&2
+  timeout 60 ray job stop "${RJ[@]}" --no-wait "$ID" >&2 || true
+  exit 1
 fi
 trap - INT
 

@@ -93,4 +93,5 @@ def test_scale_sweep_runs_as_a_ray_job_across_two_hosts(two_hosts, small_model, 
     for png in ("throughput.png", "efficiency.png", "memory.png"):
         assert (out_dir / png).stat().st_size > 1000, png
     # the job's stdout (streamed by the launcher) carries the JSON lines
-    assert sum(line.startswith('{"point"') for line in out.stdout.splitlines()) == len(rows)
+    streamed = [line for line in out.stdout.splitlines() if '"point"' in line]
+    assert [json.loads(line) for line in streamed] == rows, streamed
