@@ -145,6 +145,10 @@ class TrainConfig(_Section):
     eval_every: int = Field(0, ge=0, description="Steps between evaluations; 0: at the end only.")
     rollout_batch_size: int = Field(32, ge=1, description="PPO: prompts per step.")
     max_eval_samples: int = Field(0, ge=0, description="0: all.")
+    eval_samples: int = Field(4, ge=1, description="PPO evaluation: sampled completions per held-out prompt "
+                              "(mean@n and pass@k are over these), beside the greedy one.")
+    eval_pass_k: list[int] = Field(default_factory=lambda: [1, 4], description="PPO evaluation: the k of pass@k; "
+                                   "each at most train.eval_samples.")
 
 
 class OptimConfig(_Section):
@@ -176,6 +180,12 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1, description="< 1 makes vLLM's sampling log-probs (after top-p) differ "
                          "from the trainer's, which only apply the temperature: mind algorithm.tis_cap.")
+    dynamic_sampling: bool = Field(False, description="DAPO: drop prompt groups whose rewards are all equal (no "
+                                   "signal under a group baseline) and sample more prompts until the batch is full.")
+    dynamic_sampling_max_rounds: int = Field(4, ge=1, description="Generation rounds per step at most when "
+                                             "refilling; then the batch is completed with dropped groups (counted).")
+    dynamic_sampling_timeout_s: float = Field(600.0, gt=0, description="Seconds of refilling per step at most, "
+                                              "the same fallback.")
     stop: list[str] = Field(default_factory=list, description="Extra stop strings (EOS always stops).")
     seed: int = Field(0, description="Sampling seed of the engines (engine i uses seed + i).")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
@@ -211,8 +221,12 @@ class RMConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    estimator: Literal["gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = Field(
-        "gae", description="gae: PPO with a critic; the others are critic-free (no critic group is started).")
+    estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = Field(
+        "gae", description="gae: PPO with a critic; the others are critic-free (no critic group is started). "
+        "dr_grpo: GRPO without the std division, with loss_agg=seq_sum_norm (Dr. GRPO).")
+    policy_loss: Literal["ppo", "gspo", "cispo"] = Field(
+        "ppo", description="ppo: clipped token ratios; gspo: one clipped ratio per sequence (set clip_eps=3e-4 "
+        "clip_eps_high=4e-4); cispo: REINFORCE with a clipped IS weight (clip_eps=1 clip_eps_high=0.28).")
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
     clip_eps: float = Field(0.2, gt=0)
@@ -221,18 +235,25 @@ class AlgorithmConfig(_Section):
     dual_clip: float = Field(0.0, ge=0, description="Dual-clip bound c > 1 for negative advantages; 0: off.")
     ppo_epochs: int = Field(1, ge=1)
     normalize_advantages: bool = True
-    loss_agg: Literal["token", "seq"] = Field(
-        "token", description="token: mean over all kept tokens; seq: mean over sequences of per-sequence means.")
+    loss_agg: Literal["token", "seq", "seq_sum_norm"] = Field(
+        "token", description="token: mean over all kept tokens; seq: mean over sequences of per-sequence means; "
+        "seq_sum_norm: per-sequence sums / rollout.max_new_tokens (Dr. GRPO).")
+    overlong_filter: bool = Field(False, description="DAPO: responses cut at rollout.max_new_tokens are left out "
+                                  "of the loss.")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight in the policy loss.")
     vf_coef: float = Field(1.0, ge=0)
-    tis_cap: float = Field(0.0, ge=0, description="Truncated importance sampling cap for the rollout/trainer "
-                           "log-prob mismatch; 0: off.")
+    tis_cap: float = Field(0.0, ge=0, description="Importance sampling for the rollout/trainer log-prob "
+                           "mismatch: the truncation cap (or the band's top with is_mode=mask); 0: off.")
+    is_mode: Literal["truncate", "mask"] = Field(
+        "truncate", description="truncate: weight min(ratio, tis_cap); mask: drop tokens whose ratio is outside "
+        "[is_low, tis_cap].")
+    is_low: float = Field(0.5, ge=0, lt=1, description="is_mode=mask: the band's bottom.")
     kl: KLConfig = Field(default_factory=KLConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     rm: RMConfig = Field(default_factory=RMConfig)
 
     # Group estimators compare samples of the same prompt: the baseline of one is the others.
-    GROUP_ESTIMATORS: ClassVar[tuple[str, ...]] = ("grpo", "rloo", "reinforce_pp_baseline")
+    GROUP_ESTIMATORS: ClassVar[tuple[str, ...]] = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 
     @property
     def needs_critic(self) -> bool:
@@ -250,6 +271,9 @@ class RewardsConfig(_Section):
     retries: int = Field(3, ge=0)
     timeout_s: float = Field(60.0, gt=0)
     clip: float = Field(0.0, ge=0, description="Clip the combined score to [-clip, clip]; 0: off.")
+    overlong_buffer: int = Field(0, ge=0, description="DAPO soft overlong punishment: the last this-many tokens "
+                                 "before rollout.max_new_tokens ramp a penalty from 0 to -overlong_penalty; 0: off.")
+    overlong_penalty: float = Field(1.0, ge=0)
     normalize: bool = Field(False, description="Standardise the scores of each rollout batch (mean 0, std 1).")
 
 

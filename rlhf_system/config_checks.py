@@ -74,10 +74,30 @@ def problems(cfg) -> list[str]:
                           f"{cfg.placement.critic} x train.micro_batch_size={t.micro_batch_size}. Fix: use a "
                           f"multiple of {cfg.placement.critic * t.micro_batch_size}")
         kl = cfg.algorithm.kl
-        if kl.coef > 0 and kl.in_reward and cfg.algorithm.estimator == "grpo":
-            errors.append("algorithm.estimator=grpo normalises outcome scores per group and applies the KL as a loss "
+        a = cfg.algorithm
+        if kl.coef > 0 and kl.in_reward and a.estimator in ("grpo", "dr_grpo"):
+            errors.append(f"algorithm.estimator={a.estimator} normalises outcome scores per group and applies the KL as a loss "
                           "term, but algorithm.kl.in_reward=true. Fix: algorithm.kl.in_reward=false "
                           "algorithm.kl.estimator=k3")
+        if a.estimator == "dr_grpo" and a.loss_agg != "seq_sum_norm":
+            errors.append(f"algorithm.estimator=dr_grpo drops GRPO's length normalisation as well as its std "
+                          f"division, but algorithm.loss_agg={a.loss_agg} divides by lengths. Fix: "
+                          "algorithm.loss_agg=seq_sum_norm")
+        if a.is_mode == "mask" and a.tis_cap and a.tis_cap <= 1:
+            errors.append(f"algorithm.is_mode=mask keeps tokens whose ratio is in [is_low, tis_cap], but tis_cap="
+                          f"{a.tis_cap} <= 1. Fix: algorithm.tis_cap=2 (or another bound above 1)")
+        if cfg.rewards.overlong_buffer > cfg.rollout.max_new_tokens:
+            errors.append(f"rewards.overlong_buffer={cfg.rewards.overlong_buffer} is longer than "
+                          f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}. Fix: a buffer within the budget, "
+                          f"e.g. {max(1, cfg.rollout.max_new_tokens // 4)}")
+        if cfg.rollout.dynamic_sampling and a.estimator not in a.GROUP_ESTIMATORS:
+            errors.append(f"rollout.dynamic_sampling=true drops groups whose samples score the same, which only a "
+                          f"group estimator ignores; algorithm.estimator={a.estimator} is not one. Fix: "
+                          f"algorithm.estimator=grpo (or dynamic_sampling=false)")
+        bad_k = [k for k in t.eval_pass_k if not 1 <= k <= t.eval_samples]
+        if bad_k:
+            errors.append(f"train.eval_pass_k={t.eval_pass_k}: each k must be in [1, train.eval_samples="
+                          f"{t.eval_samples}], got {bad_k}. Fix: raise train.eval_samples or drop those k")
         if kl.coef > 0 and not kl.in_reward and kl.estimator == "k1":
             errors.append("algorithm.kl.in_reward=false with algorithm.kl.estimator=k1: as a loss, k1's gradient is "
                           "the score function, zero in expectation on-policy, so it does not regularise. Fix: "

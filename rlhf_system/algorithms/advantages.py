@@ -25,8 +25,8 @@ import torch
 from rlhf_system.algorithms.kl import response_lengths, shape_rewards
 from rlhf_system.algorithms.logprobs import masked_mean
 
-ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
-GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp_baseline")
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:
@@ -226,6 +226,8 @@ def compute_advantages(
     - "grpo": `grpo_advantages` per token. The KL is NOT put in the reward: GRPO regularises with a
       KL loss term instead (DeepSeekMath eq. 3, see `losses.kl_loss`), so `kl` is ignored here.
       No whitening: the advantages are already normalised per group.
+    - "dr_grpo": as "grpo" but only centred (`grpo_advantages(scale=False)`), Dr. GRPO; its other half,
+      no length normalisation, is the loss's `seq_sum_norm` aggregation.
     - "rloo": the KL is part of the sequence reward, as in Ahmadian et al. 2024 (R = r - beta *
       sum_t KL_t), then `rloo_advantages` per token, whitened if `whiten_advantages`.
     - "reinforce_pp": shaped rewards as for gae, then `reinforce_pp_advantages` (whitened by
@@ -242,8 +244,8 @@ def compute_advantages(
             raise ValueError("the gae estimator needs critic values")
         advantages, returns = gae(shape_rewards(scores, kl_used, mask, kl_coef), values, mask, gamma, lam)
         return (whiten(advantages, mask) if whiten_advantages else advantages), returns
-    if estimator == "grpo":
-        return expand_to_tokens(grpo_advantages(scores, group_size), mask), None
+    if estimator in ("grpo", "dr_grpo"):
+        return expand_to_tokens(grpo_advantages(scores, group_size, scale=estimator == "grpo"), mask), None
     if estimator == "rloo":
         seq_rewards = _float(scores)
         if kl_used is not None:

@@ -166,26 +166,33 @@ def dpo_nll(policy_chosen_token_logps: torch.Tensor, mask: torch.Tensor) -> torc
 
 # ------------------------------------------------------------------------------------------- PPO
 
-LOSS_AGGS = ("token", "seq")
+LOSS_AGGS = ("token", "seq", "seq_sum_norm")
 
 
-def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, agg: str = "token") -> torch.Tensor:
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, agg: str = "token", norm_len: int = 0) -> torch.Tensor:
     """Reduce a (B, T) per-token loss to a scalar over kept tokens.
 
     - "token": masked mean over every kept token of the batch (long responses weigh more; the
       DAPO choice, Yu et al. 2025, sec. 3.3).
     - "seq": per-row masked mean, then the mean over rows (each response weighs the same, as in
-      the original GRPO objective, Shao et al. 2024, eq. 3). Rows with no kept token are left
-      out of the row mean rather than counted as a 0 loss.
-    The two agree when every row keeps the same number of tokens.
+      the original GRPO objective, Shao et al. 2024, eq. 3).
+    - "seq_sum_norm": per-row masked SUM divided by the constant `norm_len` (the generation budget),
+      then the mean over rows: Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training", sec.
+      3.1), which finds that dividing by each response's own length makes long wrong answers cheap.
+    Rows with no kept token are left out of the row mean rather than counted as a 0 loss. "token" and
+    "seq" agree when every row keeps the same number of tokens.
     """
     if agg not in LOSS_AGGS:
         raise ValueError(f"loss agg must be one of {LOSS_AGGS}, got {agg!r}")
     if agg == "token":
         return masked_mean(per_token, mask)
-    row_means = masked_mean(per_token, mask, dim=-1)
-    nonempty = mask.bool().any(-1)
-    return masked_mean(row_means, nonempty)
+    if agg == "seq":
+        rows = masked_mean(per_token, mask, dim=-1)
+    else:
+        if norm_len <= 0:
+            raise ValueError(f"loss agg 'seq_sum_norm' needs norm_len > 0 (the generation budget), got {norm_len}")
+        rows = masked_sum(per_token, mask, dim=-1) / norm_len
+    return masked_mean(rows, mask.bool().any(-1))
 
 
 def truncated_is_weights(
@@ -211,6 +218,26 @@ def truncated_is_weights(
     return torch.exp(log_ratio).clamp(max=cap)
 
 
+def masked_is_weights(
+    old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, low: float, high: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Masked importance sampling, detached: 1 where low <= pi_old / pi_rollout <= high, else 0, (B, T).
+
+    The masked variant of `truncated_is_weights` (Yao et al. 2025; "MIS" in verl's rollout correction):
+    instead of down-weighting a token whose sampler and trainer disagree too much, it is left out of
+    the loss. Off-policy training (train.max_staleness > 0) samples with a policy some updates old,
+    and a token that policy found likely but the current one does not carries a gradient that points
+    nowhere useful. Masked positions give 0.
+    """
+    if not 0 <= low < 1 < high:
+        raise ValueError(f"masked IS band must satisfy 0 <= low < 1 < high, got [{low}, {high}]")
+    ratio = torch.exp(old_logprobs.detach().float() - rollout_logprobs.detach().float())
+    keep = (ratio >= low) & (ratio <= high)
+    if mask is not None:
+        keep = keep & mask.bool()
+    return keep.float()
+
+
 def policy_loss_ppo(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -221,6 +248,7 @@ def policy_loss_ppo(
     dual_clip: float | None = None,
     agg: str = "token",
     is_weights: torch.Tensor | None = None,
+    norm_len: int = 0,
 ) -> tuple[torch.Tensor, Metrics]:
     """PPO clipped surrogate, masked mean: all inputs (B, T) -> (loss (), metrics).
 
@@ -267,7 +295,7 @@ def policy_loss_ppo(
         metrics["dual_clipfrac"] = _metric(masked_mean(capped.float(), mask))
     if is_weights is not None:
         per_token = per_token * torch.where(mask.bool(), is_weights.detach(), torch.zeros_like(is_weights))
-    loss = aggregate_loss(per_token, mask, agg)
+    loss = aggregate_loss(per_token, mask, agg, norm_len)
     with torch.no_grad():
         metrics.update({
             "clipfrac": _metric(masked_mean((clipped > unclipped).float(), mask)),
@@ -284,6 +312,7 @@ def value_loss(
     mask: torch.Tensor,
     clip: float = 0.2,
     agg: str = "token",
+    norm_len: int = 0,
 ) -> tuple[torch.Tensor, Metrics]:
     """Clipped value loss, masked mean: all inputs (B, T) -> (loss (), {"vf_clipfrac"}).
 
@@ -303,10 +332,10 @@ def value_loss(
     old_values, returns = old_values.detach(), returns.detach()
     unclipped = (values - returns) ** 2
     if clip == 0:
-        return 0.5 * aggregate_loss(unclipped, mask, agg), {"vf_clipfrac": _metric(values.new_zeros(()))}
+        return 0.5 * aggregate_loss(unclipped, mask, agg, norm_len), {"vf_clipfrac": _metric(values.new_zeros(()))}
     v_clip = old_values + torch.clamp(values - old_values, -clip, clip)
     clipped = (v_clip - returns) ** 2
-    loss = 0.5 * aggregate_loss(torch.maximum(unclipped, clipped), mask, agg)
+    loss = 0.5 * aggregate_loss(torch.maximum(unclipped, clipped), mask, agg, norm_len)
     return loss, {"vf_clipfrac": _metric(masked_mean((clipped > unclipped).float(), mask))}
 
 
@@ -316,6 +345,7 @@ def kl_loss(
     mask: torch.Tensor,
     estimator: str = "k3",
     agg: str = "token",
+    norm_len: int = 0,
 ) -> tuple[torch.Tensor, Metrics]:
     """KL(pi || pi_ref) as a loss term: (B, T) x 3 -> (loss (), {"kl_mean"}).
 
@@ -326,4 +356,4 @@ def kl_loss(
     kl_mean is the token-level masked mean of the estimate, whatever `agg`.
     """
     kl = kl_penalty(logprobs, ref_logprobs.detach(), estimator, mask=mask)
-    return aggregate_loss(kl, mask, agg), {"kl_mean": _metric(masked_mean(kl, mask))}
+    return aggregate_loss(kl, mask, agg, norm_len), {"kl_mean": _metric(masked_mean(kl, mask))}

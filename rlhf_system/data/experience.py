@@ -37,6 +37,10 @@ class Experience:
     advantages: torch.Tensor | None = None        # (B, T) f32: per-token advantages (algorithms/advantages.py)
     returns: torch.Tensor | None = None           # (B, T) f32: value targets (GAE only)
     index: torch.Tensor | None = None             # (B,) int64: row of the step's batch (for error messages)
+    action_mask: torch.Tensor | None = None       # (B, T) f32: 1 on the response tokens the policy is trained on;
+    #                                               None: all of them. 0 on environment / tool tokens inside a
+    #                                               multi-turn response, and on rows left out of the loss
+    #                                               (DAPO's overlong filter)
 
     # ------------------------------------------------------------------------------- construction
     @classmethod
@@ -73,6 +77,12 @@ class Experience:
     def response_mask(self) -> torch.Tensor:
         """(B, T) float32: 1 on real response tokens."""
         return (torch.arange(self.T)[None, :] < self.response_lens[:, None]).float()
+
+    @property
+    def policy_mask(self) -> torch.Tensor:
+        """(B, T) float32: the tokens the losses and advantages count: `action_mask` within the response."""
+        mask = self.response_mask
+        return mask if self.action_mask is None else mask * self.action_mask[:, :mask.shape[1]]
 
     @property
     def attention_mask(self) -> torch.Tensor:
@@ -125,7 +135,7 @@ class Experience:
         return _rebuild, (self.pad_id, arrays)
 
 
-PER_TOKEN = ("rollout_logprobs", "old_logprobs", "ref_logprobs", "values", "advantages", "returns")
+PER_TOKEN = ("rollout_logprobs", "old_logprobs", "ref_logprobs", "values", "advantages", "returns", "action_mask")
 
 
 def _rebuild(pad_id: int, arrays: dict) -> Experience:

@@ -10,6 +10,7 @@ alignment table) builds on it, and PPO's held-out evaluation reuses `score`.
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -72,6 +73,32 @@ def score(rows: list[dict], completions: list[str]) -> dict:
     keys = ("exact", "reward", "format_ok", "refused")
     return {fam: {"n": len(items), **{k: round(mean(items, k), 4) for k in keys}}
             for fam, items in sorted(groups.items())}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021, "Evaluating Large
+    Language Models Trained on Code", eq. 1): 1 - C(n - c, k) / C(n, k), the chance that k samples drawn
+    without replacement from the n hold at least one correct one."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def sampled_score(rows: list[dict], completions: list[str], n: int, ks: list[int]) -> dict:
+    """n sampled completions per row (row-major: row i's are completions i*n .. i*n+n-1) -> per family
+    {"mean@n": mean exact over every sample, "pass@k": mean over rows of `pass_at_k`, for each k}."""
+    from rlhf_system.data import synthetic
+
+    if len(completions) != n * len(rows):
+        raise ValueError(f"{len(completions)} completions for {len(rows)} rows of {n} samples")
+    correct: dict[str, list[int]] = defaultdict(list)  # per family: correct samples per row
+    for i, row in enumerate(rows):
+        c = sum(synthetic.verify(row, t)["correct"] for t in completions[i * n:(i + 1) * n])
+        for fam in ("all", row.get("family")) if row.get("family") else ("all",):
+            correct[fam].append(c)
+    return {fam: {f"mean@{n}": round(sum(cs) / (n * len(cs)), 4),
+                  **{f"pass@{k}": round(sum(pass_at_k(n, c, k) for c in cs) / len(cs), 4) for k in ks}}
+            for fam, cs in sorted(correct.items())}
 
 
 def load_for_eval(model_path: str | Path, quant: str = "none"):

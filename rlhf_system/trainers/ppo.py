@@ -24,7 +24,6 @@ never started. Resume restores the engines, the KL coefficient and the position 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from rlhf_system.errors import cleanup
 from rlhf_system.models.load import DTYPES, check_lora_targets, check_model, load_tokenizer
 from rlhf_system.preemption import StopOnSignal
 from rlhf_system.tracking import Tracker
+from rlhf_system.trainers.ppo_samples import sample_and_score
 from rlhf_system.workers.update import one_optimizer_step
 
 
@@ -152,33 +152,6 @@ def in_turn_or_together(cfg: RunConfig, calls: dict) -> dict:
     return {k: start()() for k, start in calls.items()}
 
 
-def score(cfg: RunConfig, prep: Prepared, groups: dict, items: list[dict], texts: list[str]) -> tuple[torch.Tensor, dict]:
-    """Combined scores (B,) and their parts' means, for metrics."""
-    parts, metrics = [], {}
-    rm_wait = groups["reward"].submit_sharded("score", items) if cfg.rewards.use_model else None
-    if prep.rules is not None:
-        prompts = [json.dumps(it["messages"]) for it in items]
-        rule = torch.tensor(prep.rules.score(prompts, texts, [it["meta"] for it in items]))
-        parts.append(cfg.rewards.rule_weight * rule)
-        metrics["reward/rules"] = rule.mean().item()
-    if prep.remote is not None:
-        remote = torch.tensor(prep.remote.score([json.dumps(it["messages"]) for it in items], texts,
-                                                [it["meta"] for it in items]))
-        parts.append(cfg.rewards.remote_weight * remote)
-        metrics["reward/remote"] = remote.mean().item()
-    if rm_wait is not None:
-        rm = rm_wait()
-        parts.append(cfg.rewards.model_weight * rm)
-        metrics["reward/model"] = rm.mean().item()
-    total = torch.stack(parts).sum(0)
-    metrics["reward/total"] = total.mean().item()
-    if cfg.rewards.clip > 0:
-        total = total.clamp(-cfg.rewards.clip, cfg.rewards.clip)
-    if cfg.rewards.normalize:  # per batch: scale-free rewards for the critic and the KL trade-off
-        total = (total - total.mean()) / (total.std() + 1e-6)
-    return total, metrics
-
-
 def needs_old_logprobs(cfg: RunConfig) -> bool:
     """Whether the actor's old log-probs need a forward of their own before the update. Not when the
     step makes one optimiser step (the update's own forward, detached, gives them: workers/update.py)
@@ -190,19 +163,13 @@ def needs_old_logprobs(cfg: RunConfig) -> bool:
 def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, rollout, prompts: list[dict], step: int,
                      kl_coef: float, timer: dict) -> tuple[Experience, dict]:
     n = cfg.rollout.n_samples_per_prompt
-    t = time.perf_counter()
-    gen = rollout.generate([p["prompt_ids"] for p in prompts], seed=cfg.rollout.seed + 7919 * step)
-    timer["time/generate"] = time.perf_counter() - t
-    exp = Experience.from_rollout([prompts[i // n]["prompt_ids"] for i in range(len(gen))],
-                                  [g["response_ids"] for g in gen], prep.tokenizer.pad_token_id,
-                                  [g["logprobs"] for g in gen])
-    texts = prep.tokenizer.batch_decode([g["response_ids"] for g in gen], skip_special_tokens=True)
-    items = [{"messages": prompts[i // n]["messages"], "meta": prompts[i // n]["meta"], "response": texts[i]}
-             for i in range(len(gen))]
-
-    t = time.perf_counter()
-    scores, metrics = score(cfg, prep, groups, items, texts)
-    timer["time/reward"] = time.perf_counter() - t
+    got = sample_and_score(cfg, prep, groups, rollout, prompts, step, prep.train.next, timer)
+    gen, scores, metrics = got.samples, got.scores, got.metrics
+    exp = Experience.from_rollout([p["prompt_ids"] for p in got.prompts], [g["response_ids"] for g in gen],
+                                  prep.tokenizer.pad_token_id, [g["logprobs"] for g in gen])
+    if cfg.algorithm.overlong_filter:  # DAPO: a response cut at the budget is left out of the loss
+        cut = torch.tensor([g["finish_reason"] == "length" for g in gen], dtype=torch.float32)
+        exp.action_mask = (1 - cut)[:, None].expand(len(gen), exp.T).contiguous()
 
     t = time.perf_counter()
     calls = {}
@@ -215,7 +182,7 @@ def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, rollout, prom
     got = in_turn_or_together(cfg, calls)
     timer["time/inference"] = time.perf_counter() - t
 
-    mask = exp.response_mask
+    mask = exp.policy_mask
     a = cfg.algorithm
     old, ref = got.get("old"), got.get("ref")
     kl = kl_penalty(old, ref, a.kl.estimator, mask) if old is not None and ref is not None else None
@@ -224,7 +191,7 @@ def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, rollout, prom
         kl_in_reward=a.kl.in_reward, gamma=a.gamma, lam=a.lam, group_size=n, whiten_advantages=a.normalize_advantages)
 
     metrics |= {
-        "tokens": sum(len(p["prompt_ids"]) for p in prompts) * n + int(exp.response_lens.sum()),  # prompts + samples
+        "tokens": int(exp.prompt_lens.sum() + exp.response_lens.sum()),  # prompts + samples
         "response_length": exp.response_lens.float().mean().item(),
         "truncated": sum(g["finish_reason"] == "length" for g in gen) / len(gen),
         "advantage_mean": masked_mean(adv, mask).item(),
@@ -272,14 +239,12 @@ def ppo_step(cfg: RunConfig, prep: Prepared, groups: dict, rollout, sync, prompt
 
 
 # -------------------------------------------------------------------------------------- evaluation
-EVAL_SAMPLES = 4  # sampled completions per held-out prompt, for the expected-reward metrics
-
-
 def evaluate(cfg: RunConfig, prep: Prepared, groups: dict, rollout) -> dict:
     """Every held-out set, two ways: greedy completions (what a user of the model sees) and
-    EVAL_SAMPLES samples at the rollout temperature with a fixed seed (the policy's expected reward,
-    which is the quantity RL maximises). Rule metrics per family (eval/generation.score) and, with a
-    reward model, its mean score on the greedy completions."""
+    train.eval_samples samples at the rollout temperature with a fixed seed (the policy's expected reward,
+    which is the quantity RL maximises, with mean@n and pass@k of exact match). Rule metrics per family
+    (eval/generation.score) and, with a reward model, its mean score on the greedy completions."""
+    from rlhf_system.eval.generation import sampled_score
     from rlhf_system.eval.generation import score as rule_score
 
     out = {}
@@ -292,12 +257,15 @@ def evaluate(cfg: RunConfig, prep: Prepared, groups: dict, rollout) -> dict:
             for k in ("exact", "reward"):
                 out[f"eval/{name}/{fam}/{k}"] = m[k]
         if cfg.rollout.temperature > 0:
-            sampled = rollout.generate(prompt_ids, n=EVAL_SAMPLES, seed=cfg.seed + 12345)
+            k_n = cfg.train.eval_samples
+            sampled = rollout.generate(prompt_ids, n=k_n, seed=cfg.seed + 12345)
             s_texts = [prep.tokenizer.decode(g["response_ids"], skip_special_tokens=True) for g in sampled]
-            s_rows = [rows[i // EVAL_SAMPLES]["meta"] for i in range(len(sampled))]
+            s_rows = [rows[i // k_n]["meta"] for i in range(len(sampled))]
             for fam, m in rule_score(s_rows, s_texts).items():
                 for k in ("exact", "reward"):
                     out[f"eval/{name}/sampled/{fam}/{k}"] = m[k]
+            for fam, m in sampled_score([r["meta"] for r in rows], s_texts, k_n, cfg.train.eval_pass_k).items():
+                out |= {f"eval/{name}/sampled/{fam}/{k}": v for k, v in m.items()}
         if cfg.rewards.use_model:
             items = [{"messages": r["messages"], "response": t} for r, t in zip(rows, texts)]
             k = len(groups["reward"].workers)

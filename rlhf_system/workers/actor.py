@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from rlhf_system.algorithms import losses
+from rlhf_system.algorithms import grpo_family, losses
 from rlhf_system.algorithms.kl import kl_penalty
 from rlhf_system.algorithms.logprobs import masked_mean, masked_sum
 from rlhf_system.data.experience import Experience
@@ -90,15 +90,29 @@ def policy_logprobs(state: RoleState, exp: Experience) -> torch.Tensor:
     return batched(lambda b: policy_forward(state.engine, b, t)[0], exp, state.cfg.train.micro_batch_size)
 
 
+POLICY_LOSSES = {"ppo": losses.policy_loss_ppo, "gspo": grpo_family.policy_loss_gspo,
+                 "cispo": grpo_family.policy_loss_cispo}
+
+
+def is_weights(a, old: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token importance weights for the sampler/trainer gap (algorithm.is_mode): truncated or masked."""
+    rollout = rollout.to(old.device)
+    if a.is_mode == "mask":
+        return losses.masked_is_weights(old, rollout, a.is_low, a.tis_cap, mask)
+    return losses.truncated_is_weights(old, rollout, a.tis_cap, mask)
+
+
 def actor_update(state: RoleState, exp: Experience, step: int, kl_coef: float) -> dict:
     a = state.cfg.algorithm
     t = temperature(state.cfg)
     if exp.old_logprobs is None and not one_optimizer_step(state.cfg):
         raise ValueError("actor update: old log-probs are missing but this step makes several optimiser steps")
 
+    norm_len = state.cfg.rollout.max_new_tokens  # Dr. GRPO's constant (loss_agg=seq_sum_norm)
+
     def loss_fn(batch: Experience):
         dev = state.engine.device
-        mask = batch.response_mask.to(dev)
+        mask = batch.policy_mask.to(dev)
         lp, ent = policy_forward(state.engine, batch, t, with_entropy=a.entropy_coef > 0)
         # One optimiser step per rollout: the policy is still the rollout-time one, so its own
         # log-probs, detached, are the old ones (the ratio is 1 in value, its gradient is the PG's).
@@ -107,10 +121,13 @@ def actor_update(state: RoleState, exp: Experience, step: int, kl_coef: float) -
         if batch.rollout_logprobs is not None and state.cfg.rollout.temperature > 0:
             rollout = batch.rollout_logprobs.to(dev)
             metrics["logprob_mismatch"] = masked_mean((old - rollout).abs(), mask).item()
-        is_w = losses.truncated_is_weights(old, batch.rollout_logprobs.to(dev), a.tis_cap) if a.tis_cap > 0 else None
-        loss, pg_metrics = losses.policy_loss_ppo(
-            lp, old, batch.advantages.to(dev), mask, clip_eps=a.clip_eps,
-            clip_eps_high=a.clip_eps_high or None, dual_clip=a.dual_clip or None, agg=a.loss_agg, is_weights=is_w)
+        is_w = is_weights(a, old, batch.rollout_logprobs, mask) if a.tis_cap > 0 else None
+        if is_w is not None and a.is_mode == "mask":
+            metrics["is_masked"] = (1 - masked_mean(is_w, mask)).item()
+        loss, pg_metrics = POLICY_LOSSES[a.policy_loss](
+            lp, old, batch.advantages.to(dev), mask, clip_eps=a.clip_eps, clip_eps_high=a.clip_eps_high or None,
+            agg=a.loss_agg, is_weights=is_w, norm_len=norm_len, **({"dual_clip": a.dual_clip or None}
+                                                                    if a.policy_loss == "ppo" else {}))
         metrics |= pg_metrics
         metrics["pg_loss"] = loss.item()
         if ent is not None:
@@ -123,7 +140,7 @@ def actor_update(state: RoleState, exp: Experience, step: int, kl_coef: float) -
             # the old-log-prob forward)
             metrics["kl_seq"] = masked_sum(kl_penalty(old, ref, "k1", mask), mask, dim=-1).mean().item()
             if not a.kl.in_reward and kl_coef > 0:
-                kl, _ = losses.kl_loss(lp, ref, mask, a.kl.estimator, a.loss_agg)
+                kl, _ = losses.kl_loss(lp, ref, mask, a.kl.estimator, a.loss_agg, norm_len)
                 loss = loss + kl_coef * kl
                 metrics["kl_loss"] = kl.item()
         return loss, metrics

@@ -67,7 +67,8 @@ def run_update(state: RoleState, exp: Experience, step: int, role: str, loss_fn)
     # (tokens, or rows for agg=seq, counted over all ranks) gives the mini-batch's global mean,
     # whatever the micro-batch split, the length grouping or the number of ranks.
     gas = cfg.train.global_batch_size // (state.world * micro)
-    units = (exp.response_lens if cfg.algorithm.loss_agg == "token" else (exp.response_lens > 0).long()).double()
+    kept = exp.policy_mask.sum(-1)
+    units = (kept if cfg.algorithm.loss_agg == "token" else (kept > 0)).double()
     sums: dict[str, float] = {}
     count = 0
     state.engine.train()

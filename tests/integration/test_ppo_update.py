@@ -45,7 +45,8 @@ def test_response_positions_only_give_the_full_logits_log_probs(small_model):
         torch.testing.assert_close(fast[b, :R], want, rtol=0, atol=1e-5)
 
 
-def _update(small_model, synthetic_dir, tmp_path, exp, *, ranks=1, micro=ROWS, feed_old=False):
+def _update(small_model, synthetic_dir, tmp_path, exp, *, ranks=1, micro=ROWS, feed_old=False, sampler_gap=0.0,
+            **over):
     from rlhf_system.workers.actor import ActorWorker
     from rlhf_system.workers.placement import start_roles, stop_roles
 
@@ -55,13 +56,17 @@ def _update(small_model, synthetic_dir, tmp_path, exp, *, ranks=1, micro=ROWS, f
     cfg = ppo_config(small_model["policy"], synthetic_dir, tmp_path, placement__actor=ranks, optim__lr=0.5,
                      optim__eps=1.0, placement__threads_per_worker=1,
                      train__rollout_batch_size=ROWS // 2, train__global_batch_size=ROWS,
-                     train__micro_batch_size=micro, algorithm__estimator="rloo", rollout__temperature=1.0)
+                     train__micro_batch_size=micro, rollout__temperature=1.0, **{"algorithm__estimator": "rloo", **over})
     groups, shared = start_roles(cfg, {"actor": ActorWorker})
     try:
         actor = groups["actor"]
         actor.call("setup", cfg, 10)
         if feed_old:
             exp = exp.with_fields(old_logprobs=actor.call_sharded("logprobs", exp))
+        if sampler_gap:  # the engine's log-probs: the trainer's moved by up to +-sampler_gap (seeded)
+            g = torch.Generator().manual_seed(2)
+            noise = (torch.rand(exp.old_logprobs.shape, generator=g) * 2 - 1) * sampler_gap
+            exp = exp.with_fields(rollout_logprobs=(exp.old_logprobs + noise) * exp.response_mask)
         actor.call_sharded("update", exp, 0, 0.0)
         return actor.call("full_state_dict")[0]
     finally:
@@ -137,3 +142,29 @@ def test_critic_under_zero3_on_two_ranks_matches_zero2_on_one(plain, small_model
     torch.testing.assert_close(v3, v2, rtol=0, atol=1e-5)
     assert w3.keys() == w2.keys()
     assert _max_diff(w3, w2) < 1e-5
+
+
+# The GRPO-family losses and aggregations, each on a batch whose responses have masked stretches (as
+# tool output inside a multi-turn response has): split over micro-batches and ranks, the update is still
+# the one of the whole batch at once. dr_grpo's seq_sum_norm weighs rows, not tokens, across splits.
+VARIANTS = {
+    "gspo": {"algorithm__policy_loss": "gspo", "algorithm__loss_agg": "seq", "algorithm__clip_eps": 3e-4,
+             "algorithm__clip_eps_high": 4e-4},
+    "cispo-masked-is": {"algorithm__policy_loss": "cispo", "algorithm__clip_eps": 1.0, "algorithm__clip_eps_high": 0.28,
+                        "algorithm__is_mode": "mask", "algorithm__tis_cap": 2.0, "sampler_gap": 1.0},
+    "dr_grpo": {"algorithm__estimator": "dr_grpo", "algorithm__loss_agg": "seq_sum_norm",
+                "algorithm_kl__in_reward": False, "algorithm_kl__estimator": "k3"},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_grpo_family_updates_do_not_depend_on_the_split(plain, small_model, synthetic_dir, tmp_path, variant):
+    exp, _, initial = plain
+    # every third response token is "environment output": not the policy's, left out of the loss
+    action = (torch.arange(exp.T)[None, :] % 3 != 1).float().expand(len(exp), exp.T).contiguous()
+    exp = exp.with_fields(action_mask=action)
+    whole = _update(small_model, synthetic_dir, tmp_path / "whole", exp, feed_old=True, **VARIANTS[variant])
+    assert _max_diff(whole, initial) > 1e-3, "the update did not move the weights: the test proves nothing"
+    split = _update(small_model, synthetic_dir, tmp_path / "split", exp, ranks=2, micro=4, feed_old=True,
+                    **VARIANTS[variant])
+    assert _max_diff(split, whole) < 1e-5

@@ -125,9 +125,14 @@ def ppo_command(estimator: str, model: Path, data: Path, run_dir: Path, *extra: 
 
 
 # GRPO also streams its prompts (the stream's position is in the run state) and adapts its KL coefficient
-# (the controller's state is in the run state): both must be restored for the later steps to match.
+# (the controller's state is in the run state): both must be restored for the later steps to match. It
+# runs DAPO's dynamic sampling (refills draw more prompts from the stream), overlong shaping and filtering,
+# and GSPO's loss, so that those are exercised end to end too.
 PPO_EXTRA = {"gae": (), "grpo": ("data.streaming=true", "algorithm.kl.adaptive=true", "algorithm.kl.target=0.01",
-                                 "algorithm.kl.coef=0.1")}
+                                 "algorithm.kl.coef=0.1", "rollout.dynamic_sampling=true",
+                                 "rollout.dynamic_sampling_max_rounds=2", "rewards.overlong_buffer=4",
+                                 "algorithm.overlong_filter=true", "algorithm.policy_loss=gspo",
+                                 "algorithm.clip_eps=0.0003", "algorithm.clip_eps_high=0.0004")}
 
 
 def engine_module(ckpt: Path, role: str) -> dict:
@@ -227,8 +232,10 @@ def test_ppo_interrupt_and_resume_matches_straight_run(estimator, small_model, s
 
     assert_same_metrics(straight, broken, stopped_at)
     if estimator == "grpo":  # the adaptive KL coefficient moved, so its restored state is what matched
-        coefs = [json.loads(x).get("kl_coef") for x in (straight / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+        coefs = [r.get("kl_coef") for r in rows]
         assert len({c for c in coefs if c is not None}) == PPO_STEPS, coefs
+        assert all(1 <= r["dynamic_sampling/rounds"] <= 2 and "reward/overlong" in r for r in rows if "kl_coef" in r)
     a, b = load_file(straight / "hf" / "model.safetensors"), load_file(broken / "hf" / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:

@@ -232,3 +232,23 @@ def test_streaming_needs_a_step_count(tmp_path):
     with pytest.raises(ConfigError, match="data.streaming=true .* Fix: set train.max_steps"):
         load_config(write(tmp_path, BASE), ["data.streaming=true"])
     assert load_config(write(tmp_path, BASE), ["data.streaming=true", "train.max_steps=5"]).data.streaming
+
+
+def test_grpo_family_variant_checks(tmp_path):
+    grpo = ["algorithm.estimator=grpo", "algorithm.kl.in_reward=false", "algorithm.kl.estimator=k3"]
+    with pytest.raises(ConfigError, match="Fix: algorithm.loss_agg=seq_sum_norm"):
+        load_config(write(tmp_path, PPO), [*grpo, "algorithm.estimator=dr_grpo"])
+    with pytest.raises(ConfigError, match="only a group estimator ignores"):
+        load_config(write(tmp_path, PPO), ["rollout.dynamic_sampling=true"])
+    with pytest.raises(ConfigError, match="rewards.overlong_buffer=999"):
+        load_config(write(tmp_path, PPO), ["rewards.overlong_buffer=999"])
+    with pytest.raises(ConfigError, match=r"train.eval_pass_k=\[1, 8\]"):
+        load_config(write(tmp_path, PPO), ["train.eval_pass_k=[1, 8]"])
+    with pytest.raises(ConfigError, match="tis_cap=0.9 <= 1"):
+        load_config(write(tmp_path, PPO), ["algorithm.is_mode=mask", "algorithm.tis_cap=0.9"])
+    with pytest.raises(ConfigError, match="algorithm.policy_loss"):
+        load_config(write(tmp_path, PPO), ["algorithm.policy_loss=ppo2"])
+    cfg = load_config(write(tmp_path, PPO), [*grpo, "algorithm.estimator=dr_grpo", "algorithm.loss_agg=seq_sum_norm",
+                                              "algorithm.policy_loss=gspo", "rollout.dynamic_sampling=true",
+                                              "rewards.overlong_buffer=4", "algorithm.overlong_filter=true"])
+    assert cfg.algorithm.estimator == "dr_grpo" and cfg.rollout.dynamic_sampling
