@@ -180,6 +180,25 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1, description="< 1 makes vLLM's sampling log-probs (after top-p) differ "
                          "from the trainer's, which only apply the temperature: mind algorithm.tis_cap.")
+    env: str = Field("", description="Multi-turn environment: a registered name (tools) or 'file.py:Class'; "
+                     "empty: one response per prompt.")
+    env_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the environment.")
+    max_turns: int = Field(1, ge=1, description="Assistant turns per episode at most.")
+    max_episode_tokens: int = Field(0, ge=0, description="Response tokens per episode at most, the policy's and "
+                                    "the environment's together; 0: max_new_tokens x max_turns. Each turn gets "
+                                    "at most max_new_tokens.")
+    env_timeout_s: float = Field(30.0, gt=0, description="Deadline of one environment reset or step.")
+    env_errors: Literal["fail", "end_episode"] = Field(
+        "fail", description="An environment that raises, hangs or answers malformed: fail the run naming it, "
+        "or end that episode with reward 0 (counted in env/errors).")
+    tools: list[str] = Field(default_factory=lambda: ["calculator"], description="env=tools: the tools offered.")
+    tool_timeout_s: float = Field(5.0, gt=0, description="env=tools: wall-clock limit of one python tool call.")
+    tool_memory_mb: int = Field(256, ge=32, description="env=tools: memory limit of one python tool call.")
+    @property
+    def episode_tokens(self) -> int:
+        """Response tokens an episode may hold: the policy's turns and the environment's observations."""
+        return self.max_episode_tokens or self.max_new_tokens * self.max_turns
+
     dynamic_sampling: bool = Field(False, description="DAPO: drop prompt groups whose rewards are all equal (no "
                                    "signal under a group baseline) and sample more prompts until the batch is full.")
     dynamic_sampling_max_rounds: int = Field(4, ge=1, description="Generation rounds per step at most when "

@@ -100,3 +100,39 @@ def tokenizer_fingerprint(tokenizer, template: str) -> str:
     body = backend.to_str() if backend is not None else repr(tokenizer.get_vocab())
     chat = PLAIN_TEMPLATE if template == "plain" else (tokenizer.chat_template or "")
     return hashlib.sha256((body + "\0" + chat + "\0" + str(tokenizer.eos_token)).encode()).hexdigest()[:16]
+
+
+# A conversation the environment's messages are rendered after: what matters is only that it ends with
+# a finished assistant turn, as the policy's turn before an observation does.
+_BEFORE_OBSERVATION = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+def render_observation(tokenizer, messages: list[dict], template: str, where: str) -> str:
+    """The text between the end of an assistant turn (its end-of-turn token, where the engine stopped)
+    and the start of the next assistant turn: the environment's `messages` with the template's glue and
+    the generation prompt. Tokenised alone and appended to the engine's own tokens, so the policy's
+    tokens are never re-tokenised. Needs a template whose rendering of a prefix is a prefix of the whole
+    (as encode_with_mask does); else a DataError naming `where`."""
+    before = _render(tokenizer, _BEFORE_OBSERVATION, template, add_generation_prompt=False).rstrip()
+    full = _render(tokenizer, _BEFORE_OBSERVATION + messages, template, add_generation_prompt=True)
+    if not full.startswith(before):
+        raise DataError(f"{where}: the chat template does not render a conversation's prefix as a prefix of the "
+                        "whole, so an observation cannot be appended token for token. Fix: a prefix-stable "
+                        "template (data.template or the tokenizer's chat_template)")
+    return full[len(before):]
+
+
+def check_tool_template(tokenizer, template: str, model: str) -> None:
+    """Fail unless the chat template renders a tool-role message (its content reaches the text) after an
+    assistant turn, prefix-stably: what a tool environment's observations need."""
+    from rlhf_system.config import ConfigError
+
+    probe = "tool-result-7f3a"
+    try:
+        text = render_observation(tokenizer, [{"role": "tool", "content": probe}], template, f"model {model}")
+    except Exception as e:  # templates that allow only user/assistant raise their own exceptions
+        raise ConfigError(f"model {model}: its chat template cannot render a tool message ({type(e).__name__}: "
+                          f"{str(e)[:120]}). Fix: a model whose chat template supports tools, or data.template=plain") from None
+    if probe not in text:
+        raise ConfigError(f"model {model}: its chat template drops tool-role messages, so tool results would never "
+                          "reach the policy. Fix: a model whose chat template supports tools (role 'tool')")

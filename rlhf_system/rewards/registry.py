@@ -8,15 +8,13 @@ with their rule-based verifiers; users add their own with `register(name)` or po
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from rlhf_system.data import synthetic
 from rlhf_system.errors import UserError
+from rlhf_system.plugins import load_from_file
 
 RewardFn = Callable[[str, str, dict], float]
 REGISTRY: dict[str, RewardFn] = {}
@@ -83,31 +81,6 @@ def synthetic_harmless(prompt: str, response: str, meta: dict) -> float:
 
 # ---------------------------------------------------------------- loading
 
-def _load_from_file(spec: str) -> RewardFn:
-    file_part, _, fn_name = spec.rpartition(":")
-    path = Path(file_part).expanduser()
-    if not fn_name:
-        raise RewardError(f"reward spec {spec!r}: no function name after ':'")
-    if not path.is_file():
-        raise RewardError(f"reward file {path} not found (for function {fn_name!r})")
-    # A name derived from the resolved path: two files with one stem do not collide.
-    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
-    mod_spec = importlib.util.spec_from_file_location(f"rlhf_user_reward_{path.stem}_{digest}", path)
-    if mod_spec is None or mod_spec.loader is None:
-        raise RewardError(f"reward file {path} cannot be imported as Python (for function {fn_name!r})")
-    module = importlib.util.module_from_spec(mod_spec)
-    try:
-        mod_spec.loader.exec_module(module)
-    except Exception as e:
-        raise RewardError(f"reward file {path} failed to import (for function {fn_name!r}): {e!r}") from e
-    if not hasattr(module, fn_name):
-        raise RewardError(f"reward file {path} has no function {fn_name!r}")
-    fn = getattr(module, fn_name)
-    if not callable(fn):
-        raise RewardError(f"reward file {path}: {fn_name!r} is a {type(fn).__name__}, not callable")
-    return fn
-
-
 def load_reward_fn(spec: str) -> RewardFn:
     """A registry name, or "path/to/file.py:function" imported from that file."""
     if not isinstance(spec, str) or not spec.strip():
@@ -116,7 +89,7 @@ def load_reward_fn(spec: str) -> RewardFn:
     if spec in REGISTRY:
         return REGISTRY[spec]
     if ":" in spec:
-        return _load_from_file(spec)
+        return load_from_file(spec, "reward", RewardError)
     raise RewardError(f"unknown reward rule {spec!r}; registered: {', '.join(sorted(REGISTRY))}"
                       " (or use 'path/to/file.py:function')")
 

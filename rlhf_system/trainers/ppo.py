@@ -34,16 +34,19 @@ from rlhf_system import checkpoint
 from rlhf_system.algorithms.advantages import compute_advantages
 from rlhf_system.algorithms.kl import kl_penalty, make_kl_controller
 from rlhf_system.algorithms.logprobs import masked_mean, masked_sum
+from rlhf_system.algorithms.packing import pack, unpack
 from rlhf_system.config import ConfigError, RunConfig
 from rlhf_system.data.build import build_dataset
 from rlhf_system.data.experience import Experience
 from rlhf_system.data.prompts import StepPrompts, prompt_row
 from rlhf_system.data.stream import materialise
+from rlhf_system.data.tokenize import check_tool_template
 from rlhf_system.distributed.weight_sync import check_bucket_size
 from rlhf_system.errors import cleanup
 from rlhf_system.models.load import DTYPES, check_lora_targets, check_model, load_tokenizer
 from rlhf_system.preemption import StopOnSignal
 from rlhf_system.tracking import Tracker
+from rlhf_system.trainers.episodes import make_env_factory
 from rlhf_system.trainers.ppo_samples import sample_and_score
 from rlhf_system.workers.update import one_optimizer_step
 
@@ -56,6 +59,7 @@ class Prepared:
     evals: dict[str, list[dict]]            # held-out prompt sets by name, read into memory
     rules: object | None = None             # rewards.registry.RuleRewards
     remote: object | None = None            # rewards.client.RemoteReward
+    env: object | None = None               # () -> environment for multi-turn episodes (rollout.env), or None
     steps: int = 0
     optimizer_steps: int = 0
     resume: Path | None = None               # the checked checkpoint to resume from
@@ -69,6 +73,9 @@ def prepare(cfg: RunConfig) -> Prepared:
 
     tok = load_tokenizer(cfg.model)
     check_model(cfg.model.path, "model.path", cfg.model.allow_pickle)
+    env = make_env_factory(cfg)  # an unknown environment or tool fails here, before any worker
+    if cfg.rollout.env == "tools":
+        check_tool_template(tok, cfg.data.template, cfg.model.tokenizer_path or cfg.model.path)
     check_lora_targets(cfg.model, cfg.peft)
     check_bucket_size(cfg.model.path, int(cfg.rollout.sync_bucket_mb * 2**20),
                       DTYPES[cfg.model.resolved_dtype()].itemsize)
@@ -96,7 +103,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     experiences = cfg.train.rollout_batch_size * cfg.rollout.n_samples_per_prompt
     opt_steps = steps * cfg.algorithm.ppo_epochs * (experiences // cfg.train.global_batch_size)
     resume = checkpoint.check_resume(cfg)
-    return Prepared(tok, train, evals, rules, remote, steps, opt_steps, resume)
+    return Prepared(tok, train, evals, rules, remote, env, steps, opt_steps, resume)
 
 
 # ----------------------------------------------------------------------------------------- groups
@@ -167,9 +174,11 @@ def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, rollout, prom
     gen, scores, metrics = got.samples, got.scores, got.metrics
     exp = Experience.from_rollout([p["prompt_ids"] for p in got.prompts], [g["response_ids"] for g in gen],
                                   prep.tokenizer.pad_token_id, [g["logprobs"] for g in gen])
+    if any(g["action_mask"] is not None for g in gen):  # multi-turn: the environment's tokens are not trained
+        exp.action_mask = exp.pad_responses([g["action_mask"] or [1] * len(g["response_ids"]) for g in gen])
     if cfg.algorithm.overlong_filter:  # DAPO: a response cut at the budget is left out of the loss
-        cut = torch.tensor([g["finish_reason"] == "length" for g in gen], dtype=torch.float32)
-        exp.action_mask = (1 - cut)[:, None].expand(len(gen), exp.T).contiguous()
+        keep = torch.tensor([g["finish_reason"] != "length" for g in gen], dtype=torch.float32)[:, None]
+        exp.action_mask = keep.expand(len(gen), exp.T) * (exp.action_mask if exp.action_mask is not None else 1)
 
     t = time.perf_counter()
     calls = {}
@@ -186,9 +195,13 @@ def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, rollout, prom
     a = cfg.algorithm
     old, ref = got.get("old"), got.get("ref")
     kl = kl_penalty(old, ref, a.kl.estimator, mask) if old is not None and ref is not None else None
+    # On the policy's tokens alone, one after another (algorithms/packing.py): the identity for one turn.
+    values = got.get("values")
     adv, returns = compute_advantages(
-        a.estimator, scores=scores, mask=mask, values=got.get("values"), kl=kl, kl_coef=kl_coef,
-        kl_in_reward=a.kl.in_reward, gamma=a.gamma, lam=a.lam, group_size=n, whiten_advantages=a.normalize_advantages)
+        a.estimator, scores=scores, mask=pack(mask, mask)[1], values=None if values is None else pack(values, mask)[0],
+        kl=None if kl is None else pack(kl, mask)[0], kl_coef=kl_coef, kl_in_reward=a.kl.in_reward, gamma=a.gamma,
+        lam=a.lam, group_size=n, whiten_advantages=a.normalize_advantages)
+    adv, returns = unpack(adv, mask), None if returns is None else unpack(returns, mask)
 
     metrics |= {
         "tokens": int(exp.prompt_lens.sum() + exp.response_lens.sum()),  # prompts + samples

@@ -24,6 +24,7 @@ import torch
 
 from rlhf_system.algorithms.grpo_family import informative_groups, overlong_penalty
 from rlhf_system.config import RunConfig
+from rlhf_system.trainers.episodes import episode_metrics, run_episodes
 
 ROUND_SEED = 1_000_003  # seed offset of each dynamic-sampling round: disjoint from the step's first
 
@@ -31,14 +32,17 @@ ROUND_SEED = 1_000_003  # seed offset of each dynamic-sampling round: disjoint f
 @dataclass
 class Scored:
     prompts: list[dict]          # per sample: its prompt row (prompt_ids, messages, meta)
-    samples: list[dict]          # per sample: response_ids, logprobs, finish_reason (workers/rollout.py)
+    samples: list[dict]          # per sample: response_ids, logprobs, finish_reason, action_mask, text, ...
+    #                              (trainers/episodes.py)
     scores: torch.Tensor         # (B,) final scores
     metrics: dict
 
 
-def reward_parts(cfg: RunConfig, prep, groups: dict, prompts: list[dict], samples: list[dict],
-                 texts: list[str]) -> dict[str, torch.Tensor]:
-    """Each reward source's (B,) scores, unweighted, by metric name (`WEIGHTS` has their weights)."""
+def reward_parts(cfg: RunConfig, prep, groups: dict, prompts: list[dict], samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Each reward source's (B,) scores, unweighted, by metric name (`weighted_sum` has their weights),
+    on each sample's last assistant turn. An episode whose environment failed (rollout.env_errors=
+    end_episode) scores 0 from every source."""
+    texts = [s["text"] for s in samples]
     items = [{"messages": p["messages"], "meta": p["meta"], "response": t} for p, t in zip(prompts, texts)]
     parts = {}
     rm_wait = groups["reward"].submit_sharded("score", items) if cfg.rewards.use_model else None
@@ -54,8 +58,12 @@ def reward_parts(cfg: RunConfig, prep, groups: dict, prompts: list[dict], sample
         parts["reward/model"] = rm_wait()
     if cfg.rewards.overlong_buffer > 0:
         lengths = torch.tensor([len(s["response_ids"]) for s in samples])
-        parts["reward/overlong"] = overlong_penalty(lengths, cfg.rollout.max_new_tokens, cfg.rewards.overlong_buffer,
+        parts["reward/overlong"] = overlong_penalty(lengths, cfg.rollout.episode_tokens, cfg.rewards.overlong_buffer,
                                                     cfg.rewards.overlong_penalty)
+    if cfg.rollout.env:  # the turns' own rewards, summed over the episode
+        parts["reward/env"] = torch.tensor([float(s["env_reward"]) for s in samples])
+        failed = torch.tensor([bool(s["env_failed"]) for s in samples])
+        parts = {k: v.float().masked_fill(failed, 0.0) for k, v in parts.items()}
     return parts
 
 
@@ -91,17 +99,16 @@ def sample_and_score(cfg: RunConfig, prep, groups: dict, rollout, prompts: list[
     for k in range(rounds):
         batch = prompts if k == 0 else more_prompts()
         t = time.perf_counter()
-        gen = rollout.generate([p["prompt_ids"] for p in batch], seed=r.seed + 7919 * step + ROUND_SEED * k)
+        gen, _ = run_episodes(cfg, prep.tokenizer, rollout, batch, r.seed + 7919 * step + ROUND_SEED * k, prep.env)
         timer["time/generate"] += time.perf_counter() - t
         t = time.perf_counter()
         per_sample = [batch[i // n] for i in range(len(gen))]
-        texts = prep.tokenizer.batch_decode([g["response_ids"] for g in gen], skip_special_tokens=True)
-        parts = reward_parts(cfg, prep, groups, per_sample, gen, texts)
+        parts = reward_parts(cfg, prep, groups, per_sample, gen)
         timer["time/reward"] += time.perf_counter() - t
         done_rounds += 1
         if not r.dynamic_sampling:
             scores, metrics = finish(cfg, parts)
-            return Scored(per_sample, gen, scores, metrics)
+            return Scored(per_sample, gen, scores, metrics | (episode_metrics(gen) if prep.env else {}))
         useful = informative_groups(weighted_sum(cfg, parts), n).tolist()
         for g, ok in enumerate(useful):
             rows = slice(g * n, (g + 1) * n)
@@ -114,4 +121,6 @@ def sample_and_score(cfg: RunConfig, prep, groups: dict, rollout, prompts: list[
     scores, metrics = finish(cfg, parts)
     metrics |= {"dynamic_sampling/rounds": done_rounds, "dynamic_sampling/informative": len(kept) / generated,
                 "dynamic_sampling/filled": max(0, need - len(kept))}
-    return Scored([c[0] for c in chosen for _ in range(n)], [s for c in chosen for s in c[1]], scores, metrics)
+    samples = [s for c in chosen for s in c[1]]
+    metrics |= episode_metrics(samples) if prep.env else {}
+    return Scored([c[0] for c in chosen for _ in range(n)], samples, scores, metrics)

@@ -108,7 +108,7 @@ def actor_update(state: RoleState, exp: Experience, step: int, kl_coef: float) -
     if exp.old_logprobs is None and not one_optimizer_step(state.cfg):
         raise ValueError("actor update: old log-probs are missing but this step makes several optimiser steps")
 
-    norm_len = state.cfg.rollout.max_new_tokens  # Dr. GRPO's constant (loss_agg=seq_sum_norm)
+    norm_len = state.cfg.rollout.episode_tokens  # Dr. GRPO's constant (loss_agg=seq_sum_norm): the budget
 
     def loss_fn(batch: Experience):
         dev = state.engine.device

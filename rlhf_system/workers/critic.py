@@ -66,7 +66,7 @@ class CriticWorker(BaseWorker):
             v = value_forward(self.state.engine, batch)
             loss, metrics = losses.value_loss(v, batch.values.to(dev), batch.returns.to(dev),
                                               batch.policy_mask.to(dev), clip=a.value_clip, agg=a.loss_agg,
-                                              norm_len=self.state.cfg.rollout.max_new_tokens)
+                                              norm_len=self.state.cfg.rollout.episode_tokens)
             return a.vf_coef * loss, metrics
 
         return run_update(self.state, exp, step, "critic", loss_fn)

@@ -55,7 +55,7 @@ class RolloutWorker:
             os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
         self.index, self.cfg = index, cfg
         self.llm = LLM(model=model_path, dtype="auto" if on_gpu else "float32", enforce_eager=r.enforce_eager or not on_gpu,
-                       max_model_len=cfg.data.max_prompt_len + r.max_new_tokens, seed=r.seed + index,
+                       max_model_len=cfg.data.max_prompt_len + r.episode_tokens, seed=r.seed + index,
                        tensor_parallel_size=r.tensor_parallel_size, distributed_executor_backend=plan.executor,
                        worker_extension_cls=EXTENSION, logprobs_mode="processed_logprobs", **kwargs)
 

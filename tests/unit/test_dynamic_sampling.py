@@ -21,7 +21,7 @@ class Engine:
     def __init__(self):
         self.seeds = []
 
-    def generate(self, prompt_ids, seed=None):
+    def generate(self, prompt_ids, n=None, seed=None):
         self.seeds.append(seed)
         out = []
         for ids in prompt_ids:
@@ -36,8 +36,8 @@ class Engine:
 class Chars:
     """Token id = character code: enough of a tokenizer for the rule to read the text."""
 
-    def batch_decode(self, ids, skip_special_tokens=True):
-        return ["".join(map(chr, row)) for row in ids]
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(map(chr, ids))
 
 
 def prompt(name):
@@ -49,7 +49,7 @@ def prompt(name):
 def prep(tmp_path):
     rule = tmp_path / "rule.py"
     rule.write_text("def fn(prompt, response, meta):\n    return float(response == meta['answer'])\n")
-    return SimpleNamespace(tokenizer=Chars(), rules=RuleRewards([f"{rule}:fn"]), remote=None)
+    return SimpleNamespace(tokenizer=Chars(), rules=RuleRewards([f"{rule}:fn"]), remote=None, env=None)
 
 
 def config(*over):

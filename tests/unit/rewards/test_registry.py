@@ -115,7 +115,7 @@ def test_file_errors_name_file_and_function(user_file, tmp_path):
     missing = tmp_path / "absent.py"
     with pytest.raises(RewardError, match=f"{missing} not found.*'length_bonus'"):
         load_reward_fn(f"{missing}:length_bonus")
-    with pytest.raises(RewardError, match=f"{user_file} has no function 'missing_fn'"):
+    with pytest.raises(RewardError, match=f"{user_file} has no 'missing_fn'"):
         load_reward_fn(f"{user_file}:missing_fn")
     with pytest.raises(RewardError, match=f"{user_file}: 'NOT_A_FUNCTION' is a int, not callable"):
         load_reward_fn(f"{user_file}:NOT_A_FUNCTION")
