@@ -23,7 +23,8 @@ response tokens, observations included; a turn or an observation that does not f
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import threading
+import time
 from collections import Counter
 
 from rlhf_system.config import RunConfig
@@ -76,23 +77,25 @@ class _Episode:
 
 
 def _call(fn, timeout_s: float, eps: list[_Episode], what: str) -> list:
-    """fn(episode) for each episode, side by side, under one deadline; per episode a result or the
-    exception (a TimeoutError for a call still running at the deadline, whose thread is abandoned)."""
-    if not eps:
-        return []
-    pool = cf.ThreadPoolExecutor(max_workers=min(32, len(eps)), thread_name_prefix=f"env-{what}")
-    futures = [pool.submit(fn, e) for e in eps]
-    cf.wait(futures, timeout=timeout_s)
-    out = []
-    for f in futures:
-        if not f.done():
-            out.append(TimeoutError(f"no answer within rollout.env_timeout_s={timeout_s:g}"))
-        elif f.exception() is not None:
-            out.append(f.exception())
-        else:
-            out.append(f.result())
-    pool.shutdown(wait=False, cancel_futures=True)
-    return out
+    """fn(episode) for each episode, all side by side (a thread each: environments mostly wait, on a
+    tool's subprocess or a server), under one deadline; per episode its result or its exception, or a
+    TimeoutError for a call still running at the deadline. Daemon threads: a call that never returns is
+    abandoned and cannot keep the process from exiting."""
+    out: list = [TimeoutError(f"no answer within rollout.env_timeout_s={timeout_s:g}")] * len(eps)
+
+    def work(b: int) -> None:
+        try:
+            out[b] = fn(eps[b])
+        except BaseException as e:  # reported per episode by the caller
+            out[b] = e
+
+    threads = [threading.Thread(target=work, args=(b,), name=f"env-{what}-{b}", daemon=True) for b in range(len(eps))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return list(out)
 
 
 def run_episodes(cfg: RunConfig, tokenizer, rollout, prompts: list[dict], seed: int, make_env=None) -> tuple[list[dict], dict]:
