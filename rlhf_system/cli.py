@@ -45,6 +45,11 @@ def cmd_make_data(args) -> int:
 
     paths = write_dataset(args.out, seed=args.seed, n_train=args.n_train, n_test=args.n_test,
                           demo_flaws=args.demo_flaws)
+    if args.tools:
+        from rlhf_system.data.synthetic_tools import write_tool_dataset
+
+        paths |= write_tool_dataset(args.out, seed=args.seed, n_train=args.n_train // 4, n_test=args.n_test // 2,
+                                    demo_flaws=args.demo_flaws)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -56,7 +61,12 @@ def cmd_make_tiny_model(args) -> int:
     spec = TinySpec(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_layers=args.layers,
                     num_heads=args.hidden_size // 64, num_kv_heads=max(1, args.hidden_size // 128),
                     intermediate_size=args.intermediate_size, seed=args.seed)
-    paths = make_tiny_model(args.out, spec, seed=args.seed)
+    corpus = None
+    if args.tools:  # the tokenizer also learns tool calls and long numbers
+        from rlhf_system.data import synthetic, synthetic_tools
+
+        corpus = synthetic.corpus_texts(seed=args.seed) + synthetic_tools.corpus_texts(seed=args.seed)
+    paths = make_tiny_model(args.out, spec, corpus=corpus, seed=args.seed)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -208,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo-flaws", type=float, default=0.0,
                    help="fraction of SFT training demonstrations with a flaw (hedge, bare words, over-refusal, "
                         "harmful compliance), as in real demonstration data; the demo uses 0.3")
+    p.add_argument("--tools", action="store_true", help="also write the tool-use family (5-6 digit arithmetic "
+                   "with calculator calls): tool_sft_*.jsonl and rl_tool_*.jsonl, a quarter and a half of the sizes")
     p.set_defaults(func=cmd_make_data)
 
     p = sub.add_parser("make-tiny-model", help="train a tokenizer and save tiny policy/reward models")
@@ -217,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--intermediate-size", type=int, default=704)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tools", action="store_true", help="train the tokenizer on tool-call demonstrations too")
     p.set_defaults(func=cmd_make_tiny_model)
 
     p = sub.add_parser("config", help="print the resolved config after validation")

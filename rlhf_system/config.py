@@ -145,6 +145,11 @@ class TrainConfig(_Section):
     eval_every: int = Field(0, ge=0, description="Steps between evaluations; 0: at the end only.")
     rollout_batch_size: int = Field(32, ge=1, description="PPO: prompts per step.")
     max_eval_samples: int = Field(0, ge=0, description="0: all.")
+    max_staleness: int = Field(0, ge=0, description="PPO: batches may be sampled by a policy this many updates "
+                               "old, so the next rollouts run while the actor trains; 0: the synchronous step.")
+    stale_batches: Literal["wait", "drop"] = Field(
+        "wait", description="wait: sampling waits for weights new enough; drop: sampling never waits, batches "
+        "older than max_staleness are dropped.")
     eval_samples: int = Field(4, ge=1, description="PPO evaluation: sampled completions per held-out prompt "
                               "(mean@n and pass@k are over these), beside the greedy one.")
     eval_pass_k: list[int] = Field(default_factory=lambda: [1, 4], description="PPO evaluation: the k of pass@k; "

@@ -69,15 +69,14 @@ def run(cfg: RunConfig, steps: int, compare_hf: bool = True) -> dict:
     groups, shared, rollout, sync = ppo.start(cfg, prep)
     try:
         timings: list[dict] = []
-        first = None
-        for step in range(steps + 1):  # step 0: warm-up, not counted
-            prompts = prep.train.next()
-            first = first or prompts
-            metrics = ppo.ppo_step(cfg, prep, groups, rollout, sync, prompts, step, kl_ctl.value)
-            if step:
-                timings.append(metrics)
+        with ppo.pipeline(cfg, prep, groups, rollout, 0, steps + 1) as pipe:  # as training runs: async with
+            for step in range(steps + 1):                                     # train.max_staleness > 0
+                batch = pipe.take(step)
+                metrics = ppo.learn(cfg, prep, groups, sync, pipe, batch, step, kl_ctl.value)
+                if step:  # step 0: warm-up, not counted
+                    timings.append(metrics)
         # Rollout throughput on one fixed prompt batch, vLLM first (its engines are up).
-        prompt_ids = [p["prompt_ids"] for p in first]
+        prompt_ids = [p["prompt_ids"] for p in prep.train.next()]
         n = cfg.rollout.n_samples_per_prompt
         t = time.perf_counter()
         gen = rollout.generate(prompt_ids, seed=cfg.rollout.seed)

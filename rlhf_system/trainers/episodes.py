@@ -98,12 +98,15 @@ def _call(fn, timeout_s: float, eps: list[_Episode], what: str) -> list:
     return list(out)
 
 
-def run_episodes(cfg: RunConfig, tokenizer, rollout, prompts: list[dict], seed: int, make_env=None) -> tuple[list[dict], dict]:
+def run_episodes(cfg: RunConfig, tokenizer, rollout, prompts: list[dict], seed: int | None, make_env=None,
+                 n: int | None = None, temperature: float | None = None) -> tuple[list[dict], dict]:
     """Samples in prompt-major order (prompt i's n samples are rows i*n .. i*n+n-1) and the episodes'
-    metrics (empty without an environment)."""
+    metrics (empty without an environment). n and temperature default to the rollout's (evaluation
+    passes its own); seed None samples unseeded."""
     from rlhf_system.data.tokenize import render_observation
 
-    r, n = cfg.rollout, cfg.rollout.n_samples_per_prompt
+    r = cfg.rollout
+    n = r.n_samples_per_prompt if n is None else n
     eps = [_Episode(prompts[i // n], make_env() if make_env else None) for i in range(len(prompts) * n)]
     spec = r.env
 
@@ -132,12 +135,12 @@ def run_episodes(cfg: RunConfig, tokenizer, rollout, prompts: list[dict], seed: 
             if not active:
                 break
             if turn == 1:  # every prompt's n samples together, as a single-turn rollout
-                gen = rollout.generate(prompt_ids, seed=seed)
+                gen = rollout.generate(prompt_ids, n=n, temperature=temperature, seed=seed)
                 running = set(active)
                 gen = [g for b, g in enumerate(gen) if b in running]  # less episodes whose reset failed
             else:
-                gen = rollout.generate([prompt_ids[b // n] + eps[b].ids for b in active], n=1,
-                                       seed=seed + TURN_SEED * (turn - 1))
+                gen = rollout.generate([prompt_ids[b // n] + eps[b].ids for b in active], n=1, temperature=temperature,
+                                       seed=None if seed is None else seed + TURN_SEED * (turn - 1))
             for b, g in zip(active, gen):
                 e = eps[b]
                 ids, lps, finish = list(g["response_ids"]), list(g["logprobs"]), g["finish_reason"]

@@ -46,7 +46,8 @@ from rlhf_system.errors import cleanup
 from rlhf_system.models.load import DTYPES, check_lora_targets, check_model, load_tokenizer
 from rlhf_system.preemption import StopOnSignal
 from rlhf_system.tracking import Tracker
-from rlhf_system.trainers.episodes import make_env_factory
+from rlhf_system.trainers.episodes import make_env_factory, run_episodes
+from rlhf_system.trainers.pipeline import RolloutPipeline
 from rlhf_system.trainers.ppo_samples import sample_and_score
 from rlhf_system.workers.update import one_optimizer_step
 
@@ -167,11 +168,12 @@ def needs_old_logprobs(cfg: RunConfig) -> bool:
     return kl_in_reward or not one_optimizer_step(cfg)
 
 
-def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, rollout, prompts: list[dict], step: int,
-                     kl_coef: float, timer: dict) -> tuple[Experience, dict]:
+def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, got, kl_coef: float,
+                     timer: dict) -> tuple[Experience, dict]:
+    """A sampled and scored batch (ppo_samples.Scored) -> the Experience to train on: old and reference
+    log-probs, critic values, advantages (steps 3-4 of the module docstring)."""
     n = cfg.rollout.n_samples_per_prompt
-    got = sample_and_score(cfg, prep, groups, rollout, prompts, step, prep.train.next, timer)
-    gen, scores, metrics = got.samples, got.scores, got.metrics
+    gen, scores, metrics = got.samples, got.scores, dict(got.metrics)
     exp = Experience.from_rollout([p["prompt_ids"] for p in got.prompts], [g["response_ids"] for g in gen],
                                   prep.tokenizer.pad_token_id, [g["logprobs"] for g in gen])
     if any(g["action_mask"] is not None for g in gen):  # multi-turn: the environment's tokens are not trained
@@ -239,16 +241,25 @@ def train(cfg: RunConfig, groups: dict, exp: Experience, step: int, kl_coef: flo
     return metrics
 
 
-def ppo_step(cfg: RunConfig, prep: Prepared, groups: dict, rollout, sync, prompts: list[dict], step: int,
-             kl_coef: float) -> dict:
-    """One PPO step on a batch of prompts (steps 1-6 of the module docstring): its metrics, with the
-    seconds of each phase (time/*) and of the whole step. `rlhf bench ppo` times this same function."""
+def learn(cfg: RunConfig, prep: Prepared, groups: dict, sync, pipe, batch, step: int, kl_coef: float) -> dict:
+    """Steps 3-6 on a batch the pipeline sampled (steps 1-2, trainers/pipeline.py): its metrics, with the
+    phases' seconds, how much generation of later batches ran inside the train phase, and the batch's
+    staleness. `rlhf bench ppo` times this same function."""
     t = time.perf_counter()
-    timer: dict = {}
-    exp, metrics = make_experiences(cfg, prep, groups, rollout, prompts, step, kl_coef, timer)
+    timer = dict(batch.timer)
+    exp, metrics = make_experiences(cfg, prep, groups, batch.scored, kl_coef, timer)
+    t_train = time.perf_counter()
     metrics |= train(cfg, groups, exp, step, kl_coef, timer)
-    timer["time/sync"] = sync.sync()
-    return metrics | timer | {"time/step": time.perf_counter() - t}
+    overlap = pipe.overlap(t_train, time.perf_counter())
+    t_wait = time.perf_counter()
+    with pipe.engines:  # waits for a generation in progress: weights reach the engines between two
+        waited = time.perf_counter() - t_wait
+        timer["time/sync"] = sync.sync()
+        pipe.synced(step + 1)
+    # the step: what the trainer waited for its batch (all of sampling when synchronous), then the rest
+    return metrics | timer | {"time/sync_wait": waited, "time/generate_overlap": overlap, "time/step":
+                              batch.waited + time.perf_counter() - t, "async/staleness": step - batch.version,
+                              "async/dropped": pipe.dropped}
 
 
 # -------------------------------------------------------------------------------------- evaluation
@@ -262,17 +273,19 @@ def evaluate(cfg: RunConfig, prep: Prepared, groups: dict, rollout) -> dict:
 
     out = {}
     for name, rows in prep.evals.items():
-        prompt_ids = [r["prompt_ids"] for r in rows]
-        gen = rollout.generate(prompt_ids, n=1, temperature=0.0)
-        texts = [prep.tokenizer.decode(g["response_ids"], skip_special_tokens=True) for g in gen]
+        # episodes, as in training: with an environment the policy may call its tools here too
+        gen, env_metrics = run_episodes(cfg, prep.tokenizer, rollout, rows, None, prep.env, n=1, temperature=0.0)
+        texts = [g["text"] for g in gen]
+        out |= {f"eval/{name}/{k}": v for k, v in env_metrics.items()}
         per_family = rule_score([r["meta"] for r in rows], texts)
         for fam, m in per_family.items():
             for k in ("exact", "reward"):
                 out[f"eval/{name}/{fam}/{k}"] = m[k]
         if cfg.rollout.temperature > 0:
             k_n = cfg.train.eval_samples
-            sampled = rollout.generate(prompt_ids, n=k_n, seed=cfg.seed + 12345)
-            s_texts = [prep.tokenizer.decode(g["response_ids"], skip_special_tokens=True) for g in sampled]
+            sampled, env_metrics = run_episodes(cfg, prep.tokenizer, rollout, rows, cfg.seed + 12345, prep.env, n=k_n)
+            out |= {f"eval/{name}/sampled/{k}": v for k, v in env_metrics.items()}
+            s_texts = [g["text"] for g in sampled]
             s_rows = [rows[i // k_n]["meta"] for i in range(len(sampled))]
             for fam, m in rule_score(s_rows, s_texts).items():
                 for k in ("exact", "reward"):
@@ -289,14 +302,30 @@ def evaluate(cfg: RunConfig, prep: Prepared, groups: dict, rollout) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- the run
-def save(cfg: RunConfig, groups: dict, step: int, prompts: StepPrompts, kl_ctl, initial: dict) -> None:
+def save(cfg: RunConfig, groups: dict, step: int, prompts_state: dict, kl_ctl, initial: dict) -> None:
     with checkpoint.saving(cfg.run_dir, step) as tmp:
         waits = [groups[r].submit("save_checkpoint", str(tmp / r)) for r in ("actor", "critic") if r in groups]
         for w in waits:
             w()
         # The prompts' place: (epoch, position) in the shuffled batch order, or the stream's position.
-        checkpoint.commit(tmp, {"step": step, **prompts.state_dict(), "seed": cfg.seed, "kl": kl_ctl.state_dict(),
+        checkpoint.commit(tmp, {"step": step, **prompts_state, "seed": cfg.seed, "kl": kl_ctl.state_dict(),
                                 "initial": initial, **checkpoint.identity(cfg)}, cfg.checkpoint.keep_last)
+
+
+def pipeline(cfg: RunConfig, prep: Prepared, groups: dict, rollout, step: int, last: int) -> RolloutPipeline:
+    """The rollout side of the loop (trainers/pipeline.py): batch i is sampled for step i (steps step ..
+    last - 1), beside the training of earlier steps when train.max_staleness > 0."""
+    r = cfg.rollout
+
+    def produce(i: int):
+        timer: dict = {}
+        return sample_and_score(cfg, prep, groups, rollout, prep.train.next(), i, prep.train.next, timer), timer
+
+    # A backstop only: every engine, reward and environment call the producer makes has its own deadline.
+    rounds = r.dynamic_sampling_max_rounds if r.dynamic_sampling else 1
+    deadline = 4 * rounds * r.max_turns * cfg.placement.call_timeout_s
+    return RolloutPipeline(produce, cfg.train.max_staleness, cfg.train.stale_batches, first=step, last=last, version=step,
+                           prompts_state=prep.train.state_dict, deadline_s=deadline)
 
 
 def run(cfg: RunConfig) -> dict:
@@ -330,18 +359,22 @@ def run(cfg: RunConfig) -> dict:
             initial = evaluate(cfg, prep, groups, rollout)
             tracker.log(0, initial)
         every = cfg.checkpoint.save_every
-        with StopOnSignal() as preempt:
+        pipe = pipeline(cfg, prep, groups, rollout, step, prep.steps)
+        with StopOnSignal() as preempt, pipe:
             while step < prep.steps:
-                metrics = ppo_step(cfg, prep, groups, rollout, sync, prep.train.next(), step, kl_ctl.value)
+                batch = pipe.take(step)
+                metrics = learn(cfg, prep, groups, sync, pipe, batch, step, kl_ctl.value)
                 if "kl" in metrics:
                     kl_ctl.update(metrics["kl"], cfg.train.rollout_batch_size * cfg.rollout.n_samples_per_prompt)
                 step += 1
                 metrics["kl_coef"] = kl_ctl.value
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < prep.steps:
-                    metrics |= evaluate(cfg, prep, groups, rollout)
+                    with pipe.engines:
+                        metrics |= evaluate(cfg, prep, groups, rollout)
                 tracker.log(step, metrics)
                 if (every and (step % every == 0 or step == prep.steps)) or preempt.requested:
-                    save(cfg, groups, step, prep.train, kl_ctl, initial)
+                    # batches sampled ahead are not saved: resume samples them again, with its weights
+                    save(cfg, groups, step, pipe.resume_state(), kl_ctl, initial)
                 if preempt.requested:  # the checkpoint above is where resume=auto goes on
                     tracker.log(step, {"stopped_by": preempt.signal})
                     failed = False

@@ -21,7 +21,7 @@ class Engine:
     def __init__(self):
         self.seeds = []
 
-    def generate(self, prompt_ids, n=None, seed=None):
+    def generate(self, prompt_ids, n=None, temperature=None, seed=None):
         self.seeds.append(seed)
         out = []
         for ids in prompt_ids:

@@ -25,9 +25,9 @@ class Scripted:
     def __init__(self, tok, script):
         self.tok, self.script, self.calls = tok, script, []
 
-    def generate(self, prompt_ids, n=None, seed=None):
+    def generate(self, prompt_ids, n=None, temperature=None, seed=None):
         n = N if n is None else n
-        self.calls.append({"prompts": [list(p) for p in prompt_ids], "n": n, "seed": seed})
+        self.calls.append({"prompts": [list(p) for p in prompt_ids], "n": n, "seed": seed, "temperature": temperature})
         text = self.script[len(self.calls) - 1]
         ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
         return [{"response_ids": list(ids), "logprobs": [-0.5] * len(ids), "finish_reason": "stop"}

@@ -1,0 +1,124 @@
+"""The rollout pipeline (trainers/pipeline.py) with a stand-in producer: who waits for whom, the staleness
+bound, dropping, the checkpointed prompt position, and errors. The PPO runs with real engines are in
+tests/integration/test_async.py."""
+
+import threading
+import time
+
+import pytest
+
+from rlhf_system.trainers.pipeline import PipelineError, RolloutPipeline
+
+
+class Producer:
+    """Records, per batch, the engines' version when it was made; draws one 'prompt batch' per call."""
+
+    def __init__(self, seconds=0.0, fail_at=None):
+        self.position, self.log, self.seconds, self.fail_at = 0, [], seconds, fail_at
+
+    def __call__(self, i):
+        if i == self.fail_at:
+            raise RuntimeError("engine 0 died")
+        self.position += 1
+        time.sleep(self.seconds)
+        self.log.append(i)
+        return f"batch-{i}", {"time/generate": self.seconds}
+
+    def state(self):
+        return {"position": self.position}
+
+
+def drive(pipe, steps, train_s=0.0, on_step=None):
+    """The trainer's side: take, 'train', sync; returns (step, batch index, version) per step."""
+    seen = []
+    with pipe:
+        for step in range(steps):
+            batch = pipe.take(step)
+            seen.append((step, batch.index, batch.version))
+            time.sleep(train_s)
+            if on_step:
+                on_step(step, pipe)
+            with pipe.engines:
+                pipe.synced(step + 1)
+    return seen
+
+
+def test_k0_is_the_synchronous_step():
+    prod = Producer()
+    pipe = RolloutPipeline(prod, 0, "wait", first=0, last=5, version=0, prompts_state=prod.state, deadline_s=10)
+    seen = drive(pipe, 5, train_s=0.01)
+    assert seen == [(i, i, i) for i in range(5)]  # every batch sampled by the newest weights
+
+
+def test_k1_samples_the_next_batch_during_training_within_the_bound():
+    prod = Producer(seconds=0.05)
+    pipe = RolloutPipeline(prod, 1, "wait", first=0, last=6, version=0, prompts_state=prod.state, deadline_s=10)
+    overlaps = []
+    seen = drive(pipe, 6, train_s=0.1, on_step=lambda s, p: overlaps.append(p.overlap(time.perf_counter() - 0.1,
+                                                                                        time.perf_counter())))
+    assert [s - v for s, _, v in seen] == [0, 1, 1, 1, 1, 1]  # one-step off-policy, never beyond k
+    assert prod.log == list(range(6))  # nothing made past the last step
+    assert sum(o > 0.01 for o in overlaps) >= 4  # generation ran inside the train phases
+
+
+def test_k2_bound_holds_when_training_is_slow():
+    prod = Producer()
+    pipe = RolloutPipeline(prod, 2, "wait", first=3, last=10, version=3, prompts_state=prod.state, deadline_s=10)
+    seen = drive_from(pipe, 3, 10, train_s=0.02)
+    assert all(0 <= s - v <= 2 for s, _, v in seen) and max(s - v for s, _, v in seen) == 2
+
+
+def drive_from(pipe, first, last, train_s):
+    seen = []
+    with pipe:
+        for step in range(first, last):
+            batch = pipe.take(step)
+            seen.append((step, batch.index, batch.version))
+            time.sleep(train_s)
+            with pipe.engines:
+                pipe.synced(step + 1)
+    return seen
+
+
+def test_drop_mode_drops_batches_older_than_k():
+    prod = Producer()
+    pipe = RolloutPipeline(prod, 0, "drop", first=0, last=50, version=0, prompts_state=prod.state, deadline_s=10)
+    with pipe:
+        first = pipe.take(0)
+        time.sleep(0.05)  # the producer runs ahead (one batch), made with version 0
+        with pipe.engines:
+            pipe.synced(1)
+        second = pipe.take(1)  # a version-0 batch is 1 old at step 1: dropped when k = 0
+    assert first.version == 0 and second.version == 1 and pipe.dropped >= 1
+
+
+def test_checkpoint_position_is_before_the_batches_not_yet_trained():
+    prod = Producer()
+    pipe = RolloutPipeline(prod, 1, "wait", first=0, last=10, version=0, prompts_state=prod.state, deadline_s=10)
+    with pipe:
+        b0 = pipe.take(0)
+        deadline = time.monotonic() + 5
+        while prod.position < 2 and time.monotonic() < deadline:  # batch 1 made during "training" of 0
+            time.sleep(0.01)
+        assert prod.position == 2
+        # step 0 trained: the position to save is from before batch 1, which a resume makes again
+        assert b0.prompts_state == {"position": 0} and pipe.resume_state() == {"position": 1}
+
+
+def test_producer_error_reaches_the_trainer_and_nothing_hangs():
+    prod = Producer(fail_at=2)
+    pipe = RolloutPipeline(prod, 1, "wait", first=0, last=10, version=0, prompts_state=prod.state, deadline_s=10)
+    with pytest.raises(RuntimeError, match="engine 0 died"):
+        drive(pipe, 5)
+
+
+def test_take_has_a_deadline():
+    gate = threading.Event()
+    pipe = RolloutPipeline(lambda i: (gate.wait(5), {}), 0, "wait", first=0, last=2, version=0,
+                           prompts_state=dict, deadline_s=0.3)
+    t = time.monotonic()
+    with pytest.raises(PipelineError, match="no rollout batch for step 0 within"):
+        with pipe:
+            pipe.take(0)
+    gate.set()
+    assert time.monotonic() - t < 15
