@@ -66,7 +66,7 @@ def cmd_make_tiny_model(args) -> int:
         from rlhf_system.data import synthetic, synthetic_tools
 
         corpus = synthetic.corpus_texts(seed=args.seed) + synthetic_tools.corpus_texts(seed=args.seed)
-    paths = make_tiny_model(args.out, spec, corpus=corpus, seed=args.seed)
+    paths = make_tiny_model(args.out, spec, corpus=corpus, seed=args.seed, split_digits=args.tools)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--intermediate-size", type=int, default=704)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tools", action="store_true", help="train the tokenizer on tool-call demonstrations too")
+    p.add_argument("--tools", action="store_true", help="train the tokenizer on tool-call demonstrations too, "
+                   "one token per digit")
     p.set_defaults(func=cmd_make_tiny_model)
 
     p = sub.add_parser("config", help="print the resolved config after validation")

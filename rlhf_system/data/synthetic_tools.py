@@ -60,23 +60,27 @@ def guess(inst: Instance, rng: random.Random) -> str:
 
 
 def generate(seed: int = 0, n_train: int = 1000, n_test: int = 200) -> dict[str, list[Instance]]:
-    """train / test instances; no test question occurs in train."""
+    """Disjoint questions: test (n_test), sft (n_train demonstrations) and rl (n_train prompts for RL,
+    none of them demonstrated, so RL gains are not recall of SFT answers)."""
     rng = random.Random(f"{seed}/tools")
     tasks = list(TASKS)
-    test = [make_instance(tasks[i % len(tasks)], rng) for i in range(n_test)]
-    seen = {t.prompt_text() for t in test}
-    train: list[Instance] = []
-    while len(train) < n_train:
-        inst = make_instance(tasks[len(train) % len(tasks)], rng)
-        if inst.prompt_text() not in seen:
-            train.append(inst)
-    return {"train": train, "test": test}
+    seen: set[str] = set()
+    out: dict[str, list[Instance]] = {}
+    for split, k in (("test", n_test), ("sft", n_train), ("rl", n_train)):
+        out[split] = []
+        while len(out[split]) < k:
+            inst = make_instance(tasks[len(out[split]) % len(tasks)], rng)
+            if inst.prompt_text() not in seen:
+                seen.add(inst.prompt_text())
+                out[split].append(inst)
+    return out
 
 
 def write_tool_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 1000, n_test: int = 200,
                        demo_flaws: float = 0.0) -> dict[str, Path]:
     """tool_sft_train/test (messages with tool calls; a fraction `demo_flaws` of train rows guess
-    instead, marked "flaw") and rl_tool_train/test (prompts with answers). Returns stem -> path."""
+    instead, marked "flaw") and rl_tool_train/test (prompts with answers; the RL training prompts are
+    not the demonstrated ones). Returns stem -> path."""
     if not 0.0 <= demo_flaws < 1.0:
         raise ValueError(f"demo_flaws must be in [0, 1), got {demo_flaws}")
     out = Path(out_dir)
@@ -84,7 +88,7 @@ def write_tool_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 1000, 
     s = generate(seed, n_train, n_test)
     rng = random.Random(f"{seed}/tools/flaws")
     sft_train = []
-    for inst in s["train"]:
+    for inst in s["sft"]:
         row = {"messages": demonstration(inst), "family": FAMILY, "task": inst.task}
         if rng.random() < demo_flaws:
             row["messages"] = [row["messages"][0], {"role": "assistant", "content": guess(inst, rng)}]
@@ -93,7 +97,7 @@ def write_tool_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 1000, 
     records = {
         "tool_sft_train": sft_train,
         "tool_sft_test": [{"messages": demonstration(i), "family": FAMILY, "task": i.task} for i in s["test"]],
-        "rl_tool_train": [i.to_prompt() for i in s["train"]],
+        "rl_tool_train": [i.to_prompt() for i in s["rl"]],
         "rl_tool_test": [i.to_prompt() for i in s["test"]],
     }
     return {name: _atomic_write(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))

@@ -58,13 +58,17 @@ class TinySpec:
             raise ValueError("num_heads must be a multiple of num_kv_heads")
 
 
-def train_tokenizer(texts: list[str], vocab_size: int = 2048):
-    """Byte-level BPE trained on `texts`, wrapped as a PreTrainedTokenizerFast with a chat template."""
+def train_tokenizer(texts: list[str], vocab_size: int = 2048, split_digits: bool = False):
+    """Byte-level BPE trained on `texts`, wrapped as a PreTrainedTokenizerFast with a chat template.
+    split_digits: one token per digit, as Llama's and Qwen's tokenizers do, so that copying a number
+    (into a tool call, out of a tool result) is copying digit by digit, whatever the number."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, IM_START, IM_END],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -98,7 +102,7 @@ def build_models(tokenizer, spec: TinySpec):
 
 
 def make_tiny_model(out: str | Path, spec: TinySpec | None = None, corpus: list[str] | None = None,
-                    seed: int = 0) -> dict[str, Path]:
+                    seed: int = 0, split_digits: bool = False) -> dict[str, Path]:
     """Train the tokenizer, build both models and save them under `out`. Returns their folders."""
     from rlhf_system.data.synthetic import corpus_texts
 
@@ -107,7 +111,7 @@ def make_tiny_model(out: str | Path, spec: TinySpec | None = None, corpus: list[
     texts = corpus if corpus is not None else corpus_texts(seed=seed)
     # The role names appear in every chat-templated sample: give them tokens of their own.
     texts = list(texts) + ["system\n", "user\n", "assistant\n"] * 200
-    tokenizer = train_tokenizer(texts, spec.vocab_size)
+    tokenizer = train_tokenizer(texts, spec.vocab_size, split_digits)
     policy, reward = build_models(tokenizer, spec)
     paths = {"policy": out / "policy", "reward": out / "reward"}
     for name, model in (("policy", policy), ("reward", reward)):
