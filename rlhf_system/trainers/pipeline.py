@@ -18,9 +18,13 @@ batch for step i is sampled by some version v <= i and trained at version i: its
 
 The engines serve one caller at a time: the producer holds `engines` while it generates and scores,
 and the trainer takes it to sync weights or evaluate, so a weight update reaches the engines between
-two generations, when an update finishes. Each batch records the prompt position from before it was
-drawn: a checkpoint saves the position of the first batch not yet trained, so a resumed run
-regenerates, with its newest weights, the batches that were in flight (they are discarded, not saved).
+two generations, when an update finishes.
+
+Checkpoints keep the batches in flight: `snapshot()` waits for a generation in progress to finish,
+then returns the batches made and not yet trained with their versions, the next batch number and the
+prompt position after them; the checkpoint saves them (pipeline.pt), and a resumed run `restore`s them
+and trains on them as the uninterrupted run would have. So a resumed asynchronous run follows the
+uninterrupted one exactly (tests/integration/test_resume.py), as a synchronous one does.
 
 Overlap: every generation's wall-clock interval is kept; `overlap(a, b)` gives how much generation ran
 inside [a, b] (the train phase), reported as time/generate_overlap.
@@ -40,7 +44,6 @@ POLL_S = 0.2  # how often waits check that the other side is still alive
 class Batch:
     index: int          # the producer's batch number (the step it was made for, in mode "wait")
     version: int        # the policy version that sampled it
-    prompts_state: dict  # the prompt position before it was drawn (for checkpoints)
     scored: object      # ppo_samples.Scored
     timer: dict         # time/generate, time/reward
     waited: float = 0.0  # seconds the trainer waited for it in `take`
@@ -64,7 +67,6 @@ class RolloutPipeline:
         self._stop, self._error = False, None
         self._intervals: list[tuple[float, float]] = []
         self._busy_since: float | None = None
-        self._inflight: dict | None = None  # the prompt position before the batch being made now
         self.dropped = 0
         self._thread = threading.Thread(target=self._run, name="rollout-producer", daemon=True)
 
@@ -84,19 +86,17 @@ class RolloutPipeline:
                         self._cv.wait(POLL_S)
                     if self._stop or self._next >= self.last:
                         return
-                    i, state = self._next, self.prompts_state()
-                    self._inflight = state
+                    i = self._next
                 with self.engines:
                     version = self._version  # what the engines hold: syncs take this lock too
                     start = self._busy_since = time.perf_counter()
                     scored, timer = self.produce(i)
                     self._intervals.append((start, time.perf_counter()))
                     self._busy_since = None
-                with self._cv:
-                    self._queue.append(Batch(i, version, state, scored, timer))
-                    self._inflight = None
-                    self._next += 1
-                    self._cv.notify_all()
+                    with self._cv:  # queued before the engines are let go: a snapshot sees it
+                        self._queue.append(Batch(i, version, scored, timer))
+                        self._next += 1
+                        self._cv.notify_all()
         except BaseException as e:  # handed to the trainer, which raises it
             with self._cv:
                 self._error = e
@@ -146,13 +146,38 @@ class RolloutPipeline:
             self._version = version
             self._cv.notify_all()
 
-    def resume_state(self) -> dict:
-        """The prompt position to checkpoint: from before the oldest batch made or being made and not yet
-        trained; with none, the position now (read under the lock: the producer cannot draw meanwhile)."""
-        with self._cv:
-            if self._queue:
-                return self._queue[0].prompts_state
-            return self._inflight if self._inflight is not None else self.prompts_state()
+    def sync_weights(self, version: int, sync) -> tuple[float, float]:
+        """Run `sync()` (weights -> engines) to make `version` current: (its seconds, seconds waited first).
+
+        In mode "wait" it first waits until the batch to be sampled by version - 1 (batch version - 1 + k)
+        is made, so every batch's version is fixed by the schedule, not by which thread is quicker: a
+        resumed run and an uninterrupted one sample with the same weights. Then it takes the engines
+        (waiting for a generation in progress)."""
+        t0 = time.monotonic()
+        due = version - 1 + self.k
+        if self.mode == "wait":
+            with self._cv:
+                while self._next <= due < self.last and self._error is None and self._thread.is_alive():
+                    if time.monotonic() - t0 > self.deadline_s:
+                        raise PipelineError(f"batch {due} was not made within {self.deadline_s:g} s")
+                    self._cv.wait(POLL_S)
+        with self.engines:
+            waited = time.monotonic() - t0
+            seconds = sync()
+            self.synced(version)
+        return seconds, waited
+
+    def snapshot(self) -> dict:
+        """What a checkpoint keeps: {"batches": made and not yet trained, "next": the next batch number,
+        "prompts": the prompt position after them}. Waits for a generation in progress to finish."""
+        with self.engines, self._cv:
+            return {"batches": list(self._queue), "next": self._next, "prompts": self.prompts_state()}
+
+    def restore(self, snapshot: dict) -> None:
+        """Before `__enter__`: take back a checkpoint's batches in flight (its prompt position is restored
+        by the caller)."""
+        self._queue.extend(snapshot["batches"])
+        self._next = snapshot["next"]
 
     def overlap(self, start: float, end: float) -> float:
         """Seconds of generation inside [start, end], the one in progress included."""

@@ -24,6 +24,7 @@ never started. Resume restores the engines, the KL coefficient and the position 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +48,8 @@ from rlhf_system.models.load import DTYPES, check_lora_targets, check_model, loa
 from rlhf_system.preemption import StopOnSignal
 from rlhf_system.tracking import Tracker
 from rlhf_system.trainers.episodes import make_env_factory, run_episodes
-from rlhf_system.trainers.pipeline import RolloutPipeline
-from rlhf_system.trainers.ppo_samples import sample_and_score
+from rlhf_system.trainers.pipeline import Batch, RolloutPipeline
+from rlhf_system.trainers.ppo_samples import Scored, sample_and_score
 from rlhf_system.workers.update import one_optimizer_step
 
 
@@ -251,11 +252,8 @@ def learn(cfg: RunConfig, prep: Prepared, groups: dict, sync, pipe, batch, step:
     t_train = time.perf_counter()
     metrics |= train(cfg, groups, exp, step, kl_coef, timer)
     overlap = pipe.overlap(t_train, time.perf_counter())
-    t_wait = time.perf_counter()
-    with pipe.engines:  # waits for a generation in progress: weights reach the engines between two
-        waited = time.perf_counter() - t_wait
-        timer["time/sync"] = sync.sync()
-        pipe.synced(step + 1)
+    # weights reach the engines between two generations (pipeline.sync_weights waits for the one running)
+    timer["time/sync"], waited = pipe.sync_weights(step + 1, sync.sync)
     # the step: what the trainer waited for its batch (all of sampling when synchronous), then the rest
     return metrics | timer | {"time/sync_wait": waited, "time/generate_overlap": overlap, "time/step":
                               batch.waited + time.perf_counter() - t, "async/staleness": step - batch.version,
@@ -302,14 +300,30 @@ def evaluate(cfg: RunConfig, prep: Prepared, groups: dict, rollout) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- the run
-def save(cfg: RunConfig, groups: dict, step: int, prompts_state: dict, kl_ctl, initial: dict) -> None:
+PIPELINE_FILE = "pipeline.json"  # a checkpoint's rollout batches in flight (train.max_staleness > 0)
+
+
+def save(cfg: RunConfig, groups: dict, step: int, pipe: RolloutPipeline, kl_ctl, initial: dict) -> None:
     with checkpoint.saving(cfg.run_dir, step) as tmp:
         waits = [groups[r].submit("save_checkpoint", str(tmp / r)) for r in ("actor", "critic") if r in groups]
+        snap = pipe.snapshot()  # batches sampled ahead are kept, so resume trains on them as this run would
         for w in waits:
             w()
+        if snap["batches"]:
+            (tmp / PIPELINE_FILE).write_text(json.dumps({"next": snap["next"], "batches": [
+                {"index": b.index, "version": b.version, "timer": b.timer, "scored": b.scored.to_json()}
+                for b in snap["batches"]]}))
         # The prompts' place: (epoch, position) in the shuffled batch order, or the stream's position.
-        checkpoint.commit(tmp, {"step": step, **prompts_state, "seed": cfg.seed, "kl": kl_ctl.state_dict(),
+        checkpoint.commit(tmp, {"step": step, **snap["prompts"], "seed": cfg.seed, "kl": kl_ctl.state_dict(),
                                 "initial": initial, **checkpoint.identity(cfg)}, cfg.checkpoint.keep_last)
+
+
+def restore_pipeline(pipe: RolloutPipeline, ckpt: Path) -> None:
+    path = ckpt / PIPELINE_FILE
+    if path.exists():
+        doc = json.loads(path.read_text())
+        pipe.restore({"next": doc["next"], "batches": [
+            Batch(b["index"], b["version"], Scored.from_json(b["scored"]), b["timer"]) for b in doc["batches"]]})
 
 
 def pipeline(cfg: RunConfig, prep: Prepared, groups: dict, rollout, step: int, last: int) -> RolloutPipeline:
@@ -360,6 +374,8 @@ def run(cfg: RunConfig) -> dict:
             tracker.log(0, initial)
         every = cfg.checkpoint.save_every
         pipe = pipeline(cfg, prep, groups, rollout, step, prep.steps)
+        if resume is not None:
+            restore_pipeline(pipe, resume)
         with StopOnSignal() as preempt, pipe:
             while step < prep.steps:
                 batch = pipe.take(step)
@@ -373,8 +389,7 @@ def run(cfg: RunConfig) -> dict:
                         metrics |= evaluate(cfg, prep, groups, rollout)
                 tracker.log(step, metrics)
                 if (every and (step % every == 0 or step == prep.steps)) or preempt.requested:
-                    # batches sampled ahead are not saved: resume samples them again, with its weights
-                    save(cfg, groups, step, pipe.resume_state(), kl_ctl, initial)
+                    save(cfg, groups, step, pipe, kl_ctl, initial)
                 if preempt.requested:  # the checkpoint above is where resume=auto goes on
                     tracker.log(step, {"stopped_by": preempt.signal})
                     failed = False

@@ -37,6 +37,18 @@ class Scored:
     scores: torch.Tensor         # (B,) final scores
     metrics: dict
 
+    def to_json(self) -> dict:
+        """For a checkpoint's batches in flight (trainers/pipeline.py); float32 scores survive exactly."""
+        samples = [{**s, "info": dict(s.get("info", {}))} for s in self.samples]
+        return {"prompts": self.prompts, "samples": samples, "scores": self.scores.tolist(), "metrics": self.metrics}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Scored:
+        from collections import Counter
+
+        samples = [{**s, "info": Counter(s.get("info", {}))} for s in d["samples"]]
+        return cls(d["prompts"], samples, torch.tensor(d["scores"], dtype=torch.float32), d["metrics"])
+
 
 def reward_parts(cfg: RunConfig, prep, groups: dict, prompts: list[dict], samples: list[dict]) -> dict[str, torch.Tensor]:
     """Each reward source's (B,) scores, unweighted, by metric name (`weighted_sum` has their weights),

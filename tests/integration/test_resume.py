@@ -127,12 +127,15 @@ def ppo_command(estimator: str, model: Path, data: Path, run_dir: Path, *extra: 
 # GRPO also streams its prompts (the stream's position is in the run state) and adapts its KL coefficient
 # (the controller's state is in the run state): both must be restored for the later steps to match. It
 # runs DAPO's dynamic sampling (refills draw more prompts from the stream), overlong shaping and filtering,
-# and GSPO's loss, so that those are exercised end to end too.
+# and GSPO's loss, so that those are exercised end to end too. And its rollouts run one step ahead of
+# training (train.max_staleness=1): the checkpoint keeps the batches sampled ahead (pipeline.json), and
+# the resumed run trains on them as the uninterrupted one did.
 PPO_EXTRA = {"gae": (), "grpo": ("data.streaming=true", "algorithm.kl.adaptive=true", "algorithm.kl.target=0.01",
                                  "algorithm.kl.coef=0.1", "rollout.dynamic_sampling=true",
                                  "rollout.dynamic_sampling_max_rounds=2", "rewards.overlong_buffer=4",
                                  "algorithm.overlong_filter=true", "algorithm.policy_loss=gspo",
-                                 "algorithm.clip_eps=0.0003", "algorithm.clip_eps_high=0.0004")}
+                                 "algorithm.clip_eps=0.0003", "algorithm.clip_eps_high=0.0004",
+                                 "train.max_staleness=1", "algorithm.tis_cap=2")}
 
 
 def engine_module(ckpt: Path, role: str) -> dict:
@@ -236,6 +239,10 @@ def test_ppo_interrupt_and_resume_matches_straight_run(estimator, small_model, s
         coefs = [r.get("kl_coef") for r in rows]
         assert len({c for c in coefs if c is not None}) == PPO_STEPS, coefs
         assert all(1 <= r["dynamic_sampling/rounds"] <= 2 and "reward/overlong" in r for r in rows if "kl_coef" in r)
+        assert [r["async/staleness"] for r in rows if "kl_coef" in r] == [0] + [1] * (PPO_STEPS - 1)
+        kept = json.loads((complete_checkpoints(broken / "checkpoints")[0] / "pipeline.json").read_text())
+        ahead = list(range(stopped_at, min(stopped_at + 2, PPO_STEPS)))  # sampled ahead, by the version before
+        assert [(b["index"], b["version"]) for b in kept["batches"]] == [(i, i - 1) for i in ahead]
     a, b = load_file(straight / "hf" / "model.safetensors"), load_file(broken / "hf" / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:

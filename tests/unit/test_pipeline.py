@@ -28,18 +28,17 @@ class Producer:
         return {"position": self.position}
 
 
-def drive(pipe, steps, train_s=0.0, on_step=None):
+def drive(pipe, steps, train_s=0.0, on_step=None, first=0):
     """The trainer's side: take, 'train', sync; returns (step, batch index, version) per step."""
     seen = []
     with pipe:
-        for step in range(steps):
+        for step in range(first, steps):
             batch = pipe.take(step)
             seen.append((step, batch.index, batch.version))
             time.sleep(train_s)
             if on_step:
                 on_step(step, pipe)
-            with pipe.engines:
-                pipe.synced(step + 1)
+            pipe.sync_weights(step + 1, lambda: 0.0)
     return seen
 
 
@@ -64,20 +63,9 @@ def test_k1_samples_the_next_batch_during_training_within_the_bound():
 def test_k2_bound_holds_when_training_is_slow():
     prod = Producer()
     pipe = RolloutPipeline(prod, 2, "wait", first=3, last=10, version=3, prompts_state=prod.state, deadline_s=10)
-    seen = drive_from(pipe, 3, 10, train_s=0.02)
-    assert all(0 <= s - v <= 2 for s, _, v in seen) and max(s - v for s, _, v in seen) == 2
-
-
-def drive_from(pipe, first, last, train_s):
-    seen = []
-    with pipe:
-        for step in range(first, last):
-            batch = pipe.take(step)
-            seen.append((step, batch.index, batch.version))
-            time.sleep(train_s)
-            with pipe.engines:
-                pipe.synced(step + 1)
-    return seen
+    seen = drive(pipe, 10, train_s=0.02, first=3)
+    # the schedule fixes every version: batch i is sampled by version i - 2 (or the first one)
+    assert [(s, v) for s, _, v in seen] == [(3, 3), (4, 3), (5, 3), (6, 4), (7, 5), (8, 6), (9, 7)]
 
 
 def test_drop_mode_drops_batches_older_than_k():
@@ -86,23 +74,24 @@ def test_drop_mode_drops_batches_older_than_k():
     with pipe:
         first = pipe.take(0)
         time.sleep(0.05)  # the producer runs ahead (one batch), made with version 0
-        with pipe.engines:
-            pipe.synced(1)
+        pipe.sync_weights(1, lambda: 0.0)
         second = pipe.take(1)  # a version-0 batch is 1 old at step 1: dropped when k = 0
     assert first.version == 0 and second.version == 1 and pipe.dropped >= 1
 
 
-def test_checkpoint_position_is_before_the_batches_not_yet_trained():
+def test_snapshot_and_restore_continue_as_the_uninterrupted_pipeline():
+    straight = drive(RolloutPipeline(Producer(), 1, "wait", first=0, last=6, version=0, prompts_state=dict,
+                                     deadline_s=10), 6)
     prod = Producer()
-    pipe = RolloutPipeline(prod, 1, "wait", first=0, last=10, version=0, prompts_state=prod.state, deadline_s=10)
-    with pipe:
-        b0 = pipe.take(0)
-        deadline = time.monotonic() + 5
-        while prod.position < 2 and time.monotonic() < deadline:  # batch 1 made during "training" of 0
-            time.sleep(0.01)
-        assert prod.position == 2
-        # step 0 trained: the position to save is from before batch 1, which a resume makes again
-        assert b0.prompts_state == {"position": 0} and pipe.resume_state() == {"position": 1}
+    pipe = RolloutPipeline(prod, 1, "wait", first=0, last=6, version=0, prompts_state=prod.state, deadline_s=10)
+    snaps = []
+    first = drive(pipe, 3, on_step=lambda s, p: snaps.append(p.snapshot()) if s == 2 else None)
+    snap = snaps[0]  # after step 2 trained, before its sync: batch 3 was sampled ahead, by version 2
+    assert [(b.index, b.version) for b in snap["batches"]] == [(3, 2)] and snap["next"] == 4
+    assert snap["prompts"] == {"position": 4}  # after every batch drawn, the kept ones included
+    resumed = RolloutPipeline(Producer(), 1, "wait", first=3, last=6, version=3, prompts_state=dict, deadline_s=10)
+    resumed.restore(snap)
+    assert first + drive(resumed, 6, first=3) == straight
 
 
 def test_producer_error_reaches_the_trainer_and_nothing_hangs():
