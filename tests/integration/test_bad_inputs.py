@@ -98,6 +98,9 @@ def _rule(ctx: Ctx, body: str) -> str:
 
 
 SFT_ROW = {"prompt": "2 + 2", "response": "4"}
+ENV_NEEDS_ARG = "class Env:\n    def __init__(self, level):\n        pass\n"
+NO_TOOL_TEMPLATE = ("{% for m in messages %}{% if m['role'] in ['user', 'assistant'] %}{{ m['role'] + ': ' + "
+                    "m['content'] + '\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
 
 CASES = [
     # ---------------------------------------------------------------- config
@@ -164,6 +167,15 @@ CASES = [
          "model.reward_path"),
     Case("rm_head_mismatch", lambda c: c.train("rm", "algorithm.rm.head=classifier"), "algorithm.rm.head=classifier"),
     Case("sync_bucket_too_small", lambda c: c.train("ppo", "rollout.sync_bucket_mb=0.01"), "sync_bucket_mb"),
+    # ---------------------------------------------------------------- environments and tools
+    Case("env_unknown", lambda c: c.train("ppo", "rollout.env=gym"), "unknown environment 'gym' (rollout.env)"),
+    Case("env_file_missing", lambda c: c.train("ppo", f"rollout.env={c.path('e.py')}:Env"), "e.py not found"),
+    Case("env_bad_args", lambda c: c.train("ppo", f"rollout.env={c.write('e.py', ENV_NEEDS_ARG)}:Env"),
+         "could not be built with rollout.env_args={}: TypeError"),
+    Case("tool_unknown", lambda c: c.train("ppo", "rollout.env=tools", "rollout.tools=[calculator, shell]"),
+         "unknown tool(s) ['shell'] in rollout.tools"),
+    Case("tool_template_unsupported", lambda c: c.train("ppo", "rollout.env=tools", "model.path=" + str(c.model_copy(
+        "m", add={"chat_template.jinja": NO_TOOL_TEMPLATE}))), "its chat template drops tool-role messages"),
     # ---------------------------------------------------------------- rewards
     Case("rule_unknown", lambda c: c.train("ppo", "rewards.rules=[nope]"), "unknown reward rule 'nope'"),
     Case("rule_file_missing", lambda c: c.train("ppo", f"rewards.rules=[{c.path('r.py')}:fn]"), "r.py not found"),
