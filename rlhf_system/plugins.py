@@ -1,8 +1,8 @@
-"""User code named in a config: "path/to/file.py:name", imported from that file.
+"""User code named in a config: a registry name, or "path/to/file.py:name" imported from that file.
 
-Reward rules (rewards/registry.py) and environments (envs/registry.py) both accept such a spec beside
-their registry names; this is the one importer, so both fail the same way, naming the file and the
-name, before any worker starts.
+Reward rules (rewards/registry.py) and environments (envs/registry.py) both accept such a spec; this is
+the one resolver, so both fail the same way, naming the setting, the file and the name, before any
+worker starts.
 """
 
 from __future__ import annotations
@@ -37,3 +37,17 @@ def load_from_file(spec: str, what: str, error: type[Exception]):
     if not callable(obj):
         raise error(f"{what} file {path}: {name!r} is a {type(obj).__name__}, not callable")
     return obj
+
+
+def resolve(spec: str, registry: dict, what: str, error: type[Exception], setting: str = ""):
+    """registry[spec], else the object a "file.py:name" spec names; unknown: `error` listing the registry."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise error(f"{what} spec must be a non-empty string, got {spec!r}")
+    spec = spec.strip()
+    if spec in registry:
+        return registry[spec]
+    if ":" in spec:
+        return load_from_file(spec, what.split()[0], error)
+    where = f" ({setting})" if setting else ""
+    raise error(f"unknown {what} {spec!r}{where}; registered: {', '.join(sorted(registry))} "
+                "(or use 'path/to/file.py:name')")

@@ -1,4 +1,4 @@
-"""The environment protocol of multi-turn rollouts, and the registry environments are found in.
+"""The environment protocol of multi-turn rollouts (envs/registry.py finds environments by name).
 
 An environment is one episode's counterpart of the policy:
 
@@ -14,17 +14,15 @@ remote) scored on the final assistant turn. `info` holds counters the run sums i
 tool_calls, tool_errors). The rollout runner (trainers/episodes.py) calls `step` with a deadline
 (rollout.env_timeout_s) and checks what comes back; an environment needs no threading of its own.
 
-Environments are registered by name (`@register("name")`) or named in a config as
+Environments are registered by name (envs/registry.py `register`) or named in a config as
 "path/to/file.py:ClassOrFactory", like reward rules.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rlhf_system.errors import UserError
-from rlhf_system.plugins import load_from_file
 
 
 class EnvError(UserError):
@@ -50,34 +48,6 @@ class Environment:
 
     def close(self) -> None:
         pass
-
-
-REGISTRY: dict[str, Callable[..., Environment]] = {}
-
-
-def register(name: str):
-    """Class decorator (or function decorator for a factory) adding it to REGISTRY as `name`."""
-
-    def deco(factory):
-        if name in REGISTRY and REGISTRY[name] is not factory:
-            raise EnvError(f"environment {name!r} is already registered")
-        REGISTRY[name] = factory
-        return factory
-
-    return deco
-
-
-def load_env(spec: str) -> Callable[..., Environment]:
-    """A registry name, or "path/to/file.py:name" imported from that file. Unknown: EnvError naming both."""
-    import rlhf_system.envs.tool_env  # noqa: F401  (registers the built-ins)
-
-    spec = spec.strip()
-    if spec in REGISTRY:
-        return REGISTRY[spec]
-    if ":" in spec:
-        return load_from_file(spec, "environment", EnvError)
-    raise EnvError(f"unknown environment {spec!r} (rollout.env); registered: {', '.join(sorted(REGISTRY))} "
-                   "(or use 'path/to/file.py:Class')")
 
 
 def check_observation(obs, where: str) -> list[dict] | None:

@@ -11,11 +11,10 @@ and timeouts, which the run reports as tool-call and tool-success rates.
 
 from __future__ import annotations
 
-from rlhf_system.envs.base import EnvError, Environment, Step, register
+from rlhf_system.envs.base import EnvError, Environment, Step
 from rlhf_system.envs.tools import TOOLS, CallError, parse_calls
 
 
-@register("tools")
 class ToolEnv(Environment):
     def __init__(self, tools: list[str] = ("calculator",), tool_timeout_s: float = 5.0, tool_memory_mb: int = 256):
         unknown = [t for t in tools if t not in TOOLS]

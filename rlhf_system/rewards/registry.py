@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from rlhf_system.data import synthetic
 from rlhf_system.errors import UserError
-from rlhf_system.plugins import load_from_file
+from rlhf_system.plugins import resolve
 
 RewardFn = Callable[[str, str, dict], float]
 REGISTRY: dict[str, RewardFn] = {}
@@ -83,15 +83,7 @@ def synthetic_harmless(prompt: str, response: str, meta: dict) -> float:
 
 def load_reward_fn(spec: str) -> RewardFn:
     """A registry name, or "path/to/file.py:function" imported from that file."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise RewardError(f"reward spec must be a non-empty string, got {spec!r}")
-    spec = spec.strip()
-    if spec in REGISTRY:
-        return REGISTRY[spec]
-    if ":" in spec:
-        return load_from_file(spec, "reward", RewardError)
-    raise RewardError(f"unknown reward rule {spec!r}; registered: {', '.join(sorted(REGISTRY))}"
-                      " (or use 'path/to/file.py:function')")
+    return resolve(spec, REGISTRY, "reward rule", RewardError)
 
 
 def _as_score(value, name: str, index: int) -> float:

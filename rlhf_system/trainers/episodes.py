@@ -36,7 +36,7 @@ TURN_SEED = 7_368_787  # seed offset of each later turn: disjoint from turn 1's 
 def make_env_factory(cfg: RunConfig):
     """(factory() -> environment) for rollout.env, or None; unknown names and bad arguments fail here,
     in `prepare`, before any worker starts (one environment is built as a check)."""
-    from rlhf_system.envs.base import load_env
+    from rlhf_system.envs.registry import load_env
 
     r = cfg.rollout
     if not r.env:

@@ -2,7 +2,8 @@
 
 import pytest
 
-from rlhf_system.envs.base import EnvError, load_env
+from rlhf_system.envs.base import EnvError
+from rlhf_system.envs.registry import load_env
 from rlhf_system.envs.sandbox import run_python
 from rlhf_system.envs.tool_env import ToolEnv
 from rlhf_system.envs.tools import TOOLS, Call, CallError, calculator, format_call, parse_calls
@@ -65,7 +66,7 @@ def test_tool_env_runs_calls_and_counts_failures():
 def test_unknown_tool_or_environment_is_a_one_line_error():
     with pytest.raises(EnvError, match=r"unknown tool\(s\) \['shell'\] in rollout.tools; available: calculator, python"):
         ToolEnv(tools=["calculator", "shell"])
-    with pytest.raises(EnvError, match="unknown environment 'gym'.*registered: .*tools"):
+    with pytest.raises(EnvError, match=r"unknown environment 'gym' \(rollout.env\); registered: tools"):
         load_env("gym")
     with pytest.raises(EnvError, match="environment file .*nope.py not found"):
         load_env("nope.py:Env")
