@@ -57,7 +57,7 @@ def _comparable(m: dict) -> dict:
             and not k.endswith("/lr")}
 
 
-def test_k0_pipeline_follows_the_synchronous_trajectory(small_model, synthetic_dir, tmp_path):
+def test_k0_pipeline_follows_the_synchronous_trajectory(ray_cluster, small_model, synthetic_dir, tmp_path):
     from safetensors.torch import load_file
 
     from rlhf_system.trainers import ppo

@@ -246,6 +246,8 @@ def test_grpo_family_variant_checks(tmp_path):
         load_config(write(tmp_path, PPO), ["train.eval_pass_k=[1, 8]"])
     with pytest.raises(ConfigError, match="tis_cap=0.9 <= 1"):
         load_config(write(tmp_path, PPO), ["algorithm.is_mode=mask", "algorithm.tis_cap=0.9"])
+    with pytest.raises(ConfigError, match="rollout.max_turns=3 but rollout.env is empty"):
+        load_config(write(tmp_path, PPO), ["rollout.max_turns=3"])
     with pytest.raises(ConfigError, match="algorithm.policy_loss"):
         load_config(write(tmp_path, PPO), ["algorithm.policy_loss=ppo2"])
     cfg = load_config(write(tmp_path, PPO), [*grpo, "algorithm.estimator=dr_grpo", "algorithm.loss_agg=seq_sum_norm",
