@@ -18,13 +18,13 @@ import torch
 from tests.integration.conftest import ppo_config
 
 pytestmark = pytest.mark.integration
-STEPS = 3
+STEPS = 2
 
 
 def _cfg(small_model, synthetic_dir, run_dir, **over):
     return ppo_config(small_model["policy"], synthetic_dir, run_dir, algorithm__estimator="grpo",
                       algorithm_kl__in_reward=False, algorithm_kl__estimator="k3", train__max_steps=STEPS,
-                      train__eval_every=0, checkpoint__export_hf=True, optim__lr=1e-4, **over)
+                      train__eval_every=0, checkpoint__export_hf=True, optim__lr=1e-4, data__eval=[], **over)
 
 
 def _sequential(cfg) -> list[dict]:

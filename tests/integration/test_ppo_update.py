@@ -150,10 +150,12 @@ def test_critic_under_zero3_on_two_ranks_matches_zero2_on_one(plain, small_model
 VARIANTS = {
     "gspo": {"algorithm__policy_loss": "gspo", "algorithm__loss_agg": "seq", "algorithm__clip_eps": 3e-4,
              "algorithm__clip_eps_high": 4e-4},
-    "cispo-masked-is": {"algorithm__policy_loss": "cispo", "algorithm__clip_eps": 1.0, "algorithm__clip_eps_high": 0.28,
-                        "algorithm__is_mode": "mask", "algorithm__tis_cap": 2.0, "sampler_gap": 1.0},
-    "dr_grpo": {"algorithm__estimator": "dr_grpo", "algorithm__loss_agg": "seq_sum_norm",
-                "algorithm_kl__in_reward": False, "algorithm_kl__estimator": "k3"},
+    # CISPO's loss with Dr. GRPO's aggregation (rows, not tokens, weigh across splits) and masked IS
+    "cispo-dr_grpo-masked-is": {"algorithm__policy_loss": "cispo", "algorithm__clip_eps": 1.0,
+                                "algorithm__clip_eps_high": 0.28, "algorithm__estimator": "dr_grpo",
+                                "algorithm__loss_agg": "seq_sum_norm", "algorithm_kl__in_reward": False,
+                                "algorithm_kl__estimator": "k3", "algorithm__is_mode": "mask",
+                                "algorithm__tis_cap": 2.0, "sampler_gap": 1.0},
 }
 
 

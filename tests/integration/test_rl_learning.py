@@ -1,17 +1,17 @@
-"""Learning is real for RL, with the rule verifier as reward and a fixed seed:
+"""Learning is real for RL: PPO with a critic and GRPO, each with the rule verifier as reward and a fixed
+seed, starting from the same SFT model, raise held-out accuracy by a clear margin.
 
-- the shipped PPO config with a critic (GAE; configs/ppo/tiny-cpu.yaml) raises held-out mean reward and
-  exact-match accuracy on the synthetic tasks by a clear margin;
-- the shipped tool config (GRPO with the calculator, multi-turn, rollouts one step ahead of training:
-  configs/grpo/tools-cpu.yaml) raises held-out accuracy on 3-digit arithmetic and the tool-call rate.
+The task is the tool-use family (data/synthetic_tools.py): 3-digit arithmetic that the 3.5M-parameter
+model cannot do in its head but can delegate to the calculator (rollout.env=tools: multi-turn episodes,
+the tool's output masked out of the loss). The SFT model learned from demonstrations of which 30% guess
+instead of calling the tool, as careless demonstrators would; RL against the verifier is what makes the
+policy call it. Held-out questions were neither demonstrated nor RL prompts.
 
-The SFT model learns from imperfect demonstrations (data/synthetic.py `demo_flaws`: 30% of them hedge,
-drop the requested layout, over-refuse or comply with a flagged request), as SFT on human
-demonstrations does; RL against the verifier is what removes those behaviours. Held-out prompts
-(rl_test_seen) never occur in RL training. The same experiment on the demo's data (4000 SFT rows, 5
-epochs; 20 GRPO steps) moved held-out sampled reward 0.26 -> 0.38 and greedy reward 0.37 -> 0.44; on
-clean demonstrations the same run gained under 0.02 (RL sharpens or removes behaviours; it does not
-teach this 3.5M-parameter model new arithmetic facts in 20 steps)."""
+- PPO proper (configs/ppo/tiny-cpu.yaml: actor, critic with a fresh value head, reference, vLLM engine;
+  GAE over the policy's tokens of each episode, KL in the reward), synchronous.
+- GRPO with rollouts one step ahead of training (configs/grpo/tools-cpu.yaml, train.max_staleness=1).
+
+(The single-turn synthetic tasks' RL gains are shown by the demo: README, "What to read from it".)"""
 
 import json
 
@@ -22,28 +22,23 @@ from tests.integration.conftest import rlhf, train_args
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def flawed_sft(kit_model, tmp_path_factory):
-    """The SFT model the GAE test starts from, and its data: SFT on demonstrations with 30% flaws."""
-    from rlhf_system.data.synthetic import write_dataset
-
-    root = tmp_path_factory.mktemp("rl_learning")
-    data = root / "data"
-    write_dataset(data, seed=0, n_train=2000, n_test=200, demo_flaws=0.3)
-    sft = root / "sft"
-    rlhf(*train_args("sft", "configs/sft/tiny-cpu.yaml", kit_model["policy"], sft, data / "sft_train.jsonl",
-                     data / "sft_test_seen.jsonl", "train.epochs=5"))
-    return sft / "hf", data
-
-
-def held_out_figures(run) -> dict:
+def figures_of(run) -> dict:
     result = json.loads((run / "result.json").read_text())
     before, after = result["initial"], result["final"]
-    key = "eval/rl_test_seen/{}all/{}"
-    figures = {f"{mode or 'greedy/'}{m}": [before[key.format(mode, m)], after[key.format(mode, m)]]
-               for mode in ("", "sampled/") for m in ("reward", "exact")}
+    key = "eval/rl_tool_test/{}"
+    figures = {k: [before[key.format(k)], after[key.format(k)]] for k in (
+        "all/exact", "sampled/all/exact", "sampled/all/pass@4", "sampled/tool/call_rate", "sampled/tool/success",
+        "tool/call_rate")}
     print(json.dumps(figures))
     return {**figures, "steps": result["steps"]}
+
+
+def assert_learned(figures: dict, gain: float) -> None:
+    # the policy's expected accuracy (sampled, what RL maximises) and how often it calls the tool
+    assert figures["sampled/all/exact"][1] >= figures["sampled/all/exact"][0] + gain, figures
+    assert figures["sampled/tool/call_rate"][1] >= figures["sampled/tool/call_rate"][0] + 0.12, figures
+    assert figures["all/exact"][1] >= figures["all/exact"][0] - 0.06, figures  # greedy: not made worse
+    assert figures["sampled/tool/success"][1] > 0.8, figures
 
 
 @pytest.fixture(scope="module")
@@ -70,22 +65,13 @@ def test_grpo_with_tools_and_async_rollouts_raises_held_out_accuracy(tool_sft, t
     rl = tmp_path / "grpo-tools"
     rlhf(*train_args("ppo", "configs/grpo/tools-cpu.yaml", sft, rl, data / "rl_tool_train.jsonl",
                      data / "rl_tool_test.jsonl", "checkpoint.export_hf=false", "placement.call_timeout_s=300"))
-    result = json.loads((rl / "result.json").read_text())
-    before, after = result["initial"], result["final"]
-    key = "eval/rl_tool_test/{}"
-    figures = {k: [before[key.format(k)], after[key.format(k)]] for k in (
-        "all/exact", "sampled/all/exact", "sampled/all/pass@4", "sampled/tool/call_rate", "sampled/tool/success",
-        "tool/call_rate")}
-    print(json.dumps(figures))
-    assert result["steps"] == 12
-    # Measured on this machine (seeded vLLM sampling, CPU fp32), these 12 steps: sampled exact 0.3575 ->
-    # 0.4725, sampled tool-call rate 0.72 -> 0.9725, pass@4 0.71 -> 0.76; greedy exact 0.75 -> 0.72 (greedy
-    # decoding already calls the tool every time: 3 of 100 answers moved). 20 steps: sampled exact 0.36 ->
-    # 0.52. The bars are about half of the sampled gains.
-    assert figures["sampled/all/exact"][1] >= figures["sampled/all/exact"][0] + 0.06, figures
-    assert figures["sampled/tool/call_rate"][1] >= figures["sampled/tool/call_rate"][0] + 0.12, figures
-    assert figures["all/exact"][1] >= figures["all/exact"][0] - 0.06, figures  # greedy: not made worse
-    assert figures["sampled/tool/success"][1] > 0.8, figures
+    figures = figures_of(rl)
+    assert figures["steps"] == 10
+    # Measured on this machine (seeded vLLM sampling, CPU fp32), these 10 steps: sampled exact 0.3575 ->
+    # 0.48, sampled tool-call rate 0.72 -> 0.9575, pass@4 0.71 -> 0.78, greedy exact 0.75 -> 0.79 (greedy
+    # decoding already calls the tool every time). 20 steps: sampled exact 0.36 -> 0.52. The bars are about
+    # half of the sampled gains.
+    assert_learned(figures, 0.05)
     # one step off-policy, never more; generation of the next batch ran inside the train phase
     rows = [json.loads(x) for x in (rl / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "async/staleness" in r]
@@ -94,21 +80,21 @@ def test_grpo_with_tools_and_async_rollouts_raises_held_out_accuracy(tool_sft, t
     assert all(r["env/observation_tokens"] > 0 and 0 <= r["tool/call_rate"] <= 1 for r in steps)
 
 
-def test_gae_ppo_with_a_critic_raises_held_out_reward(flawed_sft, tmp_path):
-    """PPO proper: the shipped PPO config (actor, critic, reference, vLLM engine; GAE; KL in the reward)
-    with the rule verifier as the reward and the critic's value head started fresh on the SFT model."""
-    sft, data = flawed_sft
+def test_gae_ppo_with_a_critic_raises_held_out_accuracy(tool_sft, tmp_path):
+    """PPO proper on the tool task: the shipped PPO config with a critic, GAE over the policy's tokens of
+    each multi-turn episode (the tool's tokens are not time steps), synchronous rollouts."""
+    sft, data = tool_sft
     rl = tmp_path / "ppo"
-    rlhf(*train_args("ppo", "configs/ppo/tiny-cpu.yaml", sft, rl, data / "rl_train.jsonl",
-                     data / "rl_test_seen.jsonl", "train.eval_every=0", "checkpoint.export_hf=false",
+    rlhf(*train_args("ppo", "configs/ppo/tiny-cpu.yaml", sft, rl, data / "rl_tool_train.jsonl",
+                     data / "rl_tool_test.jsonl", "train.eval_every=0", "checkpoint.export_hf=false",
                      "placement.call_timeout_s=300", "rewards.use_model=false", "rewards.rules=[synthetic]",
-                     "model.reward_path=''", "train.max_steps=20"))
-    figures = held_out_figures(rl)
-    assert figures["steps"] == 20
-    # Measured on this machine (deterministic, as above): greedy reward 0.325 -> 0.3925, greedy exact
-    # 0.20 -> 0.27, sampled reward 0.2325 -> 0.315, sampled exact 0.14 -> 0.185. The bars are about half
-    # of those gains.
-    assert figures["greedy/reward"][1] >= figures["greedy/reward"][0] + 0.03, figures
-    assert figures["greedy/exact"][1] >= figures["greedy/exact"][0] + 0.035, figures
-    assert figures["sampled/reward"][1] >= figures["sampled/reward"][0] + 0.04, figures
-    assert figures["sampled/exact"][1] > figures["sampled/exact"][0], figures
+                     "model.reward_path=''", "rollout.env=tools", "rollout.max_turns=2", "rollout.max_new_tokens=40",
+                     "data.max_len=192", "train.max_eval_samples=100", "train.max_steps=10"))
+    figures = figures_of(rl)
+    assert figures["steps"] == 10
+    # Measured on this machine (deterministic, as above), these 10 steps: sampled exact 0.3575 -> 0.47,
+    # sampled tool-call rate 0.72 -> 0.96, pass@4 0.71 -> 0.73, greedy exact 0.75 -> 0.73. The bars are
+    # about half of the sampled gains.
+    assert_learned(figures, 0.05)
+    rows = [json.loads(x) for x in (rl / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["async/staleness"] == 0 and r["critic/loss"] > 0 for r in rows if "async/staleness" in r)
