@@ -210,17 +210,30 @@ def unflatten(buffer: torch.Tensor, bucket: list[TensorMeta]) -> list[tuple[str,
 
 
 # ------------------------------------------------------------------------ the process group
-def make_group(backend: str, addr: str, port: int, rank: int, world: int, timeout_s: float, is_master: bool):
+def listen(addr: str, world: int, timeout_s: float):
+    """Rank 0's TCPStore (gloo), listening at once on a port the OS picks (`.port`): no window between
+    choosing a free port and binding it, in which another process can take it (a resumed run after a
+    SIGKILLed one failed with EADDRINUSE that way)."""
+    from datetime import timedelta
+
+    return torch.distributed.TCPStore(addr, 0, world, True, timeout=timedelta(seconds=timeout_s),
+                                      wait_for_workers=False)
+
+
+def make_group(backend: str, addr: str, port: int, rank: int, world: int, timeout_s: float, is_master: bool,
+               store=None):
     """A process group outside torch.distributed's default one: (group, store).
 
-    gloo: ProcessGroupGloo on a TCPStore (rank 0 hosts the store). nccl: vLLM's PyNcclCommunicator on a
-    StatelessProcessGroup, which is what vLLM's own weight-transfer engines use.
+    gloo: ProcessGroupGloo on a TCPStore (rank 0 hosts the store: `store` from `listen`, else made here).
+    nccl: vLLM's PyNcclCommunicator on a StatelessProcessGroup, which is what vLLM's own weight-transfer
+    engines use.
     """
     from datetime import timedelta
 
     timeout = timedelta(seconds=timeout_s)
     if backend == "gloo":
-        store = torch.distributed.TCPStore(addr, port, world, is_master, timeout=timeout, wait_for_workers=False)
+        if store is None:
+            store = torch.distributed.TCPStore(addr, port, world, is_master, timeout=timeout, wait_for_workers=False)
         return torch.distributed.ProcessGroupGloo(store, rank, world, timeout), store
     from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
     from vllm.distributed.utils import StatelessProcessGroup

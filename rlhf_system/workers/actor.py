@@ -51,15 +51,19 @@ class ActorWorker(BaseWorker):
                                                  bucket_bytes)
         self._ws_addr, self._ws_port = self.master_endpoint()
         self._ws_world = world
+        self._ws_backend = weight_sync.backend_for_device()
+        self._ws_listening = None
+        if self._ws_backend == "gloo":  # bound now, on the port it reports
+            self._ws_listening = weight_sync.listen(self._ws_addr, world, self.state.cfg.placement.call_timeout_s)
+            self._ws_port = self._ws_listening.port
         return self._ws_addr, self._ws_port, self._ws_plan
 
     def ws_connect(self) -> int:
         from rlhf_system.distributed import weight_sync
 
-        self._ws_backend = weight_sync.backend_for_device()
         self._ws_group, self._ws_store = weight_sync.make_group(
             self._ws_backend, self._ws_addr, self._ws_port, 0, self._ws_world,
-            self.state.cfg.placement.call_timeout_s, is_master=True)
+            self.state.cfg.placement.call_timeout_s, is_master=True, store=self._ws_listening)
         return 0
 
     def ws_send(self, plan: list) -> dict:
@@ -80,7 +84,7 @@ class ActorWorker(BaseWorker):
         return {"buckets": n, "peak_rise_bytes": peak.rise}
 
     def ws_close(self) -> None:
-        self._ws_group = self._ws_store = None
+        self._ws_group = self._ws_store = self._ws_listening = None
 
 
 def policy_logprobs(state: RoleState, exp: Experience) -> torch.Tensor:
