@@ -7,8 +7,10 @@
 (actor, critic, reference, reward under DeepSpeed; rollout = vLLM engines), the weight-sync group
 opens, and each step does:
 
- 1. generate   n samples per prompt from the rollout engines (token ids, sampling log-probs)
+ 1. generate   n samples per prompt from the rollout engines (token ids, sampling log-probs); with
+               rollout.env, multi-turn episodes with an environment (trainers/episodes.py)
  2. reward     reward model (reward group) + rule functions + remote server, weighted, clipped
+               (trainers/ppo_samples.py; DAPO's dynamic sampling refills there)
  3. inference  actor old log-probs, reference log-probs, critic values: the groups work concurrently,
                each on its data-parallel shard
  4. advantages KL to the reference (in the reward or as a loss), then GAE / GRPO / RLOO / REINFORCE++
@@ -18,8 +20,11 @@ opens, and each step does:
  7. log        metrics with per-phase timings; evaluate every train.eval_every steps; checkpoint
                (and after SIGTERM / SIGUSR1: checkpoint, stop, exit 0; preemption.py)
 
+Steps 1-2 run in the rollout pipeline's producer thread (trainers/pipeline.py): after step i-1's sync
+when train.max_staleness=0, beside step i-1's training when it is k > 0 (at most k versions stale).
 The estimator is a config choice (algorithm.estimator); with a critic-free one the critic group is
-never started. Resume restores the engines, the KL coefficient and the position in the prompt data.
+never started. Resume restores the engines, the KL coefficient, the position in the prompt data and
+the batches sampled ahead.
 """
 
 from __future__ import annotations
