@@ -47,7 +47,10 @@ def test_a_killed_rank_is_blamed_not_its_peer_waiting_in_all_reduce(ray_cluster)
         group.shutdown()
     message = str(err.value)
     assert message.startswith("actor rank 1: worker died during 'all_reduce'"), message
-    assert "(also: rank 0 " in message.splitlines()[0], message  # the peer is listed after it
+    # the peer is listed after it: still waiting in the all-reduce, or already failed by gloo's closed
+    # connection when Ray reported both (a race, seen in CI)
+    first_line = message.splitlines()[0]
+    assert "(also: rank 0 (still running))" in first_line or "(also: rank 0)" in first_line, message
     assert waited < DEADLINE / 3, waited  # returned on the death, not at the deadline
 
 
