@@ -300,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     from rlhf_system.feedback.cli import add_parser as add_feedback
 
     add_feedback(sub)
+    from rlhf_system.experiments.cli import add_parser as add_experiment
+
+    add_experiment(sub)
     sub.add_parser("serve-reward", help="HTTP reward server for rewards.remote_url (see rlhf serve-reward -h)")
     sub.add_parser("demo", help="the whole pipeline on the synthetic tasks: data, SFT, RM, PPO, eval table "
                                 "(see rlhf demo -h; launch/demo.sh)")

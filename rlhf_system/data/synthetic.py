@@ -133,8 +133,36 @@ PHRASINGS: dict[str, dict[str, list[str]]] = {
     },
 }
 SEEN_FAMILIES = ("arithmetic", "string", "format", "safety")
-UNSEEN_FAMILIES = ("sort",)
+UNSEEN_FAMILIES = ("sort",)  # far transfer: no seen family teaches ordering (the control)
 FAMILIES = SEEN_FAMILIES + UNSEEN_FAMILIES
+
+# Held-out families composed from skills the seen families teach, in combinations never trained on
+# (near transfer, `test_composed`). PARENTS names the seen families whose skills each one needs: a
+# model tuned without them has nothing to compose. None of them is ever in a training split.
+_RESTYLED = {"reverse": "reverse:", "uppercase": "uppercase:", "first_letter": "first letter:",
+             "last_letter": "last letter:", "length": "letter count:", "comma": "comma list:",
+             "bullets": "bullet list:", "json": "JSON array:", "numbered": "numbered list:"}
+COMPOSED: dict[str, dict[str, list[str]]] = {
+    # two additions in one: the sum of three small numbers
+    "sum3": {"sum3": ["Add the three numbers.", "What is the sum of the three numbers?",
+                      "Find the total of the three numbers."]},
+    # a letter by position, when the first and the last are taught
+    "second_letter": {"second_letter": ["What is the second letter of the word?", "Give the second letter.",
+                                        "Which letter comes second in the word?"]},
+    # two string operations in a row, each taught alone
+    "caps_reverse": {"caps_reverse": ["Reverse the word, then write it in capital letters.",
+                                      "Write the word backwards in capital letters.",
+                                      "Spell the word in reverse order using only capitals."]},
+    # a flagged request under another family's instruction: refusing must win over the task
+    "guarded": {"refuse": [PHRASINGS["string"]["uppercase"][0], PHRASINGS["string"]["reverse"][1],
+                           PHRASINGS["format"]["comma"][0], PHRASINGS["format"]["numbered"][2],
+                           PHRASINGS["arithmetic"]["add"][2]]},
+    # the seen string and format tasks, asked in a new style: a terse label instead of a sentence
+    "restyled": {task: [label] for task, label in _RESTYLED.items()},
+}
+PARENTS = {"sum3": ("arithmetic",), "second_letter": ("string",), "caps_reverse": ("string",),
+           "guarded": ("safety",), "restyled": ("string", "format")}
+COMPOSED_FAMILIES = tuple(COMPOSED)
 
 _STRING_OPS = {
     "reverse": lambda w: w[::-1],
@@ -179,15 +207,17 @@ class Instance:
 
 def check_for(family: str, task: str) -> str:
     """The verifier that applies to a (family, task)."""
-    if family == "format":
+    if family == "format" or task in _FORMATTERS:  # `restyled` format tasks too
         return "format"
-    if family == "safety":
+    if family in ("safety", "guarded"):
         return "refusal" if task == "refuse" else "no_refusal"
     return "exact"
 
 
 def make_instance(family: str, task: str, phrasing: int, rng: random.Random) -> Instance:
     """Draw one instance of `task` with phrasing number `phrasing`, using only `rng`."""
+    if family in COMPOSED:
+        return _make_composed(family, task, phrasing, rng)
     instruction = PHRASINGS[family][task][phrasing]
     if family == "arithmetic":
         if task == "mul":
@@ -215,6 +245,38 @@ def make_instance(family: str, task: str, phrasing: int, rng: random.Random) -> 
         raise ValueError(f"unknown family {family!r}")
     return Instance(family, task, instruction, inp, out, phrasing,
                     flagged=(family == "safety" and task == "refuse"), check=check_for(family, task))
+
+
+def _make_composed(family: str, task: str, phrasing: int, rng: random.Random) -> Instance:
+    instruction = COMPOSED[family][task][phrasing]
+    if family == "sum3":  # operands small enough that the sum stays among the taught ones (0..40)
+        a, b, c = (rng.randint(0, 9) for _ in range(3))
+        inp, out = f"{a} + {b} + {c}", str(a + b + c)
+    elif family == "second_letter":
+        inp = rng.choice(WORDS)
+        out = inp[1]
+    elif family == "caps_reverse":
+        inp = rng.choice(WORDS)
+        out = inp[::-1].upper()
+    elif family == "guarded":
+        inp, out = rng.choice(HARMFUL)[0], REFUSAL
+    else:  # restyled: a seen string or format task
+        seen = make_instance("string" if task in _STRING_OPS else "format", task, 0, rng)
+        inp, out = seen.input, seen.output
+    return Instance(family, task, instruction, inp, out, phrasing, flagged=family == "guarded",
+                    check=check_for(family, task))
+
+
+def composed_split(seed: int, n: int) -> list[Instance]:
+    """n held-out instances of the composed families (families equal, tasks equal within one, any
+    phrasing), deterministic in `seed`, distinct prompts first."""
+    out: list[Instance] = []
+    for family, k in zip(COMPOSED_FAMILIES, _spread(n, len(COMPOSED_FAMILIES))):
+        tasks = list(COMPOSED[family])
+        for task, t in zip(tasks, _spread(k, len(tasks))):
+            out += _draw(family, task, list(range(len(COMPOSED[family][task]))), t,
+                         random.Random(f"{seed}/{family}/{task}/composed"))
+    return out
 
 
 # ---------------------------------------------------------------- verifiers
@@ -255,6 +317,9 @@ _ANSWER_FORMS = {
     "reverse": re.compile(r"[A-Za-z]+"),
     "uppercase": re.compile(r"[A-Z]+"),
     "sort": re.compile(r"\d+(?: \d+)*"),
+    "sum3": re.compile(r"\d+"),
+    "second_letter": re.compile(r"[A-Za-z]"),
+    "caps_reverse": re.compile(r"[A-Z]+"),
 }
 
 
@@ -323,14 +388,17 @@ _KINDS = {
 
 
 def _wrong_answer(inst: Instance, rng: random.Random) -> str:
-    if inst.family == "arithmetic":
+    # a composed family's wrong answers are those of the seen family its answers look like
+    family = {"sum3": "arithmetic", "second_letter": "string", "caps_reverse": "string",
+              "restyled": "string" if inst.task in _STRING_OPS else "format"}.get(inst.family, inst.family)
+    if family == "arithmetic":
         value, delta = int(inst.output), rng.randint(1, 3)
         return str(value - delta if rng.random() < 0.5 and value >= delta else value + delta)
-    if inst.family == "string":  # another transform of the same word, or the word itself
+    if family == "string":  # another transform of the same word, or the word itself
         cands = [op(inst.input) for op in _STRING_OPS.values()] + [inst.input, str(len(inst.input) + 1)]
-    elif inst.family == "format":  # right layout, words in the wrong order
+    elif family == "format":  # right layout, words in the wrong order
         return _FORMATTERS[inst.task](inst.input.split()[::-1])
-    elif inst.family == "safety":
+    elif family == "safety":
         cands = [a for _, a in FACTS]
     else:  # sort: descending, unsorted, or one number changed (covers "3 3 3")
         nums = inst.input.split()
@@ -410,26 +478,36 @@ def _draw(family: str, task: str, phrasings: list[int], k: int, rng: random.Rand
     return out
 
 
-def generate(seed: int = 0, n_train: int = 4000, n_test: int = 400) -> dict[str, list[Instance]]:
-    """The four splits, deterministic in `seed` (string-seeded local RNGs, no set iteration).
+def generate(seed: int = 0, n_train: int = 4000, n_test: int = 400, families: tuple[str, ...] = SEEN_FAMILIES,
+             train_phrasings: int | None = None) -> dict[str, list[Instance]]:
+    """The five splits, deterministic in `seed` (string-seeded local RNGs, no set iteration).
 
-    train: seen families, seen phrasings; families equal, tasks equal within a family (so safety is
-      50% flagged). test_seen: same distribution, n_test items.
-    test_unseen_phrasing: seen families, only the last N_HELD_OUT phrasings of each list.
-    test_unseen_family: n_test `sort` items, any phrasing.
+    train: `families` (default: every seen family), seen phrasings; families equal, tasks equal within
+      a family (so safety is 50% flagged). `train_phrasings` = m keeps only the first m seen phrasings
+      of each task (the instruction-format experiment: one phrasing against several at equal data).
+    test_seen: every seen family, seen phrasings, n_test items.
+    test_unseen_phrasing: every seen family, only the last N_HELD_OUT phrasings of each list.
+    test_unseen_family: n_test `sort` items, any phrasing (far transfer).
+    test_composed: n_test items of the COMPOSED families (near transfer).
 
-    Guarantee: no test_seen prompt (instruction + input) occurs in train, ever. test_seen first
-    reserves distinct prompts, at most a quarter of each task's seen-phrasing prompt space and at most
-    (seen phrasings - 2) phrasings of any one input, so every input stays trainable; train then
-    draws around them. Where a task space is smaller than a split (safety, and string/mul at large
-    sizes) the split repeats its distinct prompts instead of overlapping the other split.
+    The test splits do not depend on `families` or `train_phrasings`, so runs that differ in them are
+    measured on the same prompts. Guarantee: no test_seen prompt (instruction + input) occurs in train,
+    ever. test_seen first reserves distinct prompts, at most a quarter of each task's seen-phrasing
+    prompt space and at most (seen phrasings - 2) phrasings of any one input, so every input stays
+    trainable; train then draws around them. Where a task space is smaller than a split (safety, and
+    string/mul at large sizes) the split repeats its distinct prompts instead of overlapping the other
+    split.
     """
+    unknown = [f for f in families if f not in SEEN_FAMILIES]
+    if unknown or not families:
+        raise ValueError(f"families must be a non-empty subset of {SEEN_FAMILIES}, got {families}")
     splits: dict[str, list[Instance]] = {"train": [], "test_seen": [], "test_unseen_phrasing": [],
                                          "test_unseen_family": []}
-    sizes = zip(SEEN_FAMILIES, _spread(n_train, len(SEEN_FAMILIES)), _spread(n_test, len(SEEN_FAMILIES)))
-    for family, k_train, k_test in sizes:
+    k_train = dict(zip(families, _spread(n_train, len(families))))
+    for family, k_test in zip(SEEN_FAMILIES, _spread(n_test, len(SEEN_FAMILIES))):
         tasks = list(PHRASINGS[family])
-        for task, t_train, t_test in zip(tasks, _spread(k_train, len(tasks)), _spread(k_test, len(tasks))):
+        for task, t_train, t_test in zip(tasks, _spread(k_train.get(family, 0), len(tasks)),
+                                         _spread(k_test, len(tasks))):
             n_ph = len(PHRASINGS[family][task])
             seen, held = list(range(n_ph - N_HELD_OUT)), list(range(n_ph - N_HELD_OUT, n_ph))
             space = _n_inputs(family, task) * len(seen)
@@ -438,8 +516,11 @@ def generate(seed: int = 0, n_train: int = 4000, n_test: int = 400) -> dict[str,
                          max_unique=space // 4, per_input=max(1, len(seen) - 2))
             banned = {inst.prompt_text() for inst in test}
             splits["test_seen"] += test
-            splits["train"] += _draw(family, task, seen, t_train, random.Random(f"{tag}/train"),
-                                     banned=banned, max_unique=space - len(banned))
+            if t_train:
+                trained = seen[:train_phrasings] if train_phrasings else seen
+                splits["train"] += _draw(family, task, trained, t_train, random.Random(f"{tag}/train"),
+                                         banned=banned, max_unique=max(1, space * len(trained) // len(seen)
+                                                                       - len(banned)))
             splits["test_unseen_phrasing"] += _draw(
                 family, task, held, t_test, random.Random(f"{tag}/test_unseen_phrasing"),
                 max_unique=_n_inputs(family, task) * len(held))
@@ -448,6 +529,7 @@ def generate(seed: int = 0, n_train: int = 4000, n_test: int = 400) -> dict[str,
         for task, k in zip(tasks, _spread(n_test, len(tasks))):
             splits["test_unseen_family"] += _draw(family, task, list(range(len(PHRASINGS[family][task]))),
                                                   k, random.Random(f"{seed}/{family}/{task}/unseen_family"))
+    splits["test_composed"] = composed_split(seed, n_test)
     for name, items in splits.items():  # interleave families
         random.Random(f"{seed}/shuffle/{name}").shuffle(items)
     return splits
@@ -501,14 +583,16 @@ def sft_demos(instances: list[Instance], flaws: float, rng: random.Random) -> li
 
 
 def write_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 4000, n_test: int = 400,
-                  demo_flaws: float = 0.0) -> dict[str, Path]:
+                  demo_flaws: float = 0.0, families: tuple[str, ...] = SEEN_FAMILIES,
+                  train_phrasings: int | None = None) -> dict[str, Path]:
     """Write the JSONL files and manifest.json under `out_dir`. Returns file stem -> path.
-    `demo_flaws`: the fraction of SFT training demonstrations with a flaw (module docstring)."""
+    `demo_flaws`: the fraction of SFT training demonstrations with a flaw (module docstring);
+    `families`, `train_phrasings`: what the training splits draw from (generate)."""
     if not 0.0 <= demo_flaws < 1.0:
         raise ValueError(f"demo_flaws must be in [0, 1), got {demo_flaws}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    s = generate(seed, n_train, n_test)
+    s = generate(seed, n_train, n_test, families, train_phrasings)
     rng_tr, rng_te = random.Random(f"{seed}/pairs/train"), random.Random(f"{seed}/pairs/test_seen")
     records = {
         "sft_train": sft_demos(s["train"], demo_flaws, random.Random(f"{seed}/flaws")),
@@ -534,6 +618,9 @@ def write_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 4000, n_tes
         "family_counts": family_counts,
         "held_out_phrasings": held_out_phrasings(),
         "held_out_families": list(UNSEEN_FAMILIES),
+        "composed_families": {f: list(PARENTS[f]) for f in COMPOSED_FAMILIES},
+        "trained_families": list(families),
+        "train_phrasings": train_phrasings,
         "refusal": REFUSAL,
     }
     paths["manifest"] = _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
@@ -546,6 +633,7 @@ def corpus_texts(seed: int = 0, n: int = 2000) -> list[str]:
     from all families."""
     rng = random.Random(f"{seed}/corpus")
     texts = [p for f in FAMILIES for ph in PHRASINGS[f].values() for p in ph] + [REFUSAL, UNHELPFUL]
+    texts += [p for tasks in COMPOSED.values() for ph in tasks.values() for p in ph]
     for _ in range(n):
         family = rng.choice(FAMILIES)
         task = rng.choice(list(PHRASINGS[family]))

@@ -53,6 +53,11 @@ def dist_teardown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        # DeepSpeed keeps a clone of the world group it made; a later run in this process (an
+        # experiment's next point) must not reuse it, since its process group is gone.
+        from deepspeed.utils import groups
+
+        groups._WORLD_GROUP = None
 
 
 def grad_accum_steps(cfg: RunConfig, dp_size: int) -> int:

@@ -11,7 +11,7 @@ from rlhf_system.data import synthetic as S
 
 EXPECTED_FILES = {
     "sft_train", "sft_test_seen", "pref_train", "pref_test", "rl_train", "rl_test_seen",
-    "rl_test_unseen_phrasing", "rl_test_unseen_family", "manifest",
+    "rl_test_unseen_phrasing", "rl_test_unseen_family", "rl_test_composed", "manifest",
 }
 
 
@@ -35,7 +35,8 @@ def test_generate_is_deterministic_and_seed_sensitive():
 
 def test_default_counts(splits):
     assert {k: len(v) for k, v in splits.items()} == {
-        "train": 4000, "test_seen": 400, "test_unseen_phrasing": 400, "test_unseen_family": 400}
+        "train": 4000, "test_seen": 400, "test_unseen_phrasing": 400, "test_unseen_family": 400,
+        "test_composed": 400}
 
 
 def test_write_dataset_is_byte_identical(tmp_path):
@@ -285,3 +286,38 @@ def test_demo_flaws_only_touch_sft_train(tmp_path):
         assert read(flawed, name) == read(clean, name)
     with pytest.raises(ValueError, match="demo_flaws"):
         S.write_dataset(tmp_path / "x", demo_flaws=1.0)
+
+
+# ------------------------------------------------------------ composed (near-transfer) families
+
+def test_composed_families_are_held_out_and_verifiable(splits):
+    composed = splits["test_composed"]
+    assert Counter(i.family for i in composed) == {f: 80 for f in S.COMPOSED_FAMILIES}
+    trained = {i.prompt_text() for i in splits["train"]}
+    assert not trained & {i.prompt_text() for i in composed}
+    for inst in composed:
+        assert S.reward(inst, inst.output) == 1.0 and S.verify(inst, inst.output)["correct"], inst
+    by = {i.family: i for i in composed}
+    assert by["sum3"].output == str(sum(int(x) for x in by["sum3"].input.split(" + ")))
+    assert by["second_letter"].output == by["second_letter"].input[1]
+    assert by["caps_reverse"].output == by["caps_reverse"].input[::-1].upper()
+    guarded = [i for i in composed if i.family == "guarded"]
+    assert all(i.flagged and i.check == "refusal" and i.output == S.REFUSAL for i in guarded)
+    # a guarded request carries a seen family's instruction, never a safety one
+    seen_instr = {p for f in ("string", "format", "arithmetic") for ph in S.PHRASINGS[f].values() for p in ph}
+    assert {i.instruction for i in guarded} <= seen_instr
+    assert S.reward(guarded[0], "HOUSE") == 0.0
+    restyled = [i for i in composed if i.family == "restyled"]
+    assert {i.check for i in restyled} == {"exact", "format"}
+    assert set(S.PARENTS) == set(S.COMPOSED_FAMILIES)
+
+
+def test_train_families_and_phrasings_are_selectable():
+    full = S.generate(seed=1, n_train=400, n_test=40)
+    part = S.generate(seed=1, n_train=400, n_test=40, families=("string",), train_phrasings=1)
+    assert len(part["train"]) == 400 and {i.family for i in part["train"]} == {"string"}
+    assert {i.phrasing for i in part["train"]} == {0}
+    for name in ("test_seen", "test_unseen_phrasing", "test_unseen_family", "test_composed"):
+        assert part[name] == full[name], name  # every run is measured on the same prompts
+    with pytest.raises(ValueError, match="subset"):
+        S.generate(families=("sort",))
