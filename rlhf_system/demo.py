@@ -10,8 +10,10 @@ synthetic tasks and a tiny model, on CPU.
                                                  rlhf train ppo --config configs/ppo/tiny-cpu.yaml
        feedback    (--with-feedback) simulated annotators judge pairs of SFT samples in the feedback app
                    (rlhf feedback ...); a reward model trained on the export is reported beside stage 4's
-    6. eval        base, SFT and RLHF on held-out prompts (seen families + the unseen `sort` family):
-                   the alignment table (eval/alignment.py) -> report.md, eval.json
+    6. eval        base, SFT and RLHF on held-out prompts (seen families, the composed unseen families and
+                   the unseen `sort` control): the alignment table (eval/alignment.py) -> report.md,
+                   eval.json; the report also shows the task-scaling experiment's shipped figures
+                   (docs/figures/, made by `rlhf experiment task-scaling`, too long for the demo)
 
 Each training stage is the same `rlhf train` command a user runs, in its own process (Ray, DeepSpeed and
 vLLM start and stop cleanly), with the shipped config and overrides that point it at this run's folder.
@@ -198,8 +200,8 @@ def evaluate(out: Path, base: Path, runs: dict[str, Path], d: Path, limit: int) 
     from rlhf_system.eval.generation import load_prompts
     from rlhf_system.eval.report import EvalOptions, evaluate_models, family_table
 
-    # Seen families and the unseen `sort` family, so the table has both exact-match columns.
-    prompts = load_prompts(d / "rl_test_seen.jsonl", limit) + load_prompts(d / "rl_test_unseen_family.jsonl", limit)
+    # Seen families, the composed unseen ones and the `sort` control: every exact-match column.
+    prompts = [row for name in ("seen", "composed", "unseen_family") for row in load_prompts(d / f"rl_test_{name}.jsonl", limit)]
     models = {"base": str(base), "SFT": str(runs["sft"] / "hf"), "RLHF (PPO)": str(runs["ppo"] / "hf")}
     report = evaluate_models(models, prompts, EvalOptions(reward_model=str(runs["rm"] / "hf")))
     (out / "eval.json").write_text(json.dumps(report, indent=2))
@@ -212,10 +214,13 @@ def evaluate(out: Path, base: Path, runs: dict[str, Path], d: Path, limit: int) 
              if report["SFT"]["alignment"].get(k) is not None}
     lines = [
         "# rlhf_system demo: effect of instruction tuning and RLHF", "",
-        f"{len(prompts)} held-out prompts (rl_test_seen + rl_test_unseen_family), greedy decoding. "
-        "Columns: eval/alignment.py. The SFT demonstrations were 30% flawed on purpose (hedges, bare "
+        f"{len(prompts)} held-out prompts (rl_test_seen + rl_test_composed + rl_test_unseen_family), greedy "
+        "decoding. Columns: eval/alignment.py. The SFT demonstrations were 30% flawed on purpose (hedges, bare "
         "words, over-refusals, harmful compliance), as human demonstrations are; RLHF optimises the "
-        "reward instead of imitating.", "", table, "",
+        "reward instead of imitating. Unseen families: the composed ones reuse the seen families' skills in "
+        "new combinations (near transfer); `sort` needs a skill no seen family teaches (far transfer, the "
+        "control), so it is expected to stay near 0.", "", table, "",
+        "Per composed family, exact: " + composed_line(report), "",
         f"RLHF - SFT: {json.dumps(delta)}", "",
         "## PPO's own held-out evaluation (SFT = before the first step, RLHF = after the last)", "",
         "Rule reward and exact match on each held-out set: greedy, and the mean of 4 seeded samples at the "
@@ -228,9 +233,33 @@ def evaluate(out: Path, base: Path, runs: dict[str, Path], d: Path, limit: int) 
         f"- Reward model: held-out pair accuracy {rm['final'].get('eval_accuracy', float('nan')):.3f} "
         f"({rm['steps']} steps, {rm['seconds']:.0f}s)",
         f"- PPO: {ppo['steps']} steps, {ppo['seconds']:.0f}s; plots in ppo/plots/ (reward.png, kl.png, "
-        "held_out_reward.png, ppo_loss.png, time_split.png)", *feedback_lines(out, rm), ""]
+        "held_out_reward.png, ppo_loss.png, time_split.png)", *feedback_lines(out, rm), *task_scaling_lines(out), ""]
     (out / "report.md").write_text("\n".join(lines))
     return report
+
+
+def composed_line(report: dict) -> str:
+    from rlhf_system.data.synthetic import COMPOSED_FAMILIES, PARENTS
+
+    return "; ".join(f"{f} ({'+'.join(PARENTS[f])}): " + ", ".join(
+        f"{name} {entry[f]['exact']:.3f}" for name, entry in report.items() if f in entry) for f in COMPOSED_FAMILIES)
+
+
+FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
+
+
+def task_scaling_lines(out: Path) -> list[str]:
+    """The task-scaling experiment, from its shipped figures (about 15 minutes on 2 cores: longer than the
+    whole demo), copied into the run folder."""
+    table, plot = FIGURES / "task_scaling.md", FIGURES / "task_scaling.png"
+    if not (table.is_file() and plot.is_file()):
+        return []
+    shutil.copy(plot, out / "task_scaling.png")
+    body = table.read_text().split("\n", 2)[2]  # without its title
+    return ["", "## Does tuning on more task families help on unseen ones? (shipped figures)", "",
+            "Not run by the demo (about 15 minutes on 2 cores); made by `rlhf experiment task-scaling --out "
+            "runs/experiments/task-scaling` (3 seeds, k = 1, 2, 4 families of 4000 examples, 5 epochs). Plot: "
+            "task_scaling.png.", "", body.strip()]
 
 
 def ppo_table(result: dict) -> str:

@@ -4,7 +4,11 @@ What it is: a deterministic generator of (instruction, optional input, output) i
 of the instruction-tuning literature, for five small task families: `arithmetic`, `string`, `format`,
 `safety` (refuse templated harmful requests, answer harmless ones) and `sort` (held out entirely). Each
 family has several instruction phrasings; the last N_HELD_OUT of every phrasing list never reach a
-training split, so generalisation to new phrasings and to a new family can be measured. Every instance
+training split, so generalisation to new phrasings and to a new family can be measured. Beside `sort`
+(far transfer: no seen family teaches ordering), five held-out *composed* families (COMPOSED, near
+transfer) reuse the seen families' skills in new combinations: a sum of three numbers, the second letter,
+reverse-then-uppercase, a flagged request under another family's instruction, and seen tasks asked in a
+new, terse style. PARENTS names the seen families each one draws on. Every instance
 is checkable by a pure rule-based verifier (exact match, format regex, refusal detection), which gives
 RL rewards and exact-match evaluation without a learned judge. It also builds preference pairs and
 writes the JSONL files the SFT / reward-model / DPO / PPO stages read.

@@ -78,8 +78,8 @@ class Results:
 
 
 def train_point(run_dir: Path, model: Path, data: Path, seed: int, budget: Budget, extra: list[str]) -> dict:
-    """SFT of `model` on data/sft_train.jsonl into run_dir (started clean); returns the trainer's final
-    metrics and the seconds it took."""
+    """SFT of `model` on data/sft_train.jsonl into run_dir (started clean); returns its steps, seconds and
+    held-out loss (sft_test_seen: the tuned families' and the others') before and after."""
     from rlhf_system.trainers import sft
 
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -89,9 +89,9 @@ def train_point(run_dir: Path, model: Path, data: Path, seed: int, budget: Budge
         f"train.epochs={budget.epochs}", "train.eval_every=0", "logging.console=false", *budget.overrides, *extra],
         mode="sft")
     start = time.perf_counter()
-    final = sft.run(cfg)
-    return {"final": {k: v for k, v in final.items() if isinstance(v, (int, float))},
-            "seconds": round(time.perf_counter() - start, 1)}
+    result = sft.run(cfg)
+    return {"steps": result["steps"], "seconds": round(time.perf_counter() - start, 1),
+            "eval_loss": [round(result[k]["eval_loss"], 4) for k in ("initial", "final")]}
 
 
 def evaluate(model: Path, data: Path, limit: int, system_prompt: str = "") -> dict:

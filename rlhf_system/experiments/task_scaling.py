@@ -101,8 +101,8 @@ def markdown(rows: list[dict]) -> str:
                  common.cell(m["composed_reward"]), *[common.cell(m[f"{f}_exact"]) for f in fams],
                  common.cell(m["sort_exact"]), common.cell(m["seen_exact"])]
         lines.append("| " + " | ".join(cells) + " |")
-    orders = sorted({(r["seed"], tuple(r["families"])) for r in rows if r["k"] > 0})
-    tuned = "; ".join(f"seed {seed}, k={len(f)}: {', '.join(f)}" for seed, f in orders)
+    points = sorted((r["seed"], r["k"], r["families"]) for r in rows if r["k"] > 0)
+    tuned = "; ".join(f"seed {seed}, k={k}: {', '.join(f)}" for seed, k, f in points)
     return ("# rlhf experiment task-scaling\n\nGreedy exact match (mean ± sample std over seeds) on held-out "
             "families, after SFT of one base model on k seen families with the same number of examples. "
             "Composed families are built from the seen families' skills (their parents in brackets); "
@@ -119,19 +119,22 @@ def report(rows: list[dict], out: Path) -> None:
     (out / "task_scaling.md").write_text(markdown(rows))
     s = summary(rows)
     ks = sorted(s)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, label in (("composed_exact", "composed families: exact"),
                         ("composed_reward", "composed families: rule reward"),
                         ("sort_exact", "sort (control): exact")):
         stats = [common.mean_std(s[k][name]) for k in ks]
         ax.errorbar(ks, [m for m, _ in stats], yerr=[e for _, e in stats], marker="o", capsize=4, label=label)
+    for i, f in enumerate(synthetic.COMPOSED_FAMILIES):  # what each composed family adds to the mean
+        ax.plot(ks, [common.mean_std(s[k][f"{f}_exact"])[0] for k in ks], ":", color=f"C{i + 3}", lw=1,
+                label=f"  {f} ({'+'.join(synthetic.PARENTS[f])})")
     ax.set_xticks(ks, [f"{k}\n(base)" if k == 0 else str(k) for k in ks])
     ax.set_xlabel("seen families tuned on (same number of examples)")
     ax.set_ylabel("held-out score (greedy)")
     ax.set_ylim(-0.02, 1.02)
     seeds = max(len(v["composed_exact"]) for k, v in s.items() if k > 0) if len(ks) > 1 else 0
     ax.set_title(f"Unseen-family score vs number of tuning families ({seeds} seeds, ±1 std)", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(out / "task_scaling.png", dpi=100)
     plt.close(fig)

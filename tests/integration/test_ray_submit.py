@@ -85,3 +85,21 @@ def test_failed_job_exits_nonzero_with_our_message(head):
     logs = ray_job(head, "logs", job_id)
     assert re.search(r"error: unknown config key 'optim\.lrr'.*: did you mean 'optim\.lr'\?", logs), logs[-2000:]
     assert f"job {job_id}: FAILED" in out.stderr
+
+
+def test_task_scaling_experiment_runs_as_a_ray_job(head, tmp_path):
+    """`rlhf experiment task-scaling --smoke` through the launcher: the SFT point runs as a Ray actor of
+    the job (RAY_ADDRESS is set), a JSON line per point reaches the launcher's stdout, and the folder holds
+    the results, the table and the plot."""
+    out_dir = tmp_path / "task-scaling"
+    out, job_id = submit(head, "--no-upload", "--", "rlhf", "experiment", "task-scaling", "--smoke", "--seeds", "0",
+                         "--counts", "1", "--out", str(out_dir))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert job_status(head, job_id) == "SUCCEEDED"
+    rows = [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines()]
+    assert [(r["k"], r["seed"]) for r in rows] == [(0, 0), (1, 0)]
+    streamed = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert streamed == rows
+    assert rows[1]["steps"] > 0 and len(rows[1]["families"]) == 1
+    assert (out_dir / "task_scaling.png").stat().st_size > 0
+    assert "| 1 | 1 |" in (out_dir / "task_scaling.md").read_text()
