@@ -26,7 +26,7 @@ FULL = Budget(n_train=4000, epochs=5, n_test=200)
 SMOKE = Budget(n_train=320, epochs=1, n_test=20, small_model=True)
 SYSTEM = "You are a helpful assistant. Follow the instruction and answer briefly."
 VARIANTS = {"several": {}, "one": {"train_phrasings": 1}, "system": {"system": SYSTEM}}
-SETS = (("test_unseen_phrasing", "unseen phrasings"), ("test_seen", "seen phrasings"),
+SETS = (("test_unseen_phrasing", "unseen phrasings"), ("test_seen", "test_seen (4 phrasings)"),
         ("test_composed", "composed families"))
 
 
@@ -76,7 +76,8 @@ def markdown(rows: list[dict]) -> str:
             "number of examples; greedy exact match, mean ± sample std over seeds. several: 4 phrasings per "
             "task; one: the first phrasing only; system: several, with the system turn "
             f"\"{SYSTEM}\" in training and evaluation. Unseen phrasings are never trained on by any "
-            "variant.\n\n" + "\n".join(lines) + "\n")
+            "variant; test_seen holds the 4 phrasings `several` trains on, of which `one` saw only the "
+            "first.\n\n" + "\n".join(lines) + "\n")
 
 
 def report(rows: list[dict], out: Path) -> None:
