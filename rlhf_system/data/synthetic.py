@@ -631,13 +631,14 @@ def write_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 4000, n_tes
     return paths
 
 
-def corpus_texts(seed: int = 0, n: int = 2000) -> list[str]:
-    """Texts to train a tokenizer on: every phrasing (held-out ones too, for vocabulary coverage only,
-    not supervision), the fixed responses, then instruction/input/output/rejected of n instances drawn
-    from all families."""
+def corpus_texts(seed: int = 0, n: int = 2000, composed: bool = True) -> list[str]:
+    """Texts to train a tokenizer on: every phrasing (held-out and composed ones too, for vocabulary
+    coverage only, not supervision; `composed=False` leaves the composed families' out), the fixed
+    responses, then instruction/input/output/rejected of n instances drawn from all families."""
     rng = random.Random(f"{seed}/corpus")
     texts = [p for f in FAMILIES for ph in PHRASINGS[f].values() for p in ph] + [REFUSAL, UNHELPFUL]
-    texts += [p for tasks in COMPOSED.values() for ph in tasks.values() for p in ph]
+    if composed:
+        texts += [p for tasks in COMPOSED.values() for ph in tasks.values() for p in ph]
     for _ in range(n):
         family = rng.choice(FAMILIES)
         task = rng.choice(list(PHRASINGS[family]))
