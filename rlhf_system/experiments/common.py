@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rlhf_system.config import ConfigError, load_config
@@ -31,7 +31,6 @@ class Budget:
     epochs: int
     n_test: int
     small_model: bool = False
-    overrides: tuple[str, ...] = field(default=())
 
     def spec(self):
         from rlhf_system.models.tiny import TinySpec
@@ -43,6 +42,22 @@ class Budget:
 def check_seeds(seeds: list[int]) -> None:
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds: give distinct seeds, got {seeds}")
+
+
+def claim(out: Path, name: str, budget: Budget) -> None:
+    """Record the sweep's kind and sizes in out/sweep.json, or check them against what is there: resuming
+    with other sizes would mix points of two experiments in one table (and reuse their data folders)."""
+    want = {"experiment": name, **asdict(budget)}
+    path = out / "sweep.json"
+    if path.is_file():
+        have = json.loads(path.read_text())
+        if have != want:
+            diff = ", ".join(f"{k}: {have.get(k)} -> {v}" for k, v in want.items() if have.get(k) != v)
+            raise ConfigError(f"{out} holds a sweep with other settings ({diff}). Fix: give another --out, or "
+                              "the same sizes to resume it")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(want, indent=2) + "\n")
 
 
 def base_model(out: Path, budget: Budget) -> Path:
@@ -61,12 +76,14 @@ class Results:
     def __init__(self, path: Path, key):
         self.path, self.key = path, key
         self.rows: list[dict] = []
-        if path.is_file():
-            for lineno, line in enumerate(path.read_text().splitlines(), 1):
-                try:
-                    self.rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut by a kill: that point runs again
-                    print(f"{path}:{lineno}: unreadable line skipped; its point runs again", flush=True)
+        lines = path.read_text().splitlines() if path.is_file() else []
+        for lineno, line in enumerate(lines, 1):
+            try:
+                self.rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill: that point runs again
+                print(f"{path}:{lineno}: unreadable line dropped; its point runs again", flush=True)
+        if len(self.rows) != len(lines):  # rewrite without it, so the next line does not join a cut one
+            path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         self.done = {key(r) for r in self.rows}
 
     def add(self, row: dict, emit) -> None:
@@ -86,7 +103,7 @@ def train_point(run_dir: Path, model: Path, data: Path, seed: int, budget: Budge
     cfg = load_config(SFT_CONFIG, [
         f"model.path={model}", f"run_dir={run_dir}", f"seed={seed}",
         f"data.train=[{{path: {data / 'sft_train.jsonl'}}}]", f"data.eval=[{{path: {data / 'sft_test_seen.jsonl'}}}]",
-        f"train.epochs={budget.epochs}", "train.eval_every=0", "logging.console=false", *budget.overrides, *extra],
+        f"train.epochs={budget.epochs}", "train.eval_every=0", "logging.console=false", *extra],
         mode="sft")
     start = time.perf_counter()
     result = sft.run(cfg)

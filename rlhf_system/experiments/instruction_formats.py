@@ -34,7 +34,7 @@ def run(out: str | Path, seeds: list[int], budget: Budget, emit=print) -> list[d
     """Every variant for every seed (points already in results.jsonl are skipped). Returns every row."""
     common.check_seeds(seeds)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    common.claim(out, "instruction-formats", budget)
     base = common.base_model(out, budget)
     results = common.Results(out / "results.jsonl", key=lambda r: (r["variant"], r["seed"]))
     for seed in seeds:

@@ -49,7 +49,7 @@ def run(out: str | Path, seeds: list[int], counts: list[int], budget: Budget, em
     common.check_seeds(seeds)
     check_counts(counts)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    common.claim(out, "task-scaling", budget)
     base = common.base_model(out, budget)
     results = common.Results(out / "results.jsonl", key=lambda r: (r["k"], r["seed"]))
     for seed in seeds:

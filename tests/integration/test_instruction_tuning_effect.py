@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from rlhf_system.config import ConfigError
 from rlhf_system.data import synthetic
 from rlhf_system.experiments import instruction_formats, task_scaling
 from rlhf_system.experiments.common import Budget
@@ -40,6 +41,8 @@ def test_more_tuning_families_beat_fewer_on_composed_unseen_families(tmp_path):
     # resumable: a second run finds every point done and trains nothing
     again = task_scaling.run(tmp_path, seeds=[0], counts=[1, 4], budget=TEST, emit=emitted.append)
     assert again == rows and len(emitted) == 3
+    with pytest.raises(ConfigError, match="other settings"):  # other sizes would mix two experiments
+        task_scaling.run(tmp_path, seeds=[0], counts=[1, 4], budget=task_scaling.SMOKE, emit=emitted.append)
 
 
 def test_instruction_formats_smoke(tmp_path):
