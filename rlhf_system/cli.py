@@ -41,7 +41,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_make_data(args) -> int:
-    from rlhf_system.data.synthetic import write_dataset
+    from rlhf_system.data.synthetic_files import write_dataset
 
     paths = write_dataset(args.out, seed=args.seed, n_train=args.n_train, n_test=args.n_test,
                           demo_flaws=args.demo_flaws)
@@ -63,12 +63,12 @@ def cmd_make_tiny_model(args) -> int:
                     intermediate_size=args.intermediate_size, seed=args.seed)
     corpus = None
     if args.tools:  # the tokenizer also learns tool calls and long numbers
-        from rlhf_system.data import synthetic, synthetic_tools
+        from rlhf_system.data import synthetic_files, synthetic_tools
 
         # The tool model is never asked the composed families: leaving their phrasings out keeps the
         # vocabulary the tool task's learning figures (README, test_rl_learning) were measured with. A
         # tokenizer that also learned them cut the tool SFT model's greedy accuracy from 0.75 to 0.27.
-        corpus = (synthetic.corpus_texts(seed=args.seed, composed=False)
+        corpus = (synthetic_files.corpus_texts(seed=args.seed, composed=False)
                   + synthetic_tools.corpus_texts(seed=args.seed))
     paths = make_tiny_model(args.out, spec, corpus=corpus, seed=args.seed, split_digits=args.tools)
     for name, path in paths.items():

@@ -91,7 +91,7 @@ def run(out: str | Path = "runs/demo", smoke: bool = False, extra: dict[str, lis
     """Run the pipeline into `out`; returns the evaluation report. `extra`: more overrides per stage.
     `with_feedback`: after the reward model, collect simulated feedback on SFT samples and train a second
     reward model on it (feedback_stage)."""
-    from rlhf_system.data.synthetic import write_dataset
+    from rlhf_system.data.synthetic_files import write_dataset
     from rlhf_system.models.tiny import TinySpec, make_tiny_model
 
     sizes, extra, t0 = (SMOKE if smoke else FULL), extra or {}, time.perf_counter()

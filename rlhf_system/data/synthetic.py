@@ -10,8 +10,8 @@ transfer) reuse the seen families' skills in new combinations: a sum of three nu
 reverse-then-uppercase, a flagged request under another family's instruction, and seen tasks asked in a
 new, terse style. PARENTS names the seen families each one draws on. Every instance
 is checkable by a pure rule-based verifier (exact match, format regex, refusal detection), which gives
-RL rewards and exact-match evaluation without a learned judge. It also builds preference pairs and
-writes the JSONL files the SFT / reward-model / DPO / PPO stages read.
+RL rewards and exact-match evaluation without a learned judge. It also builds preference pairs;
+data/synthetic_files.py writes the JSONL files the SFT / reward-model / DPO / PPO stages read.
 
 Imperfect demonstrations (`demo_flaws`). Human demonstrations are not perfect, and SFT imitates their
 flaws along with everything else; that gap is what alignment tuning with a reward closes (InstructGPT,
@@ -30,12 +30,9 @@ harmless ones; it says nothing about real-world harmlessness. Standard library o
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 REFUSAL = "I'm sorry, but I can't help with that."
 UNHELPFUL = "I don't know."
@@ -412,7 +409,7 @@ def _wrong_answer(inst: Instance, rng: random.Random) -> str:
     return rng.choice(cands)
 
 
-def _harmful_compliance(instance: Instance) -> str:
+def harmful_compliance(instance: Instance) -> str:
     return f"Sure, here is how to {_HARM_ACTION[instance.input]}: first, get the tools."
 
 
@@ -426,7 +423,7 @@ def make_pair(instance: Instance, rng: random.Random) -> dict:
         other = rng.choice([t for t in _FORMATTERS if t != instance.task] + ["plain"])
         rejected = " ".join(words) if other == "plain" else _FORMATTERS[other](words)
     elif kind == "harmful_compliance":
-        rejected = _harmful_compliance(instance)
+        rejected = harmful_compliance(instance)
     elif kind == "over_refusal":
         rejected = REFUSAL
     else:
@@ -543,105 +540,3 @@ def held_out_phrasings() -> dict[str, list[str]]:
     """Seen family -> its held-out phrasings (all tasks, in order, without repeats)."""
     return {f: list(dict.fromkeys(p for ph in PHRASINGS[f].values() for p in ph[-N_HELD_OUT:]))
             for f in SEEN_FAMILIES}
-
-
-# ---------------------------------------------------------------- files
-
-def _atomic_write(path: Path, text: str) -> Path:
-    """Write through a temp file in the same folder and os.replace it, so no reader sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def flawed_demo(instance: Instance) -> tuple[str, str]:
-    """(flaw kind, flawed output) for one demonstration: the behaviour the verifiers score 0 and the
-    preference pairs reject, in the form a careless demonstrator would write it."""
-    if instance.check == "exact":
-        return "unhelpful", UNHELPFUL
-    if instance.check == "format":
-        return "format_violation", " ".join(instance.input.split())
-    if instance.check == "refusal":
-        return "harmful_compliance", _harmful_compliance(instance)
-    return "over_refusal", REFUSAL
-
-
-def sft_demos(instances: list[Instance], flaws: float, rng: random.Random) -> list[dict]:
-    """SFT rows; a fraction `flaws` of them (seeded) with a flawed output and a "flaw" field."""
-    rows = []
-    for inst in instances:
-        row = inst.to_sft()
-        if rng.random() < flaws:
-            row["flaw"], row["output"] = flawed_demo(inst)
-        rows.append(row)
-    return rows
-
-
-def write_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 4000, n_test: int = 400,
-                  demo_flaws: float = 0.0, families: tuple[str, ...] = SEEN_FAMILIES,
-                  train_phrasings: int | None = None) -> dict[str, Path]:
-    """Write the JSONL files and manifest.json under `out_dir`. Returns file stem -> path.
-    `demo_flaws`: the fraction of SFT training demonstrations with a flaw (module docstring);
-    `families`, `train_phrasings`: what the training splits draw from (generate)."""
-    if not 0.0 <= demo_flaws < 1.0:
-        raise ValueError(f"demo_flaws must be in [0, 1), got {demo_flaws}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    s = generate(seed, n_train, n_test, families, train_phrasings)
-    rng_tr, rng_te = random.Random(f"{seed}/pairs/train"), random.Random(f"{seed}/pairs/test_seen")
-    records = {
-        "sft_train": sft_demos(s["train"], demo_flaws, random.Random(f"{seed}/flaws")),
-        "sft_test_seen": [i.to_sft() for i in s["test_seen"]],
-        "pref_train": [make_pair(i, rng_tr) for i in s["train"]],
-        "pref_test": [make_pair(i, rng_te) for i in s["test_seen"]],
-        **{f"rl_{name}": [i.to_prompt() for i in items] for name, items in s.items()},
-    }
-    paths: dict[str, Path] = {}
-    family_counts: dict[str, dict[str, int]] = {}
-    for name, recs in records.items():
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
-        paths[name] = _atomic_write(out / f"{name}.jsonl", text)
-        counts: dict[str, int] = {}
-        for r in recs:
-            counts[r["family"]] = counts.get(r["family"], 0) + 1
-        family_counts[name] = dict(sorted(counts.items()))
-    manifest = {
-        "generator": "rlhf_system.data.synthetic", "seed": seed, "n_train": n_train, "n_test": n_test,
-        "demo_flaws": demo_flaws,
-        "flawed_sft_rows": sum("flaw" in r for r in records["sft_train"]),
-        "counts": {name: len(recs) for name, recs in records.items()},
-        "family_counts": family_counts,
-        "held_out_phrasings": held_out_phrasings(),
-        "held_out_families": list(UNSEEN_FAMILIES),
-        "composed_families": {f: list(PARENTS[f]) for f in COMPOSED_FAMILIES},
-        "trained_families": list(families),
-        "train_phrasings": train_phrasings,
-        "refusal": REFUSAL,
-    }
-    paths["manifest"] = _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-    return paths
-
-
-def corpus_texts(seed: int = 0, n: int = 2000, composed: bool = True) -> list[str]:
-    """Texts to train a tokenizer on: every phrasing (held-out and composed ones too, for vocabulary
-    coverage only, not supervision; `composed=False` leaves the composed families' out), the fixed
-    responses, then instruction/input/output/rejected of n instances drawn from all families."""
-    rng = random.Random(f"{seed}/corpus")
-    texts = [p for f in FAMILIES for ph in PHRASINGS[f].values() for p in ph] + [REFUSAL, UNHELPFUL]
-    if composed:
-        texts += [p for tasks in COMPOSED.values() for ph in tasks.values() for p in ph]
-    for _ in range(n):
-        family = rng.choice(FAMILIES)
-        task = rng.choice(list(PHRASINGS[family]))
-        inst = make_instance(family, task, rng.randrange(len(PHRASINGS[family][task])), rng)
-        texts += [inst.instruction, inst.input, inst.output, make_pair(inst, rng)["rejected"]]
-    return texts

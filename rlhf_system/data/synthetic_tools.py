@@ -24,7 +24,8 @@ import json
 import random
 from pathlib import Path
 
-from rlhf_system.data.synthetic import PHRASINGS, Instance, _atomic_write
+from rlhf_system.data.synthetic import PHRASINGS, Instance
+from rlhf_system.data.synthetic_files import atomic_write
 from rlhf_system.envs.tools import format_call
 
 FAMILY = "tool_arithmetic"
@@ -100,7 +101,7 @@ def write_tool_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 1000, 
         "rl_tool_train": [i.to_prompt() for i in s["rl"]],
         "rl_tool_test": [i.to_prompt() for i in s["test"]],
     }
-    return {name: _atomic_write(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
+    return {name: atomic_write(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
             for name, recs in records.items()}
 
 

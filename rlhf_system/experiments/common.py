@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rlhf_system.config import ConfigError, load_config
-from rlhf_system.data import synthetic
+from rlhf_system.data import synthetic_files
 
 SFT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "sft" / "tiny-cpu.yaml"  # the shipped one
 EVAL_SETS = ("test_composed", "test_unseen_family", "test_unseen_phrasing", "test_seen")
@@ -129,7 +129,7 @@ def evaluate(model: Path, data: Path, limit: int, system_prompt: str = "") -> di
 
 def write_data(data: Path, seed: int, budget: Budget, **kw) -> None:
     if not (data / "manifest.json").is_file():
-        synthetic.write_dataset(data, seed=seed, n_train=budget.n_train, n_test=budget.n_test, **kw)
+        synthetic_files.write_dataset(data, seed=seed, n_train=budget.n_train, n_test=budget.n_test, **kw)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

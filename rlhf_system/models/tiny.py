@@ -104,7 +104,7 @@ def build_models(tokenizer, spec: TinySpec):
 def make_tiny_model(out: str | Path, spec: TinySpec | None = None, corpus: list[str] | None = None,
                     seed: int = 0, split_digits: bool = False) -> dict[str, Path]:
     """Train the tokenizer, build both models and save them under `out`. Returns their folders."""
-    from rlhf_system.data.synthetic import corpus_texts
+    from rlhf_system.data.synthetic_files import corpus_texts
 
     spec = spec or TinySpec(seed=seed)
     out = Path(out)

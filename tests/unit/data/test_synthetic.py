@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from rlhf_system.data import synthetic as S
+from rlhf_system.data import synthetic_files as F
 
 EXPECTED_FILES = {
     "sft_train", "sft_test_seen", "pref_train", "pref_test", "rl_train", "rl_test_seen",
@@ -40,8 +41,8 @@ def test_default_counts(splits):
 
 
 def test_write_dataset_is_byte_identical(tmp_path):
-    p1 = S.write_dataset(tmp_path / "a", seed=5, n_train=800, n_test=80)
-    p2 = S.write_dataset(tmp_path / "b", seed=5, n_train=800, n_test=80)
+    p1 = F.write_dataset(tmp_path / "a", seed=5, n_train=800, n_test=80)
+    p2 = F.write_dataset(tmp_path / "b", seed=5, n_train=800, n_test=80)
     assert set(p1) == set(p2) == EXPECTED_FILES
     for name in p1:
         assert p1[name].read_bytes() == p2[name].read_bytes(), name
@@ -50,7 +51,7 @@ def test_write_dataset_is_byte_identical(tmp_path):
 
 
 def test_written_files_content(tmp_path):
-    paths = S.write_dataset(tmp_path, seed=0, n_train=400, n_test=40)
+    paths = F.write_dataset(tmp_path, seed=0, n_train=400, n_test=40)
     rows = {n: [json.loads(line) for line in p.read_text("utf-8").splitlines()]
             for n, p in paths.items() if n != "manifest"}
     manifest = json.loads(paths["manifest"].read_text("utf-8"))
@@ -69,7 +70,7 @@ def test_written_files_content(tmp_path):
 
 
 def test_manifest_lists_held_out_phrasings(tmp_path):
-    manifest = json.loads(S.write_dataset(tmp_path, n_train=40, n_test=8)["manifest"].read_text())
+    manifest = json.loads(F.write_dataset(tmp_path, n_train=40, n_test=8)["manifest"].read_text())
     held = manifest["held_out_phrasings"]
     assert set(held) == set(S.SEEN_FAMILIES)
     assert manifest["held_out_families"] == ["sort"]
@@ -258,16 +259,16 @@ def test_pair_examples():
 
 
 def test_corpus_texts():
-    texts = S.corpus_texts(seed=0, n=50)
-    assert texts == S.corpus_texts(seed=0, n=50)
+    texts = F.corpus_texts(seed=0, n=50)
+    assert texts == F.corpus_texts(seed=0, n=50)
     assert S.REFUSAL in texts and "Sort the numbers from smallest to largest." in texts
     assert all(isinstance(t, str) for t in texts)
 
 
 def test_demo_flaws_only_touch_sft_train(tmp_path):
     clean, flawed = tmp_path / "clean", tmp_path / "flawed"
-    S.write_dataset(clean, n_train=400, n_test=40)
-    S.write_dataset(flawed, n_train=400, n_test=40, demo_flaws=0.3)
+    F.write_dataset(clean, n_train=400, n_test=40)
+    F.write_dataset(flawed, n_train=400, n_test=40, demo_flaws=0.3)
     read = lambda d, n: [json.loads(line) for line in (d / f"{n}.jsonl").read_text().splitlines()]
     rows = read(flawed, "sft_train")
     bad = [r for r in rows if "flaw" in r]
@@ -285,7 +286,7 @@ def test_demo_flaws_only_touch_sft_train(tmp_path):
     for name in ("sft_test_seen", "pref_train", "rl_train", "rl_test_seen"):
         assert read(flawed, name) == read(clean, name)
     with pytest.raises(ValueError, match="demo_flaws"):
-        S.write_dataset(tmp_path / "x", demo_flaws=1.0)
+        F.write_dataset(tmp_path / "x", demo_flaws=1.0)
 
 
 # ------------------------------------------------------------ composed (near-transfer) families
