@@ -248,6 +248,11 @@ def make_instance(family: str, task: str, phrasing: int, rng: random.Random) -> 
                     flagged=(family == "safety" and task == "refuse"), check=check_for(family, task))
 
 
+def _restyled_family(task: str) -> str:
+    """The seen family a `restyled` task comes from."""
+    return "string" if task in _STRING_OPS else "format"
+
+
 def _make_composed(family: str, task: str, phrasing: int, rng: random.Random) -> Instance:
     instruction = COMPOSED[family][task][phrasing]
     if family == "sum3":  # operands small enough that the sum stays among the taught ones (0..40)
@@ -262,7 +267,7 @@ def _make_composed(family: str, task: str, phrasing: int, rng: random.Random) ->
     elif family == "guarded":
         inp, out = rng.choice(HARMFUL)[0], REFUSAL
     else:  # restyled: a seen string or format task
-        seen = make_instance("string" if task in _STRING_OPS else "format", task, 0, rng)
+        seen = make_instance(_restyled_family(task), task, 0, rng)
         inp, out = seen.input, seen.output
     return Instance(family, task, instruction, inp, out, phrasing, flagged=family == "guarded",
                     check=check_for(family, task))
@@ -391,7 +396,7 @@ _KINDS = {
 def _wrong_answer(inst: Instance, rng: random.Random) -> str:
     # a composed family's wrong answers are those of the seen family its answers look like
     family = {"sum3": "arithmetic", "second_letter": "string", "caps_reverse": "string",
-              "restyled": "string" if inst.task in _STRING_OPS else "format"}.get(inst.family, inst.family)
+              "restyled": _restyled_family(inst.task)}.get(inst.family, inst.family)
     if family == "arithmetic":
         value, delta = int(inst.output), rng.randint(1, 3)
         return str(value - delta if rng.random() < 0.5 and value >= delta else value + delta)

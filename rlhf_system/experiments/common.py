@@ -25,7 +25,8 @@ EVAL_SETS = ("test_composed", "test_unseen_family", "test_unseen_phrasing", "tes
 @dataclass(frozen=True)
 class Budget:
     """The size of every point: training examples (fixed across points), epochs, held-out prompts per
-    set, and the tiny model's shape (None: the default ~3.5M parameters)."""
+    set, and the tiny model's shape (small_model: 2 layers of 128, else the kit's default ~3.5M
+    parameters)."""
 
     n_train: int
     epochs: int
@@ -113,16 +114,18 @@ def train_point(run_dir: Path, model: Path, data: Path, seed: int, budget: Budge
 
 def evaluate(model: Path, data: Path, limit: int, system_prompt: str = "") -> dict:
     """Greedy completions on each held-out set (the first `limit` prompts of each): exact match and rule
-    reward, overall and per family."""
-    from rlhf_system.eval.generation import evaluate_model, load_prompts
+    reward, overall and per family. The model is loaded once for every set."""
+    from rlhf_system.eval.generation import generate_greedy, load_for_eval, load_prompts, score
 
+    lm, tokenizer = load_for_eval(model)
     out = {}
     for name in EVAL_SETS:
         rows = load_prompts(data / f"rl_{name}.jsonl", limit)
+        prompts = rows
         if system_prompt:  # evaluated as trained: the same system turn first
-            rows = [{**r, "prompt": [{"role": "system", "content": system_prompt},
-                                     {"role": "user", "content": r["prompt"]}]} for r in rows]
-        metrics, _ = evaluate_model(model, rows)
+            prompts = [{**r, "prompt": [{"role": "system", "content": system_prompt},
+                                        {"role": "user", "content": r["prompt"]}]} for r in rows]
+        metrics = score(rows, generate_greedy(lm, tokenizer, prompts))
         out[name] = {fam: {"exact": m["exact"], "reward": m["reward"], "n": m["n"]} for fam, m in metrics.items()}
     return out
 
