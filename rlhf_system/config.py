@@ -7,7 +7,7 @@ combinations are errors, never quiet rewrites. `validate()` does the cross-field
 runs before anything expensive (Ray, DeepSpeed, vLLM, tokenisation) starts.
 
 What this file is not: it does not start anything, read datasets or look at the hardware beyond
-`torch.cuda.is_available()` for resolving `dtype: auto`.
+`torch.cuda.is_available()` for resolving `dtype: auto` inside a worker.
 """
 
 from __future__ import annotations
@@ -54,12 +54,17 @@ class ModelConfig(_Section):
     reward_quant: Literal["none", "4bit", "8bit"] = Field(
         "none", description="PPO's frozen reward model loaded in 4-bit NF4 / 8-bit (bitsandbytes).")
 
-    def resolved_dtype(self) -> str:
+    def resolved_dtype(self, gpu: bool | None = None) -> str:
+        """The dtype a worker trains in. `gpu`: whether that worker runs on a GPU (devices.on_gpu of the
+        placement); the driver must pass it, since its own devices need not be the workers'. None: this
+        process's view (inside a worker, which sees exactly its placement's devices)."""
         if self.dtype != "auto":
             return self.dtype
-        import torch  # local: resolving `auto` is the only hardware question this file asks.
+        if gpu is None:
+            import torch  # local: resolving `auto` is the only hardware question this file asks
 
-        return "bfloat16" if torch.cuda.is_available() else "float32"
+            gpu = torch.cuda.is_available()
+        return "bfloat16" if gpu else "float32"
 
 
 # ------------------------------------------------------------------------------------ peft/quant
@@ -369,6 +374,11 @@ class RunConfig(_Section):
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    def train_dtype(self) -> str:
+        """The dtype this run's workers train in, from the placement (the same answer on the driver and
+        on every worker, whatever devices the driver itself sees)."""
+        return self.model.resolved_dtype(gpu=self.placement.gpus_per_node > 0)
 
     def dump(self, path: str | os.PathLike) -> Path:
         """Write the resolved config (every default spelled out) as YAML, atomically."""

@@ -140,6 +140,12 @@ def problems(cfg) -> list[str]:
     if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:
         errors.append(f"deepspeed.offload_params=true needs deepspeed.zero_stage=3 (got {cfg.deepspeed.zero_stage}). "
                       "Fix: deepspeed.zero_stage=3 or deepspeed.offload_params=false")
+    if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
+        # Stage 0 keeps the optimizer beside the parameters (on the GPU), so DeepSpeedCPUAdam would step
+        # GPU tensors and assert at the first step; ZeRO's offload moves the states for stages 1-3.
+        errors.append("deepspeed.offload_optimizer=true needs deepspeed.zero_stage 1, 2 or 3 (got 0): ZeRO moves "
+                      "the optimizer states to the CPU only from stage 1. Fix: deepspeed.zero_stage=2 or "
+                      "deepspeed.offload_optimizer=false")
     if cfg.peft.quant.load_in != "none" and not cfg.peft.lora.enabled and cfg.mode != "ppo":
         errors.append(f"peft.quant.load_in={cfg.peft.quant.load_in} trains only through adapters. "
                       "Fix: peft.lora.enabled=true (QLoRA)")

@@ -31,18 +31,21 @@ def free_port() -> int:
 
 
 def dist_init(rank: int = 0, world_size: int = 1, master_addr: str = "127.0.0.1", master_port: int | None = None,
-              timeout_s: float = DIST_TIMEOUT_S) -> None:
-    """Join (or create) the default process group through deepspeed.init_distributed."""
+              timeout_s: float = DIST_TIMEOUT_S, gpu: bool = False) -> None:
+    """Join (or create) the default process group through deepspeed.init_distributed: NCCL for a GPU
+    placement, gloo for a CPU one (`gpu` comes from the config, devices.on_gpu, not from what this
+    process sees)."""
     import deepspeed
     import torch.distributed as dist
 
+    from rlhf_system.distributed.devices import dist_backend
+
     if dist.is_initialized():
         return
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank if
-                       not torch.cuda.is_available() else rank % max(1, torch.cuda.device_count())),
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "LOCAL_RANK": str(rank % max(1, torch.cuda.device_count()) if gpu else rank),
                        "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port or free_port())})
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+    deepspeed.init_distributed(dist_backend=dist_backend(gpu), auto_mpi_discovery=False,
                                timeout=timedelta(seconds=timeout_s))
 
 
@@ -66,13 +69,13 @@ def grad_accum_steps(cfg: RunConfig, dp_size: int) -> int:
 
 def build_ds_config(cfg: RunConfig, dp_size: int, trainable: bool = True) -> dict:
     """The DeepSpeed config dict for a trained role (or a frozen one with trainable=False)."""
-    dtype = cfg.model.resolved_dtype()
+    dtype = cfg.train_dtype()
     ds = cfg.deepspeed
     stage = ds.zero_stage if trainable else ds.frozen_zero_stage
     zero: dict = {"stage": stage}
     offload_opt = trainable and ds.offload_optimizer
     offload_par = ds.offload_params if trainable else ds.frozen_offload
-    pin = torch.cuda.is_available()
+    pin = cfg.placement.gpus_per_node > 0  # pinned host memory only helps (and only exists) beside a GPU
     if offload_opt:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
     if offload_par and stage == 3:

@@ -29,7 +29,7 @@ def merge_adapter(cfg: RunConfig, adapter_dir: str | Path, out: str | Path, task
     from rlhf_system.models.load import DTYPES, quantization_config
 
     auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
-    dtype = DTYPES[cfg.model.resolved_dtype()]
+    dtype = DTYPES[cfg.train_dtype()]
     quant = quantization_config(cfg.peft, dtype)
     kwargs = {"dtype": dtype, "trust_remote_code": cfg.model.trust_remote_code}
     if task != "causal_lm":
@@ -57,7 +57,7 @@ def export_model(engine, tokenizer, out: str | Path, cfg: RunConfig, task: str =
     if dist.get_rank() == 0:
         import json
 
-        base = {"dtype": cfg.model.resolved_dtype(), "quant": cfg.peft.quant.model_dump()}
+        base = {"dtype": cfg.train_dtype(), "quant": cfg.peft.quant.model_dump()}
         (out / "adapter" / BASE_FILE).write_text(json.dumps(base, indent=2) + "\n")
         merge_adapter(cfg, out / "adapter", out, task)
         tokenizer.save_pretrained(out)

@@ -85,7 +85,7 @@ def prepare(cfg: RunConfig) -> Prepared:
         check_tool_template(tok, cfg.data.template, cfg.model.tokenizer_path or cfg.model.path)
     check_lora_targets(cfg.model, cfg.peft)
     check_bucket_size(cfg.model.path, int(cfg.rollout.sync_bucket_mb * 2**20),
-                      DTYPES[cfg.model.resolved_dtype()].itemsize)
+                      DTYPES[cfg.train_dtype()].itemsize)
     if cfg.rewards.use_model:
         check_model(cfg.model.reward_path, "model.reward_path", cfg.model.allow_pickle)
     for field_name in ("critic_path", "reference_path"):

@@ -22,13 +22,14 @@ class BaseWorker:
         addr = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
         return addr, free_port()
 
-    def init_dist(self, rank: int, world_size: int, addr: str, port: int | None) -> int:
+    def init_dist(self, rank: int, world_size: int, addr: str, port: int | None, gpu: bool = False) -> int:
+        """Join the role's process group: NCCL when the placement has GPUs (`gpu`), else gloo."""
         from rlhf_system.distributed.deepspeed import dist_init
         from rlhf_system.distributed.net import pin_gloo_interface
 
         self.rank, self.world_size = rank, world_size
         pin_gloo_interface()  # the process group and the weight-sync group talk on Ray's network
-        dist_init(rank, world_size, addr, port)
+        dist_init(rank, world_size, addr, port, gpu=gpu)
         return rank
 
     def where(self) -> tuple[str, int]:

@@ -31,7 +31,6 @@ import gc
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from rlhf_system.algorithms.logprobs import masked_mean, shifted_logprobs
 from rlhf_system.algorithms.losses import dpo_loss, sequence_logps
@@ -44,6 +43,7 @@ from rlhf_system.distributed.deepspeed import (
     grad_accum_steps,
     train_engine,
 )
+from rlhf_system.distributed.devices import all_reduce_sum
 from rlhf_system.models.export import export_model
 from rlhf_system.models.load import load_causal_lm, load_tokenizer
 from rlhf_system.workers.base import BaseWorker
@@ -141,8 +141,7 @@ class DPOWorker(BaseWorker):
             logps = self.reference_logps(collate_pairs([ds[i] for i in idx or [0]], pad))
             if idx:
                 table[idx] = logps.double()
-        dist.all_reduce(table)
-        return table.float()
+        return all_reduce_sum(table, self.ref_engine.device).float()
 
     def pair_losses(self, batch: dict[str, torch.Tensor], ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One micro-batch of B pairs -> (its loss summed over the pairs () with grad, sums (5,)).
@@ -190,8 +189,8 @@ class DPOWorker(BaseWorker):
             self.engine.backward(loss * scale)
             self.engine.step()
             sums += micro_sums
-        dist.all_reduce(sums)
-        dist.all_reduce(tokens)
+        sums = all_reduce_sum(sums, self.engine.device)
+        tokens = all_reduce_sum(tokens, self.engine.device)
         mean = (sums / pairs).tolist()
         metrics = {"loss": mean[0], "reward_accuracy": mean[1], "reward_margin": mean[2],
                    "lr": self.engine.get_lr()[0], "pairs": pairs, "tokens": int(tokens)}
@@ -222,7 +221,7 @@ class DPOWorker(BaseWorker):
             _, micro_sums = self.pair_losses(batch, ref)
             if idx:
                 sums += micro_sums
-        dist.all_reduce(sums)
+        sums = all_reduce_sum(sums, self.engine.device)
         self.engine.train()
         mean = (sums / max(n, 1)).tolist()
         return {"eval_loss": mean[0], "eval_reward_accuracy": mean[1], "eval_reward_margin": mean[2],

@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from rlhf_system.distributed.devices import CPU_ONLY_ENV, on_gpu
+
 
 @dataclass
 class EnginePlan:
@@ -34,8 +36,9 @@ class EnginePlan:
 def engine_plans(cfg) -> list[EnginePlan]:
     r, p = cfg.rollout, cfg.placement
     tp = r.tensor_parallel_size
-    if p.gpus_per_node == 0:
-        return [EnginePlan(i, [], {"num_cpus": 0, "num_gpus": 0}, "mp" if tp > 1 else None)
+    if not on_gpu(p):
+        # GPUs hidden (devices.py): on a CUDA host vLLM would otherwise take cuda:0 for a CPU placement.
+        return [EnginePlan(i, [], {"num_cpus": 0, "num_gpus": 0}, "mp" if tp > 1 else None, dict(CPU_ONLY_ENV))
                 for i in range(r.num_engines)]
     bundle = {"GPU": 1.0, "CPU": float(p.cpus_per_worker)}
     if tp == 1:
@@ -107,6 +110,8 @@ def actor_options(plan: EnginePlan, pg) -> dict:
     """Ray options of the engine actor: its own resources, inside its placement group (bundle 0),
     capturing child tasks so vLLM's Ray workers land in the same group."""
     opts: dict = dict(plan.actor)
+    if plan.env:  # from the process's start, before anything in it can look at the devices
+        opts["runtime_env"] = {"env_vars": dict(plan.env)}
     if pg is not None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

@@ -25,6 +25,7 @@ import os
 from typing import Any
 
 from rlhf_system.config import ConfigError, PlacementConfig
+from rlhf_system.distributed.devices import hide_gpus_here, on_gpu, worker_env
 from rlhf_system.distributed.waits import blame, collect
 from rlhf_system.errors import RunFailure
 
@@ -133,16 +134,18 @@ class WorkerGroup:
         self.pg = placement_group
         remote_cls = ray.remote(worker_cls)
         gpu = bundles[0].get("GPU", 0) / share
+        env = worker_env(placement)  # a CPU placement's workers see no GPU (devices.py says why)
         self.workers = [
             remote_cls.options(
-                num_cpus=bundles[0]["CPU"] / share, num_gpus=gpu,
+                num_cpus=bundles[0]["CPU"] / share, num_gpus=gpu, **({"runtime_env": {"env_vars": env}} if env else {}),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=placement_group, placement_group_bundle_index=bundle_offset + i),
             ).remote()
             for i in range(num_workers)
         ]
         addr, port = self._get([self.workers[0].master_endpoint.remote()], "master_endpoint")[0]
-        self._get([w.init_dist.remote(r, num_workers, addr, port) for r, w in enumerate(self.workers)], "init_dist")
+        self._get([w.init_dist.remote(r, num_workers, addr, port, on_gpu(placement))
+                   for r, w in enumerate(self.workers)], "init_dist")
         self.threads = self._set_threads(placement, share)
 
     def _set_threads(self, placement: PlacementConfig, share: int) -> list[int]:
@@ -234,9 +237,11 @@ class LocalGroup:
         from rlhf_system.distributed.threads import node_cores, trainer_threads
 
         self.role = role
-        self.workers = [worker_cls()]
-        self.workers[0].init_dist(0, 1, "127.0.0.1", None)
         p = placement or PlacementConfig()
+        if not on_gpu(p):
+            hide_gpus_here()
+        self.workers = [worker_cls()]
+        self.workers[0].init_dist(0, 1, "127.0.0.1", None, on_gpu(p))
         self.threads = [self.workers[0].set_threads(trainer_threads(
             p.threads_per_worker, p.gpus_per_node, p.cpus_per_worker, 1, 1, len(node_cores())))]
 

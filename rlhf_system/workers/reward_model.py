@@ -16,7 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from rlhf_system.algorithms.losses import pairwise_rm_loss
 from rlhf_system.config import RunConfig
@@ -24,6 +23,7 @@ from rlhf_system.data.batching import checked_total_steps
 from rlhf_system.data.collate import pad_to
 from rlhf_system.data.rank_data import RankData
 from rlhf_system.distributed.deepspeed import grad_accum_steps, train_engine
+from rlhf_system.distributed.devices import all_reduce_sum
 from rlhf_system.models.export import export_model
 from rlhf_system.models.load import load_reward_model, load_tokenizer
 from rlhf_system.workers.base import BaseWorker
@@ -84,7 +84,7 @@ class RewardModelWorker(BaseWorker):
             self.engine.step()
             sums += torch.stack([loss_sum.detach().float().cpu(), metrics["accuracy"],
                                  batch["attention_mask"].sum().float()])
-        dist.all_reduce(sums)
+        sums = all_reduce_sum(sums, self.engine.device)
         out = {"loss": (sums[0] / pairs).item(), "accuracy": (sums[1] / pairs).item(),
                "lr": self.engine.get_lr()[0], "pairs": pairs, "tokens": int(sums[2])}
         grad_norm = self.engine.get_global_grad_norm()  # before clipping; ZeRO 1-3 report it, stage 0 does not
@@ -114,7 +114,7 @@ class RewardModelWorker(BaseWorker):
             loss_sum, metrics = self.pair_loss_sum(self.collate([self.data.eval[i] for i in idx or [0]]))
             if idx:
                 sums += torch.stack([loss_sum.float().cpu(), metrics["accuracy"], metrics["margin_mean"]])
-        dist.all_reduce(sums)
+        sums = all_reduce_sum(sums, self.engine.device)
         self.engine.train()
         mean = (sums / max(n, 1)).tolist()
         return {"eval_loss": mean[0], "eval_accuracy": mean[1], "eval_margin": mean[2]}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 
 from rlhf_system.config import RunConfig
+from rlhf_system.distributed.devices import on_gpu
 from rlhf_system.workers.engine_placement import EnginePlan, actor_options, engine_plans, release, reserve
 
 EXTENSION = "rlhf_system.distributed.vllm_ext.WeightSyncExtension"
@@ -27,8 +28,6 @@ EXTENSION = "rlhf_system.distributed.vllm_ext.WeightSyncExtension"
 
 class RolloutWorker:
     def __init__(self, model_path: str, cfg: RunConfig, plan: EnginePlan):
-        import torch
-
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.cpu_kv_cache_gib))
         os.environ.update(plan.env)  # before vLLM reads its environment: which bundle each TP worker takes
         from rlhf_system.distributed.net import pin_gloo_interface
@@ -38,14 +37,15 @@ class RolloutWorker:
 
         r, index = cfg.rollout, plan.index
         # From the config, not torch: an engine with tensor_parallel_size > 1 reserves no GPU itself (vLLM's
-        # Ray executor places its workers), so CUDA is not visible in this process.
-        on_gpu = cfg.placement.gpus_per_node > 0 or torch.cuda.is_available()
+        # Ray executor places its workers), so CUDA is not visible in this process; a CPU placement's
+        # engine has the GPUs hidden (devices.py).
+        gpu = on_gpu(cfg.placement)
         # CPU: no chunked prefill. A prompt split across scheduler steps makes vLLM rewind the request's
         # seeded generator, which CPU generators cannot do ("CPU Generator does not use offset"); seeded
         # sampling is what makes rollouts and sampled evaluations reproducible.
-        kwargs = ({"gpu_memory_utilization": r.gpu_memory_utilization, "enable_sleep_mode": True} if on_gpu
+        kwargs = ({"gpu_memory_utilization": r.gpu_memory_utilization, "enable_sleep_mode": True} if gpu
                   else {"enable_chunked_prefill": False})
-        if not on_gpu and r.cpu_bind != "vllm":
+        if not gpu and r.cpu_bind != "vllm":
             # vLLM's own binding reserves a core for its scheduler and leaves it idle while decoding:
             # half of a 2-core machine. Bind to this engine's share of the node instead (threads.py).
             from rlhf_system.distributed.threads import engine_cpu_bind, node_cores
@@ -54,7 +54,9 @@ class RolloutWorker:
                 node_cores(), index, r.num_engines, r.tensor_parallel_size))
             os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
         self.index, self.cfg = index, cfg
-        self.llm = LLM(model=model_path, dtype="auto" if on_gpu else "float32", enforce_eager=r.enforce_eager or not on_gpu,
+        # On GPU the engine runs in the policy's training dtype (what the sync sends), not the checkpoint's.
+        dtype = cfg.train_dtype() if gpu else "float32"
+        self.llm = LLM(model=model_path, dtype=dtype, enforce_eager=r.enforce_eager or not gpu,
                        max_model_len=cfg.data.max_prompt_len + r.episode_tokens, seed=r.seed + index,
                        tensor_parallel_size=r.tensor_parallel_size, distributed_executor_backend=plan.executor,
                        worker_extension_cls=EXTENSION, logprobs_mode="processed_logprobs", **kwargs)

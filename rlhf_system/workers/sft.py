@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from rlhf_system.algorithms.losses import sft_loss_sum
 from rlhf_system.config import RunConfig
@@ -21,6 +20,7 @@ from rlhf_system.data.batching import checked_total_steps
 from rlhf_system.data.collate import collate_flat, collate_packed, collate_sft, packing_layout
 from rlhf_system.data.rank_data import RankData
 from rlhf_system.distributed.deepspeed import grad_accum_steps, train_engine
+from rlhf_system.distributed.devices import all_reduce_sum
 from rlhf_system.models.export import export_model
 from rlhf_system.models.load import load_causal_lm, load_tokenizer
 from rlhf_system.workers.base import BaseWorker
@@ -64,12 +64,10 @@ class SFTWorker(BaseWorker):
         shares = self.data.micro_batches(batch_idx)
         micros = [self.collate(m.rows) for m in shares]
         # Trained tokens of the whole global batch, over all ranks: the loss denominator.
-        tokens = torch.tensor(float(sum(int(m["loss_mask"][:, 1:].sum()) for m in micros)))
-        dist.all_reduce(tokens)
+        tokens = all_reduce_sum(torch.tensor(float(sum(int(m["loss_mask"][:, 1:].sum()) for m in micros))), self.engine.device)
         # Real (non-padding) tokens processed, for throughput: packs count their samples' lengths.
-        real = torch.tensor(float(sum(sum(r.get("seq_lens") or [len(r["input_ids"])])
-                                      for m in shares for r in m.rows)))
-        dist.all_reduce(real)
+        real = all_reduce_sum(torch.tensor(float(sum(sum(r.get("seq_lens") or [len(r["input_ids"])])
+                                                     for m in shares for r in m.rows))), self.engine.device)
         # DeepSpeed divides each micro loss by the accumulation steps and averages gradients over
         # ranks; scaling by gas * world undoes both, leaving sum(NLL) / global tokens.
         scale = grad_accum_steps(cfg, self.world_size) * self.world_size / tokens.clamp(min=1)
@@ -82,7 +80,7 @@ class SFTWorker(BaseWorker):
             self.engine.backward(nll_sum * scale)
             self.engine.step()
             total += nll_sum.detach().float().cpu()
-        dist.all_reduce(total)
+        total = all_reduce_sum(total, self.engine.device)
         loss = (total / tokens.clamp(min=1)).item()
         return {"loss": loss, "lr": self.engine.get_lr()[0], "tokens": int(tokens), "input_tokens": int(real)}
 
@@ -108,7 +106,7 @@ class SFTWorker(BaseWorker):
             nll_sum, count = self.forward_sum(self.collate([self.data.eval[i] for i in idx]))
             if start < n:
                 sums += torch.stack([nll_sum.float().cpu(), count.float().cpu()])
-        dist.all_reduce(sums)
+        sums = all_reduce_sum(sums, self.engine.device)
         self.engine.train()
         loss = (sums[0] / sums[1].clamp(min=1)).item()
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from rlhf_system.config import RunConfig
 from rlhf_system.data.experience import Experience
+from rlhf_system.distributed.devices import all_reduce_sum
 from rlhf_system.workers.sequences import micro_slices
 
 
@@ -77,7 +78,7 @@ def run_update(state: RoleState, exp: Experience, step: int, role: str, loss_fn)
         minis = [order[m0:m0 + mini] for m0 in range(0, len(order), mini)]
         totals = torch.stack([units[rows].sum() for rows in minis])
         if dist.is_initialized() and state.world > 1:
-            dist.all_reduce(totals)
+            totals = all_reduce_sum(totals, state.engine.device)
         for rows, total in zip(minis, totals):
             rows = rows[torch.argsort(lengths[rows], stable=True)]  # group by length: less padding
             for sl in micro_slices(len(rows), micro):

@@ -20,7 +20,9 @@ def test_cpu_engines_reserve_nothing(tp, executor):
     assert [p.index for p in plans] == [0, 1]
     for p in plans:
         assert p.bundles == [] and p.actor == {"num_cpus": 0, "num_gpus": 0} and p.executor == executor
-        assert actor_options(p, None) == {"num_cpus": 0, "num_gpus": 0}  # no placement group at all
+        # no placement group at all; the GPUs of a CUDA host hidden from the engine's process
+        assert actor_options(p, None) == {"num_cpus": 0, "num_gpus": 0, "runtime_env": {"env_vars": {
+            "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}}}
 
 
 def test_gpu_tp1_engine_holds_its_bundle_gpu_itself():
