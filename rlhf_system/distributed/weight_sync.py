@@ -19,10 +19,15 @@ Order of calls (the controller, trainers/ppo.py, drives it through `WeightSync`)
  3. send   per sync, with the engines idle (no generate in flight; the controller is synchronous):
            every actor rank runs `ws_send(plan)` (under ZeRO-3 each bucket is a collective gather; only rank
            0 broadcasts) while every engine runs `ws_receive(plan)`. Same deadline rule as 2. Memory is
-           bounded by the bucket (rollout.sync_bucket_mb) on both sides: the sender holds one gathered,
-           flattened bucket at a time; the engine loads each bucket as it arrives, so beyond its own
-           weights it holds the bucket in flight (and, while a vLLM layer whose weights straddle two
-           buckets waits for the rest, the one before). Both report the rise they measured.
+           bounded by the bucket on both sides: the sender holds one gathered, flattened bucket at a
+           time; the engine loads each bucket as it arrives, so beyond its own weights it holds the
+           bucket in flight (and, while a vLLM layer whose weights straddle two buckets waits for the
+           rest, the one before). Both report the rise they measured.
+           Bucket size: rollout.sync_bucket_mb. A tensor larger than that travels alone in a bucket of
+           its own, as verl and OpenRLHF send it (a large vocabulary's embedding: Llama-3-8B's is 1 GB in
+           bf16), so the bound is max(bucket, largest tensor). A sync_bucket_mb the user SET is a bound
+           they asked for: a tensor above it is refused before workers start (`check_bucket_size`,
+           called by trainers/preflight.py), with the fix.
  4. reset  every engine resets its prefix cache: cached KV blocks were computed by the old weights.
  5. close  at shutdown: both sides drop the group; a dead peer must not block it.
 Every step has a deadline (the gloo/NCCL timeout inside, the controller's ray.wait outside); a miss
@@ -119,12 +124,10 @@ def plan_buckets(metas: list[TensorMeta], bucket_bytes: int) -> Plan:
     """Buckets in parameter order, each at most `bucket_bytes`, holding whole decoder layers where one
     fits: the engine loads a vLLM layer once all of its weights have arrived, and a layer split across
     two buckets would keep the first bucket's buffer alive while the second arrives. A new bucket also
-    starts on a dtype change. Every tensor must fit in a bucket: the bucket size is what bounds each
-    side's extra memory during a sync."""
+    starts on a dtype change. A tensor larger than `bucket_bytes` is a bucket of its own: each side's
+    extra memory during a sync is then bounded by max(bucket_bytes, the largest tensor)."""
     units: list[list[TensorMeta]] = []
     for m in metas:
-        if m.nbytes > bucket_bytes:
-            raise ConfigError(bucket_too_small(m.name, m.nbytes, bucket_bytes))
         if units and _unit(units[-1][-1].name) == _unit(m.name) and units[-1][-1].dtype == m.dtype:
             units[-1].append(m)
         else:
@@ -139,6 +142,7 @@ def plan_buckets(metas: list[TensorMeta], bucket_bytes: int) -> Plan:
             pieces = [unit]
         for piece in pieces:
             nbytes = sum(m.nbytes for m in piece)
+            # An oversize tensor opens a bucket and leaves it over-full, so the next piece opens another.
             if not buckets or buckets[-1][0].dtype != piece[0].dtype or size + nbytes > bucket_bytes:
                 buckets.append([])
                 size = 0
@@ -148,14 +152,16 @@ def plan_buckets(metas: list[TensorMeta], bucket_bytes: int) -> Plan:
 
 
 def bucket_too_small(name: str, nbytes: int, bucket_bytes: int) -> str:
-    return (f"rollout.sync_bucket_mb={bucket_bytes / 2**20:g} is smaller than the model's tensor {name} "
-            f"({nbytes / 2**20:.2f} MB). Fix: rollout.sync_bucket_mb={math.ceil(nbytes / 2**20)} or more")
+    return (f"rollout.sync_bucket_mb={round(bucket_bytes / 2**20, 3):g} is smaller than the model's tensor {name} "
+            f"({nbytes / 2**20:.2f} MB). Fix: rollout.sync_bucket_mb={math.ceil(nbytes / 2**20)} or more, or leave "
+            "it unset (a tensor larger than the default bucket then travels alone)")
 
 
 def check_bucket_size(model_path: str, bucket_bytes: int, element_size: int) -> None:
-    """Before any worker starts: the largest tensor of the checkpoint at `model_path` (its safetensors
-    headers, read without loading a weight), at the training dtype's `element_size`, fits a bucket.
-    Checkpoints without safetensors files (a hub id) are checked at plan time instead."""
+    """Before any worker starts, for a bucket size the user set: the largest tensor of the checkpoint at
+    `model_path` (its safetensors headers, every shard, read without loading a weight), at the training
+    dtype's `element_size`, fits a bucket. Checkpoints without safetensors files (a hub id) are not
+    checked: their largest tensor travels alone like any oversize one."""
     largest, name = 0, ""
     for f in sorted(Path(model_path).glob("*.safetensors")):
         with open(f, "rb") as fh:

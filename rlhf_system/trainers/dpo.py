@@ -14,30 +14,19 @@ the loss normalisation are described in workers/dpo.py.
 
 from __future__ import annotations
 
-from rlhf_system.config import ConfigError, RunConfig
+from rlhf_system.config import RunConfig
 from rlhf_system.data.batching import checked_total_steps
 from rlhf_system.data.build import run_datasets
-from rlhf_system.models.load import check_lora_targets, check_model, load_tokenizer
+from rlhf_system.models.load import load_tokenizer
 from rlhf_system.trainers.loop import train_with_group
-from rlhf_system.workers.dpo import UNIT, reference_path
+from rlhf_system.trainers.preflight import preflight_model
+from rlhf_system.workers.dpo import UNIT
 
 
 def prepare(cfg: RunConfig) -> int:
     """Controller-side checks and tokenisation (cached), before any worker starts. Returns steps."""
-    from transformers import AutoConfig
-
     tokenizer = load_tokenizer(cfg.model)  # fails fast on a bad path
-    check_model(cfg.model.path, "model.path", cfg.model.allow_pickle)
-    check_model(reference_path(cfg), "model.reference_path" if cfg.model.reference_path else "model.path",
-                cfg.model.allow_pickle)
-    check_lora_targets(cfg.model, cfg.peft)
-    if cfg.model.reference_path:
-        # Log-probs of the same token ids are only comparable over the same vocabulary.
-        vocab = [AutoConfig.from_pretrained(p, trust_remote_code=cfg.model.trust_remote_code).vocab_size
-                 for p in (cfg.model.path, cfg.model.reference_path)]
-        if vocab[0] != vocab[1]:
-            raise ConfigError(f"model.reference_path: vocabulary of {vocab[1]} tokens, but the policy "
-                              f"(model.path) has {vocab[0]}. Fix: use a reference with the policy's tokenizer")
+    preflight_model(cfg)
     train_ds, _ = run_datasets("preference", cfg, tokenizer)  # a stream: its first rows are checked
     return total_steps(cfg, None if cfg.data.streaming else len(train_ds))
 

@@ -47,9 +47,8 @@ from rlhf_system.data.experience import Experience
 from rlhf_system.data.prompts import StepPrompts, prompt_row
 from rlhf_system.data.stream import materialise
 from rlhf_system.data.tokenize import check_tool_template
-from rlhf_system.distributed.weight_sync import check_bucket_size
 from rlhf_system.errors import cleanup
-from rlhf_system.models.load import DTYPES, check_lora_targets, check_model, load_tokenizer
+from rlhf_system.models.load import load_tokenizer
 from rlhf_system.preemption import StopOnSignal
 from rlhf_system.tracking import Tracker
 from rlhf_system.trainers.episodes import make_env_factory, run_episodes
@@ -77,20 +76,13 @@ def prepare(cfg: RunConfig) -> Prepared:
     from rlhf_system.rewards.client import from_config
     from rlhf_system.rewards.dry_run import ROWS, dry_run
     from rlhf_system.rewards.registry import RuleRewards
+    from rlhf_system.trainers.preflight import preflight_model
 
     tok = load_tokenizer(cfg.model)
-    check_model(cfg.model.path, "model.path", cfg.model.allow_pickle)
+    preflight_model(cfg)  # every model path, LoRA targets, the sync bucket, attention
     env = make_env_factory(cfg)  # an unknown environment or tool fails here, before any worker
     if cfg.rollout.env == "tools":
         check_tool_template(tok, cfg.data.template, cfg.model.tokenizer_path or cfg.model.path)
-    check_lora_targets(cfg.model, cfg.peft)
-    check_bucket_size(cfg.model.path, int(cfg.rollout.sync_bucket_mb * 2**20),
-                      DTYPES[cfg.train_dtype()].itemsize)
-    if cfg.rewards.use_model:
-        check_model(cfg.model.reward_path, "model.reward_path", cfg.model.allow_pickle)
-    for field_name in ("critic_path", "reference_path"):
-        if getattr(cfg.model, field_name):
-            check_model(getattr(cfg.model, field_name), f"model.{field_name}", cfg.model.allow_pickle)
     name = cfg.model.tokenizer_path or cfg.model.path
     train_ds = build_dataset("prompt", cfg.data, cfg.data.train, tok, cfg.seed, name)[0]
     train = StepPrompts(train_ds, cfg.train.rollout_batch_size, cfg.seed, cfg.data.streaming)

@@ -29,17 +29,16 @@ from __future__ import annotations
 from rlhf_system.config import RunConfig
 from rlhf_system.data.batching import checked_total_steps
 from rlhf_system.data.build import run_datasets
-from rlhf_system.models.load import check_head, check_lora_targets, check_model, load_tokenizer
+from rlhf_system.models.load import load_tokenizer
 from rlhf_system.trainers.loop import train_with_group
+from rlhf_system.trainers.preflight import preflight_model
 from rlhf_system.workers.reward_model import UNIT
 
 
 def prepare(cfg: RunConfig) -> int:
     """Controller-side checks and tokenisation (cached), before any worker starts. Returns steps."""
     tokenizer = load_tokenizer(cfg.model)  # fails fast on a bad path
-    check_model(cfg.model.path, "model.path", cfg.model.allow_pickle)
-    check_head(cfg.model, cfg.algorithm.rm.head)
-    check_lora_targets(cfg.model, cfg.peft)
+    preflight_model(cfg)
     train_ds, _ = run_datasets("preference", cfg, tokenizer)  # a stream: its first rows are checked
     return total_steps(cfg, None if cfg.data.streaming else len(train_ds))
 

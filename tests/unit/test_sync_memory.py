@@ -1,5 +1,6 @@
-"""Weight sync's memory bound, the parts that need no engine: the bucket plan, the bucket-size check
-made before workers start, and the peak-memory meter both sides report with."""
+"""Weight sync's memory bound, the parts that need no engine: the bucket plan (a tensor larger than a
+bucket travels alone), the check of a bucket size the user set, made before workers start, and the
+peak-memory meter both sides report with."""
 
 import pytest
 import torch
@@ -23,10 +24,25 @@ def test_plan_starts_a_bucket_on_dtype_change():
     assert [[m.name for m in b] for b in plan_buckets(metas, MB)] == [["a"], ["b", "c"]]
 
 
-def test_a_tensor_larger_than_a_bucket_is_a_config_error_naming_it():
-    metas = [TensorMeta("small", "float32", (4,)), TensorMeta("model.embed_tokens.weight", "float32", (1024, 512))]
-    with pytest.raises(ConfigError, match=r"model\.embed_tokens\.weight \(2\.00 MB\).*sync_bucket_mb=2 or more"):
-        plan_buckets(metas, MB)
+def test_a_tensor_larger_than_a_bucket_travels_alone():
+    """As verl and OpenRLHF send it: the bound on a sync's extra memory is then max(bucket, that tensor)."""
+    metas = [TensorMeta("a", "float32", (4,)), TensorMeta("model.embed_tokens.weight", "float32", (1024, 512)),
+             TensorMeta("b", "float32", (4,)), TensorMeta("c", "float32", (4,))]
+    assert [[m.name for m in b] for b in plan_buckets(metas, MB)] == [["a"], ["model.embed_tokens.weight"], ["b", "c"]]
+
+
+def test_llama3_8b_plan_at_the_default_bucket_sends_only_oversize_tensors_alone():
+    """The real parameter list (meta device): 64 MB buckets, each vocabulary tensor (1002 MB in bf16) and
+    each MLP matrix (112 MB) alone, every tensor sent once, in order."""
+    from tests.fake_checkpoints import meta_model
+
+    metas = [TensorMeta(n, "bfloat16", tuple(p.shape)) for n, p in meta_model("llama3-8b").named_parameters()]
+    plan = plan_buckets(metas, 64 * MB)
+    assert [m.name for b in plan for m in b] == [m.name for m in metas]
+    over = [b for b in plan if sum(m.nbytes for m in b) > 64 * MB]
+    assert all(len(b) == 1 for b in over)
+    assert {b[0].name.rsplit(".", 2)[-2] for b in over} == {"embed_tokens", "lm_head", "gate_proj", "up_proj", "down_proj"}
+    assert max(sum(m.nbytes for m in b) for b in plan) == 128256 * 4096 * 2
 
 
 def test_bucket_size_is_checked_from_the_checkpoint_headers(tmp_path):
