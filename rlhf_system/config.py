@@ -221,7 +221,18 @@ class RolloutConfig(_Section):
     cpu_kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
     enforce_eager: bool = True
     sync_bucket_mb: float = Field(64.0, gt=0, description="Weight sync moves the model in buckets of this size: "
-                                  "the actor gathers, and each engine loads, one at a time. Must hold the largest tensor.")
+                                  "the actor gathers, and each engine loads, one at a time. A larger tensor travels "
+                                  "alone, unless this was set explicitly (then it is a hard bound).")
+    sync_backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="Weight sync to engines on their own devices. auto: nccl with GPUs, gloo on CPU; gloo on "
+        "GPUs works where NCCL between the trainer and the engines cannot (slower). Colocated engines use CUDA IPC "
+        "(GPU) or shared memory (CPU) whatever this says.")
+    sync_timeout_s: float = Field(600.0, gt=0, description="Deadline of each weight-sync step (join, send): a peer "
+                                  "that stopped mid-sync becomes an error naming it, not a hang.")
+    sleep_level: Literal[1, 2] = Field(
+        1, description="Colocated engines (placement.colocate with rollout): what they free while the trainers run. "
+        "1: weights to host memory, KV cache dropped (needs host RAM for each engine's weights); 2: both dropped "
+        "(the next sync restores the weights).")
     cpu_bind: str = Field("auto", description="vLLM on CPU. auto: a node's engines split its cores, none reserved; "
                           "vllm: vLLM's own binding; else VLLM_CPU_OMP_THREADS_BIND as is, e.g. '0-7'.")
 

@@ -180,10 +180,21 @@ def _check_placement(cfg, roles: list[str]) -> list[str]:
                 errors.append(f"placement.colocate: role '{role}' is in two groups. Fix: list each role once")
             seen.add(role)
         active = [r for r in group if r in roles]
+        if "rollout" in group and "actor" not in group:
+            errors.append(f"placement.colocate group {group}: rollout engines share devices only with the actor, whose "
+                          "weights they map (the hybrid engine). Fix: put rollout in the actor's group, e.g. "
+                          "[[actor, rollout]]")
+        if "rollout" in active and cfg.train.max_staleness > 0:
+            errors.append(f"placement.colocate puts the rollout engines on the actor's devices, where they sleep while "
+                          f"it trains, but train.max_staleness={cfg.train.max_staleness} overlaps generation with "
+                          "training. Fix: train.max_staleness=0, or engines on their own devices")
         sizes = {r: role_slots(cfg, r) for r in active}
         if len(set(sizes.values())) > 1:
             errors.append(f"placement.colocate group {group}: colocated roles need the same number of GPUs, "
                           f"got {sizes}. Fix: give them equal counts")
+    if cfg.rollout.sync_backend == "nccl" and p.gpus_per_node == 0 and "rollout" in roles:
+        errors.append("rollout.sync_backend=nccl needs GPUs, but placement.gpus_per_node=0. Fix: "
+                      "rollout.sync_backend=auto (gloo on CPU)")
     if p.gpus_per_node == 0:
         return errors  # CPU: workers are process slots; Ray checks CPUs when the group is placed.
     # Each colocated group takes the GPUs of its largest member once; other roles take their own.

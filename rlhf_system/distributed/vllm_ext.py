@@ -19,59 +19,72 @@ from rlhf_system.distributed import weight_sync
 
 
 class WeightSyncExtension:
-    _ws_group = None
-    _ws_store = None
-    _ws_backend = "gloo"
+    _ws_link = None
 
     def num_threads(self) -> int:
         """The threads this vLLM worker computes with (placement checks; distributed/threads.py)."""
         return torch.get_num_threads()
 
-    def ws_join(self, addr: str, port: int, rank_offset: int, world: int, timeout_s: float) -> int:
+    def ws_join(self, addr: str, port: int, rank_offset: int, world: int, timeout_s: float, backend: str,
+                senders: int) -> int:
+        """Join as sync rank `rank_offset + this worker's rank`; with colocated engines (mapped backends) this
+        worker maps the buckets of actor rank (its index among the engine workers) % `senders`."""
+        from rlhf_system.distributed.sync_transport import Receiver
+
         rank = rank_offset + getattr(self, "rank", 0)
         _quiet_expected_reload_warnings(self.vllm_config.model_config.hf_config)
-        self._ws_backend = weight_sync.backend_for_device()
-        self._ws_group, self._ws_store = weight_sync.make_group(
-            self._ws_backend, addr, port, rank, world, timeout_s, is_master=False)
+        self._ws_link = Receiver.join(backend, addr, port, rank, world, timeout_s, source=(rank - senders) % senders)
         return rank
 
     def ws_receive(self, plan: list[list]) -> dict:
         """Receive the buckets of `plan` and reload the weights in place, each bucket as it arrives.
-        Returns the tensors loaded and the rise in this process's memory the sync needed."""
-        from vllm.model_executor.model_loader.reload.inplace import reload_weights
-
+        Returns the tensors loaded, the bytes that crossed a socket (mapped backends: handles) and the
+        rise in this process's memory the sync needed."""
         from rlhf_system.distributed.memory import PeakMemory
 
-        if self._ws_group is None:
+        link = self._ws_link
+        if link is None:
             raise RuntimeError("ws_receive before ws_join: the controller must open the sync group first")
-        device = torch.device("cuda", torch.cuda.current_device()) if self._ws_backend == "nccl" else "cpu"
-        model = self.model_runner.model
+        runner = self.model_runner
         count = [0]
-        with PeakMemory(device) as peak:
-            stream = _received(self._ws_group, self._ws_backend, plan, device, count)
-            # In place, from checkpoint-format names: plain model.load_weights fails on CPU once vLLM has
-            # repacked its kernels ("Parameter has no attribute weight_loader"); reload_weights re-runs the
-            # loader's post-processing. It pulls from `stream`, so a bucket is received when it is needed.
-            reload_weights(self.vllm_config, model, stream, None, True)
-            # The sender broadcasts every bucket: receive any vLLM left unread, or both sides would hang.
+        with PeakMemory(link.device) as peak:
+            stream = _received(link, plan, count)
+            # vLLM's own reload path, in place, from checkpoint-format names: it unwraps a CUDA-graph
+            # wrapper (model_runner.model is one under full graphs), re-runs the loader's post-processing
+            # (plain model.load_weights fails on CPU once the kernels are repacked: "Parameter has no
+            # attribute weight_loader") and resets the runner's caches. It pulls from `stream`, so a
+            # bucket is received when it is needed.
+            runner.reload_weights(weights_iterator=stream, is_checkpoint_format=True)
+            # The sender sends every bucket: receive any vLLM left unread, or both sides would hang.
             unread = sum(1 for _ in stream)
-            if self._ws_backend == "gloo":
-                _repack_cpu_lm_heads(model)
+            link.finish()
+            if link.device.type == "cpu":
+                _repack_cpu_lm_heads(runner.get_model())
         if unread:
             raise RuntimeError(f"weight sync: vLLM's load_weights stopped with {unread} tensors of the plan unread")
-        return {"tensors": count[0], "peak_rise_bytes": peak.rise}
+        return {"tensors": count[0], "peak_rise_bytes": peak.rise, "wire_bytes": link.wire_bytes,
+                "backend": link.backend, "rank": link.rank}
+
+    def device_free_bytes(self) -> int | None:
+        """Free memory of this worker's GPU (None on CPU): the hybrid engine's phase report."""
+        return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+
+    def weight_bytes(self) -> int:
+        """Bytes of this worker's weights: what a level-1 sleep copies to host memory."""
+        return sum(p.numel() * p.element_size() for p in self.model_runner.get_model().parameters())
 
     def ws_close(self) -> None:
-        self._ws_group = self._ws_store = None
+        if self._ws_link is not None:
+            self._ws_link.close()
+        self._ws_link = None
 
 
-def _received(group, backend: str, plan: list[list], device, count: list[int]):
+def _received(link, plan: list[list], count: list[int]):
     """(name, tensor) pairs, one bucket received at a time: each bucket's buffer is dropped here as soon
     as its tensors are handed out, so only what vLLM still holds keeps it alive."""
     for bucket in plan:
         metas = [weight_sync.TensorMeta(*m) if not isinstance(m, weight_sync.TensorMeta) else m for m in bucket]
-        buf = torch.empty(sum(m.numel for m in metas), dtype=getattr(torch, metas[0].dtype), device=device)
-        weight_sync.broadcast(group, backend, buf)
+        buf = link.recv(sum(m.numel for m in metas), getattr(torch, metas[0].dtype))
         views = weight_sync.unflatten(buf, metas)
         del buf
         views.reverse()

@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 
-def collect(refs: list, timeout: float) -> tuple[dict[int, Any], dict[int, Exception], list[int]]:
+def collect(refs: list, timeout: float, stop_on_error: bool = False) -> tuple[dict[int, Any], dict[int, Exception], list[int]]:
     """Results and Ray errors by position in `refs`, and the positions still running, under ONE deadline.
 
     Returns early once a worker's process has died: its peers in a collective (an all-reduce, a
-    weight-sync broadcast) would otherwise sit out the whole deadline waiting for it."""
+    weight-sync broadcast) would otherwise sit out the whole deadline waiting for it. With
+    `stop_on_error`, at the first failure of any kind (a weight sync's peers cannot finish without it)."""
     import time
 
     import ray
@@ -31,7 +32,7 @@ def collect(refs: list, timeout: float) -> tuple[dict[int, Any], dict[int, Excep
                 results[where[ref]] = ray.get(ref)
             except ray.exceptions.RayError as e:
                 errors[where[ref]] = e
-        if any(isinstance(e, ray.exceptions.RayActorError) for e in errors.values()):
+        if (errors and stop_on_error) or any(isinstance(e, ray.exceptions.RayActorError) for e in errors.values()):
             break
     return results, errors, sorted(where[r] for r in pending)
 
@@ -49,10 +50,11 @@ def blame(errors: dict[int, Exception], running: list[int], names: list[str]) ->
     return first, f" (also: {', '.join(others)})" if others else ""
 
 
-def wait_all(refs: list, names: list[str], timeout: float, what: str, error: type[Exception] = RuntimeError) -> list:
+def wait_all(refs: list, names: list[str], timeout: float, what: str, error: type[Exception] = RuntimeError,
+             stop_on_error: bool = False) -> list:
     """ray.get every ref under ONE deadline; a failed or late one is named (`names[i]`) in the error,
     the root cause first."""
-    results, errors, running = collect(refs, timeout)
+    results, errors, running = collect(refs, timeout, stop_on_error)
     if errors:
         first, also = blame(errors, running, names)
         raise error(f"{what}: {names[first]} failed{also}: {errors[first]}") from None

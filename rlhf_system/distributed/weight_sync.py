@@ -1,24 +1,39 @@
 """Weight sync, actor -> every vLLM engine: the one contract.
 
-Transports
-- CPU (what tests and laptops run): a gloo process group made by hand on a TCPStore, separate from the
-  trainers' own process group. Actor rank 0 is sync rank 0 (the sender); engine e's vLLM worker w is
-  sync rank 1 + e * workers_per_engine + w. Each bucket of tensors is flattened into one buffer and
-  broadcast once; the receiving vLLM worker (distributed/vllm_ext.py) splits it back into named
-  tensors and reloads them in place.
-- GPU: the same bucketed broadcast over NCCL (vLLM's PyNcclCommunicator on a StatelessProcessGroup,
-  so it never touches the trainers' default group). Written to the same contract; NOT exercised by
-  this project's CI, which has no GPU. CUDA IPC for colocated engines is not built yet.
+    sync = WeightSync(actor_group, rollout_group, cfg.rollout.sync_timeout_s, sync_backend(cfg))
+    sync.open()                     # once: plan, group / store, every engine worker joins
+    ...                             # generate (engines awake)
+    sync.sleep_engines()            # colocated engines free the devices; a no-op otherwise
+    ...                             # inference and training on the actor's devices
+    sync.sync()                     # (wake weights) -> every bucket -> (wake KV cache) -> reset prefix caches
+    sync.close()
+
+Transports (distributed/sync_transport.py has the wire): each bucket of tensors is flattened into one
+buffer; the receiving vLLM worker (distributed/vllm_ext.py) splits it back into named tensors and
+reloads them in place through vLLM's own reload path.
+- Engines on their own devices: a broadcast from actor rank 0 (sync rank 0) on a group separate from
+  the trainers' own: gloo on CPU, NCCL on GPUs (vLLM's PyNcclCommunicator on a StatelessProcessGroup).
+  Engine e's vLLM worker w is sync rank 1 + e * workers_per_engine + w. CI runs the NCCL code path on
+  CPU with the communicator replaced by distributed/fake_nccl.py.
+- Engines colocated with the actor (placement.colocate with rollout beside actor: the hybrid engine):
+  every actor rank r is a sender (sync rank r); engine worker j (sync rank k + j, k actor ranks) maps
+  the buckets of actor rank j % k, on its own device: CUDA IPC handles on GPUs, shared-memory files on
+  CPU. Only the handles cross a socket (the TCPStore); `WeightSync.wire_bytes` counts them.
 
 Order of calls (the controller, trainers/ppo.py, drives it through `WeightSync`):
- 1. open   actor rank 0 `ws_open(world)`: builds the bucket plan (names, dtypes, shapes; LoRA merged
-           names), picks a free port, starts the TCPStore master. Returns (addr, port, plan).
- 2. join   concurrently: every engine `ws_join(addr, port, rank_offset, world)` and actor rank 0
-           `ws_connect()`. Each side blocks in the group's rendezvous until all have arrived, so the
-           two MUST be in flight together; the controller waits for both under one deadline.
- 3. send   per sync, with the engines idle (no generate in flight; the controller is synchronous):
-           every actor rank runs `ws_send(plan)` (under ZeRO-3 each bucket is a collective gather; only rank
-           0 broadcasts) while every engine runs `ws_receive(plan)`. Same deadline rule as 2. Memory is
+ 1. open   actor rank 0 `ws_open(world, backend)`: builds the bucket plan (names, dtypes, shapes; LoRA
+           merged names) and binds the store's listening socket at once (an OS-picked port: nothing can
+           take it between choosing and binding). Returns (addr, port, plan).
+ 2. join   concurrently: every engine `ws_join(addr, port, rank_offset, world, timeout, backend, k)` and
+           the sending actor ranks `ws_connect(...)`. Each side blocks in the rendezvous until all have
+           arrived, so the two MUST be in flight together; the controller waits for both under one
+           deadline.
+ 3. send   per sync, with the engines idle: the rollout pipeline (trainers/pipeline.py) holds its
+           `engines` lock while it generates, and the sync takes it. Colocated engines are woken first
+           for their weights only, and for the KV cache after the load (`sleep_engines` put them to sleep
+           before the trainers' phases; the actor ranks release their cached device memory first).
+           Every actor rank runs `ws_send(plan)` (under ZeRO-3 each bucket is a collective gather; rank 0
+           broadcasts, or every rank maps its copy when colocated) while every engine runs `ws_receive(plan)`. Same deadline rule as 2. Memory is
            bounded by the bucket on both sides: the sender holds one gathered, flattened bucket at a
            time; the engine loads each bucket as it arrives, so beyond its own weights it holds the
            bucket in flight (and, while a vLLM layer whose weights straddle two buckets waits for the
@@ -30,8 +45,10 @@ Order of calls (the controller, trainers/ppo.py, drives it through `WeightSync`)
            called by trainers/preflight.py), with the fix.
  4. reset  every engine resets its prefix cache: cached KV blocks were computed by the old weights.
  5. close  at shutdown: both sides drop the group; a dead peer must not block it.
-Every step has a deadline (the gloo/NCCL timeout inside, the controller's ray.wait outside); a miss
-raises an error that names the engine(s) that did not answer.
+Every step has a deadline, rollout.sync_timeout_s: inside, every transfer waits at most that long (NCCL's
+broadcasts are polled through an event and the communicator aborted when it passes); outside, the
+controller stops at the first failure and names who failed first (an engine that raised mid-sync, not
+the sender left waiting for it).
 """
 
 from __future__ import annotations
@@ -215,50 +232,78 @@ def unflatten(buffer: torch.Tensor, bucket: list[TensorMeta]) -> list[tuple[str,
     return out
 
 
-# ------------------------------------------------------------------------ the process group
-def listen(addr: str, world: int, timeout_s: float):
-    """Rank 0's TCPStore (gloo), listening at once on a port the OS picks (`.port`): no window between
-    choosing a free port and binding it, in which another process can take it (a resumed run after a
-    SIGKILLed one failed with EADDRINUSE that way)."""
-    from datetime import timedelta
+# ------------------------------------------------------------------------ the actor's side
+class ActorSender:
+    """One actor rank's side of the contract (workers/actor.py hosts it; the wire is sync_transport.py).
 
-    return torch.distributed.TCPStore(addr, 0, world, True, timeout=timedelta(seconds=timeout_s),
-                                      wait_for_workers=False)
-
-
-def make_group(backend: str, addr: str, port: int, rank: int, world: int, timeout_s: float, is_master: bool,
-               store=None):
-    """A process group outside torch.distributed's default one: (group, store).
-
-    gloo: ProcessGroupGloo on a TCPStore (rank 0 hosts the store: `store` from `listen`, else made here).
-    nccl: vLLM's PyNcclCommunicator on a StatelessProcessGroup, which is what vLLM's own weight-transfer
-    engines use.
+        side = ActorSender(rank, cfg)
+        addr, port, plan = side.open(module, world, backend, addr)   # actor rank 0 only
+        side.connect(addr, port, backend, world, receivers)          # the sending ranks, beside the engines' join
+        side.send(module, plan)                                      # every actor rank, each sync
+        side.close()
     """
-    from datetime import timedelta
 
-    timeout = timedelta(seconds=timeout_s)
-    if backend == "gloo":
-        if store is None:
-            store = torch.distributed.TCPStore(addr, port, world, is_master, timeout=timeout, wait_for_workers=False)
-        return torch.distributed.ProcessGroupGloo(store, rank, world, timeout), store
-    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-    from vllm.distributed.utils import StatelessProcessGroup
+    def __init__(self, rank: int, cfg):
+        self.rank, self.cfg = rank, cfg
+        self.link = None
+        self._listening = None
+        self.backend = "gloo"
 
-    pg = StatelessProcessGroup.create(host=addr, port=port, rank=rank, world_size=world,
-                                      store_timeout=int(timeout_s))
-    return PyNcclCommunicator(pg, device=torch.cuda.current_device()), pg
+    def open(self, module: torch.nn.Module, world: int, backend: str, addr: str) -> tuple[str, int, Plan]:
+        from rlhf_system.distributed.sync_transport import Sender
+
+        plan = plan_buckets([s.meta for s in sources(module)], int(self.cfg.rollout.sync_bucket_mb * 2**20))
+        self._listening = Sender.listen(backend, addr, world, self.cfg.rollout.sync_timeout_s)
+        return addr, self._listening.port, plan
+
+    def connect(self, addr: str, port: int, backend: str, world: int, receivers: list[int]) -> int:
+        from rlhf_system.distributed.sync_transport import Sender
+
+        self.backend = backend
+        self.link = self._listening or Sender(backend, self.rank, world, self.cfg.rollout.sync_timeout_s)
+        self._listening = None
+        self.link.connect(addr, port, self.rank, receivers)
+        return self.rank
+
+    def send(self, module: torch.nn.Module, plan: Plan, device) -> dict:
+        """Every actor rank iterates (ZeRO-3 gathers are collective); the ranks with a link send: rank 0
+        for broadcast backends, each rank for mapped ones. Returns the buckets sent, the bytes that
+        crossed a socket for mapped backends, and the rise in this process's memory the sync needed."""
+        from rlhf_system.distributed.memory import PeakMemory
+
+        n = 0
+        with PeakMemory(device) as peak:
+            for buf in iter_buckets(module, plan, self.cfg.deepspeed.zero_stage, self.link is not None):
+                if buf is not None:
+                    self.link.send(buf.contiguous())
+                    n += 1
+                del buf  # before the next bucket is gathered: one at a time
+            if self.link is not None:
+                self.link.finish()
+        wire = self.link.wire_bytes if self.link is not None else 0
+        return {"buckets": n, "peak_rise_bytes": peak.rise, "wire_bytes": wire}
+
+    def close(self) -> None:
+        for link in (self.link, self._listening):
+            if link is not None:
+                link.close()
+        self.link = self._listening = None
 
 
-def broadcast(group, backend: str, tensor: torch.Tensor) -> None:
-    """Broadcast from sync rank 0 (in place on receivers)."""
-    if backend == "gloo":
-        group.broadcast(tensor, 0).wait()
-    else:
-        group.broadcast(tensor, src=0, stream=torch.cuda.current_stream())
+def colocated_engines(cfg) -> bool:
+    """Whether the rollout engines share the actor's devices (the hybrid engine, placement.colocate)."""
+    return any("rollout" in group for group in cfg.placement.colocate)
 
 
-def backend_for_device() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def sync_backend(cfg) -> str:
+    """The transport for this run: mapped handles for colocated engines (CUDA IPC on GPUs, shared memory
+    on CPU), else rollout.sync_backend (auto: NCCL on GPUs, gloo on CPU)."""
+    gpu = cfg.placement.gpus_per_node > 0
+    if colocated_engines(cfg):
+        return "ipc" if gpu else "shm"
+    if cfg.rollout.sync_backend != "auto":
+        return cfg.rollout.sync_backend
+    return "nccl" if gpu else "gloo"
 
 
 # ------------------------------------------------------------------------ controller side
@@ -267,29 +312,65 @@ class WeightSyncError(RunFailure):
 
 
 class WeightSync:
-    """Drives the contract above between an actor WorkerGroup and a RolloutGroup."""
+    """Drives the contract above between an actor WorkerGroup and a RolloutGroup.
 
-    def __init__(self, actor_group, rollout_group, timeout_s: float):
+    `backend` (sync_backend): gloo / nccl broadcast from actor rank 0, or, for engines colocated with the
+    actor (ipc / shm), every actor rank maps its buckets to the engine workers on its own device. Colocated
+    engines sleep while the trainers use the devices (`sleep_engines`), and `sync` wakes them in two
+    stages, as vLLM's hybrid-engine users do: weights first (so the load never lands in a sleeping
+    engine), then, once the weights are in, the KV cache. With `sleep_level=2` the engines drop their
+    weights while asleep; the sync after it restores every tensor (a plan covers the whole model), and
+    an engine refuses to generate until it has (workers/rollout.py keeps that state).
+    """
+
+    MARGIN_S = 30.0  # the controller waits this much longer than the transfer's own deadline, so the
+    # side that timed out reports first, with the name of the peer it waited for
+
+    def __init__(self, actor_group, rollout_group, timeout_s: float, backend: str = "gloo", sleep_level: int = 1):
+        from rlhf_system.distributed.sync_transport import MAPPED
+
         self.actor, self.rollout, self.timeout = actor_group, rollout_group, timeout_s
+        self.backend, self.sleep_level = backend, sleep_level
+        self.colocated = backend in MAPPED
         self.plan: Plan | None = None
         self.memory: dict[str, int | None] = {}
+        self.phase_memory: dict[str, float] = {}  # colocated: free device memory after each phase (GiB)
+        self.wire_bytes = 0
+        self.received: list[dict] = []
 
     def _both(self, actor_refs: list, engine_refs: list, what: str) -> list:
         from rlhf_system.distributed.waits import wait_all
 
         names = [f"actor rank {i}" for i in range(len(actor_refs))] + [f"engine {i}" for i in range(len(engine_refs))]
-        return wait_all(actor_refs + engine_refs, names, self.timeout, f"weight sync '{what}'", WeightSyncError)
+        # stop at the first failure: its peers are stuck in the transfer until their own deadline
+        return wait_all(actor_refs + engine_refs, names, self.timeout + self.MARGIN_S, f"weight sync '{what}'",
+                        WeightSyncError, stop_on_error=True)
+
+    @property
+    def senders(self) -> list:
+        return self.actor.workers if self.colocated else self.actor.workers[:1]
 
     def open(self) -> None:
         import ray
 
-        world = 1 + self.rollout.num_workers_total
-        addr, port, plan = ray.get(self.actor.workers[0].ws_open.remote(world), timeout=self.timeout)
+        n, per_engine = self.rollout.num_workers_total, self.rollout.workers_per_engine
+        k = len(self.senders)
+        world = k + n
+        addr, port, plan = ray.get(self.actor.workers[0].ws_open.remote(world, self.backend), timeout=self.timeout)
         self.plan = plan
-        actor_refs = [self.actor.workers[0].ws_connect.remote()]
-        engine_refs = [e.ws_join.remote(addr, port, 1 + i * self.rollout.workers_per_engine, world, self.timeout)
+        # engine worker j is sync rank k + j and maps (colocated) the buckets of actor rank j % k
+        actor_refs = [w.ws_connect.remote(addr, port, self.backend, world, [k + j for j in range(n) if j % k == r])
+                      for r, w in enumerate(self.senders)]
+        engine_refs = [e.ws_join.remote(addr, port, k + i * per_engine, world, self.timeout, self.backend, k)
                        for i, e in enumerate(self.rollout.engines)]
         self._both(actor_refs, engine_refs, "join")
+
+    def sleep_engines(self) -> None:
+        """Colocated engines free the devices for the trainers (level 1: weights to host memory, KV cache
+        dropped; level 2: both dropped). A no-op for engines on their own devices."""
+        if self.colocated:
+            freed = self._both([], [e.sleep.remote(self.sleep_level) for e in self.rollout.engines], "sleep")
+            self._note("after_sleep", freed)
 
     def sync(self) -> float:
         """Push the actor's current weights into every engine; returns seconds taken. `self.memory` then
@@ -298,19 +379,35 @@ class WeightSync:
         import time
 
         t = time.perf_counter()
+        if self.colocated:
+            # the trainers hand their cached blocks back before the engines take memory again (wake-up OOM)
+            self._both([w.release_memory.remote() for w in self.actor.workers], [], "release_memory")
+            self._note("after_wake_weights",
+                       self._both([], [e.wake_up.remote(["weights"]) for e in self.rollout.engines], "wake weights"))
         actor_refs = [w.ws_send.remote(self.plan) for w in self.actor.workers]  # every rank: ZeRO-3 gathers
         engine_refs = [e.ws_receive.remote(self.plan) for e in self.rollout.engines]
         done = self._both(actor_refs, engine_refs, "send")
         sent, received = done[:len(actor_refs)], [w for engine in done[len(actor_refs):] for w in engine]
         self.memory = {"actor_peak_rise_bytes": _max_known(r["peak_rise_bytes"] for r in sent),
                        "engine_peak_rise_bytes": _max_known(r["peak_rise_bytes"] for r in received)}
+        self.wire_bytes = sum(r["wire_bytes"] for r in sent)
+        self.received = received  # each engine worker's report (rank, backend, tensors): tests check them
+        if self.colocated:
+            self._note("after_wake_kv_cache",
+                       self._both([], [e.wake_up.remote(["kv_cache"]) for e in self.rollout.engines], "wake kv_cache"))
         self._both([], [e.reset_prefix_cache.remote() for e in self.rollout.engines], "reset_prefix_cache")
         return time.perf_counter() - t
+
+    def _note(self, phase: str, per_engine: list) -> None:
+        """Free device memory reported by the engines after a phase (the smallest; None on CPU)."""
+        known = [v for v in per_engine if v is not None]
+        if known:
+            self.phase_memory[f"hybrid/free_gib_{phase}"] = min(known) / 2**30
 
     def close(self) -> None:
         import ray
 
-        refs = [self.actor.workers[0].ws_close.remote()] + [e.ws_close.remote() for e in self.rollout.engines]
+        refs = [w.ws_close.remote() for w in self.senders] + [e.ws_close.remote() for e in self.rollout.engines]
         ray.wait(refs, num_returns=len(refs), timeout=30)  # best effort: a dead peer must not block shutdown
 
 

@@ -108,7 +108,7 @@ def prepare(cfg: RunConfig) -> Prepared:
 # ----------------------------------------------------------------------------------------- groups
 def start(cfg: RunConfig, prep: Prepared):
     from rlhf_system.config_checks import roles_for
-    from rlhf_system.distributed.weight_sync import WeightSync
+    from rlhf_system.distributed.weight_sync import WeightSync, colocated_engines, sync_backend
     from rlhf_system.workers.actor import ActorWorker
     from rlhf_system.workers.critic import CriticWorker
     from rlhf_system.workers.placement import start_roles
@@ -125,10 +125,13 @@ def start(cfg: RunConfig, prep: Prepared):
     waits += [groups[r].submit("setup", cfg) for r in ("reference", "reward") if r in groups]
     rollout = None
     try:
-        rollout = RolloutGroup(cfg, cfg.model.path)  # loads while the trainers set up
+        # loads while the trainers set up; colocated engines (the hybrid engine) on the actor's bundles
+        rollout = RolloutGroup(cfg, cfg.model.path,
+                               colocated_pg=groups["actor"].pg if colocated_engines(cfg) else None)
         for w in waits:
             w()
-        sync = WeightSync(groups["actor"], rollout, cfg.placement.call_timeout_s)
+        sync = WeightSync(groups["actor"], rollout, cfg.rollout.sync_timeout_s, sync_backend(cfg),
+                          cfg.rollout.sleep_level)
         sync.open()
     except BaseException:
         stop(groups, shared, rollout, None)
@@ -147,15 +150,25 @@ def stop(groups: dict, shared: list, rollout, sync) -> None:
 
 
 # ------------------------------------------------------------------------------------ one PPO step
+ROLE_OF = {"old": "actor", "ref": "reference", "values": "critic", "actor": "actor", "critic": "critic"}
+
+
 def in_turn_or_together(cfg: RunConfig, calls: dict) -> dict:
-    """Run several roles' calls (`start() -> wait`); results by key. On GPUs each role owns its devices,
-    so they work at the same time. On a CPU-only placement every role computes with all of the node's
-    cores (distributed/threads.py), so they take turns: side by side they would oversubscribe the
-    cores and each run slower than alone."""
-    if cfg.placement.gpus_per_node > 0:
-        waits = {k: start() for k, start in calls.items()}
-        return {k: w() for k, w in waits.items()}
-    return {k: start()() for k, start in calls.items()}
+    """Run several roles' calls (`start() -> wait`, keyed as ROLE_OF); results by key. Roles on devices of
+    their own work at the same time. Roles that share devices take turns: a colocate group on GPUs
+    (side by side they would hold both roles' activations on one GPU at once), and on a CPU-only
+    placement every role, since each computes with all of the node's cores (distributed/threads.py)."""
+    if cfg.placement.gpus_per_node == 0 or not calls:
+        return {k: start()() for k, start in calls.items()}
+    lane_of = {role: i for i, group in enumerate(cfg.placement.colocate) for role in group}
+    lanes: dict = {}
+    for k in calls:
+        lanes.setdefault(lane_of.get(ROLE_OF[k], ROLE_OF[k]), []).append(k)
+    out = {}
+    for turn in range(max(len(keys) for keys in lanes.values())):
+        waits = {keys[turn]: calls[keys[turn]]() for keys in lanes.values() if turn < len(keys)}
+        out |= {k: w() for k, w in waits.items()}
+    return out
 
 
 def needs_old_logprobs(cfg: RunConfig) -> bool:
@@ -245,6 +258,10 @@ def learn(cfg: RunConfig, prep: Prepared, groups: dict, sync, pipe, batch, step:
     staleness. `rlhf bench ppo` times this same function."""
     t = time.perf_counter()
     timer = dict(batch.timer)
+    if sync.colocated:  # the engines free the devices for steps 3-5; generation is idle (k = 0)
+        with pipe.engines:
+            sync.sleep_engines()
+        timer["time/sleep"] = time.perf_counter() - t
     exp, metrics = make_experiences(cfg, prep, groups, batch.scored, kl_coef, timer)
     t_train = time.perf_counter()
     metrics |= train(cfg, groups, exp, step, kl_coef, timer)
@@ -252,7 +269,7 @@ def learn(cfg: RunConfig, prep: Prepared, groups: dict, sync, pipe, batch, step:
     # weights reach the engines between two generations (pipeline.sync_weights waits for the one running)
     timer["time/sync"], waited = pipe.sync_weights(step + 1, sync.sync)
     # the step: what the trainer waited for its batch (all of sampling when synchronous), then the rest
-    return metrics | timer | {"time/sync_wait": waited, "time/generate_overlap": overlap, "time/step":
+    return metrics | timer | sync.phase_memory | {"time/sync_wait": waited, "time/generate_overlap": overlap, "time/step":
                               batch.waited + time.perf_counter() - t, "async/staleness": step - batch.version,
                               "async/dropped": pipe.dropped}
 

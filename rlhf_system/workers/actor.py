@@ -43,48 +43,32 @@ class ActorWorker(BaseWorker):
         return str(export_model(self.state.engine, self.state.tokenizer, out, self.state.cfg))
 
     # ------------------------------------------------- weight sync, sender side (weight_sync.py)
-    def ws_open(self, world: int) -> tuple[str, int, list]:
-        from rlhf_system.distributed import weight_sync
+    def ws_open(self, world: int, backend: str) -> tuple[str, int, list]:
+        from rlhf_system.distributed.weight_sync import ActorSender
 
-        bucket_bytes = int(self.state.cfg.rollout.sync_bucket_mb * 2**20)
-        self._ws_plan = weight_sync.plan_buckets([s.meta for s in weight_sync.sources(self.state.engine.module)],
-                                                 bucket_bytes)
-        self._ws_addr, self._ws_port = self.master_endpoint()
-        self._ws_world = world
-        self._ws_backend = weight_sync.backend_for_device()
-        self._ws_listening = None
-        if self._ws_backend == "gloo":  # bound now, on the port it reports
-            self._ws_listening = weight_sync.listen(self._ws_addr, world, self.state.cfg.placement.call_timeout_s)
-            self._ws_port = self._ws_listening.port
-        return self._ws_addr, self._ws_port, self._ws_plan
+        self._ws = ActorSender(self.rank, self.state.cfg)
+        return self._ws.open(self.state.engine.module, world, backend, self.master_endpoint()[0])
 
-    def ws_connect(self) -> int:
-        from rlhf_system.distributed import weight_sync
+    def ws_connect(self, addr: str, port: int, backend: str, world: int, receivers: list[int]) -> int:
+        from rlhf_system.distributed.weight_sync import ActorSender
 
-        self._ws_group, self._ws_store = weight_sync.make_group(
-            self._ws_backend, self._ws_addr, self._ws_port, 0, self._ws_world,
-            self.state.cfg.placement.call_timeout_s, is_master=True, store=self._ws_listening)
-        return 0
+        if getattr(self, "_ws", None) is None:  # ranks > 0 of a colocated sync: only rank 0 opened
+            self._ws = ActorSender(self.rank, self.state.cfg)
+        return self._ws.connect(addr, port, backend, world, receivers)
 
     def ws_send(self, plan: list) -> dict:
-        """Every actor rank calls this (ZeRO-3 gathers are collective); rank 0 broadcasts. The plan
-        comes from the controller because only rank 0 ran `ws_open`. Returns the buckets sent and the
-        rise in this process's memory the sync needed."""
-        from rlhf_system.distributed import weight_sync
-        from rlhf_system.distributed.memory import PeakMemory
+        """Every actor rank calls this (ZeRO-3 gathers are collective). The plan comes from the controller
+        because only rank 0 ran `ws_open`."""
+        from rlhf_system.distributed.weight_sync import ActorSender
 
-        n = 0
-        stage = self.state.cfg.deepspeed.zero_stage
-        with PeakMemory(self.state.engine.device) as peak:
-            for buf in weight_sync.iter_buckets(self.state.engine.module, plan, stage, self.rank == 0):
-                if buf is not None:
-                    weight_sync.broadcast(self._ws_group, self._ws_backend, buf.contiguous())
-                    n += 1
-                del buf  # before the next bucket is gathered: one at a time
-        return {"buckets": n, "peak_rise_bytes": peak.rise}
+        if getattr(self, "_ws", None) is None:  # a rank that only gathers
+            self._ws = ActorSender(self.rank, self.state.cfg)
+        return self._ws.send(self.state.engine.module, plan, self.state.engine.device)
 
     def ws_close(self) -> None:
-        self._ws_group = self._ws_store = self._ws_listening = None
+        if getattr(self, "_ws", None) is not None:
+            self._ws.close()
+        self._ws = None
 
 
 def policy_logprobs(state: RoleState, exp: Experience) -> torch.Tensor:

@@ -63,6 +63,17 @@ class BaseWorker:
             return torch.cuda.max_memory_allocated() / 2**20
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
+    def release_memory(self) -> None:
+        """Hand this process's cached device blocks back to the driver, so an engine colocated on the same
+        GPU can wake into them (the wake-up OOM peers hit when the trainer's allocator keeps them)."""
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def partitions(self) -> list[tuple[str, int, int, int]]:
         """(name, full numel, numel of this rank's partition, numel of the tensor the module holds) per
         parameter of this rank's engine: under ZeRO-3 the module holds 0-size placeholders and the rank

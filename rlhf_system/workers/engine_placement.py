@@ -31,11 +31,24 @@ class EnginePlan:
     executor: str | None = None                # vLLM distributed_executor_backend (None: vLLM's default)
     env: dict[str, str] = field(default_factory=dict)  # set in the engine's process before vLLM starts
     strategy: str = "STRICT_PACK"
+    colocated_bundle: int | None = None        # hybrid engine: its first bundle in the actor's placement group
+
+
+def colocated_share(cfg) -> int:
+    """How many roles share each bundle of the colocate group that holds the rollout engines (0: none)."""
+    for group in cfg.placement.colocate:
+        if "rollout" in group:
+            from rlhf_system.config_checks import roles_for
+
+            return len([r for r in group if r in roles_for(cfg)])
+    return 0
 
 
 def engine_plans(cfg) -> list[EnginePlan]:
     r, p = cfg.rollout, cfg.placement
     tp = r.tensor_parallel_size
+    if colocated_share(cfg):
+        return _colocated_plans(cfg)
     if not on_gpu(p):
         # GPUs hidden (devices.py): on a CUDA host vLLM would otherwise take cuda:0 for a CPU placement.
         return [EnginePlan(i, [], {"num_cpus": 0, "num_gpus": 0}, "mp" if tp > 1 else None, dict(CPU_ONLY_ENV))
@@ -47,6 +60,27 @@ def engine_plans(cfg) -> list[EnginePlan]:
     env = {"VLLM_RAY_BUNDLE_INDICES": ",".join(str(k) for k in range(tp)), "VLLM_RAY_PER_WORKER_GPUS": "1"}
     return [EnginePlan(i, [dict(bundle) for _ in range(tp)], {"num_cpus": 0, "num_gpus": 0}, "ray", dict(env))
             for i in range(r.num_engines)]
+
+
+def _colocated_plans(cfg) -> list[EnginePlan]:
+    """The hybrid engine: engine i's workers sit on bundles i*tp .. i*tp+tp-1 of the actor's placement group,
+    each taking the bundle's GPU share (1 / the roles sharing it), the same devices as actor ranks i*tp..
+    (weight_sync maps actor rank j's buckets into engine worker j). Nothing is reserved apart."""
+    r, p = cfg.rollout, cfg.placement
+    tp, gpu = r.tensor_parallel_size, on_gpu(p)
+    frac = 1.0 / colocated_share(cfg) if gpu else 0.0
+    plans = []
+    for i in range(r.num_engines):
+        env = {} if gpu else dict(CPU_ONLY_ENV)
+        if tp == 1:
+            plans.append(EnginePlan(i, [], {"num_cpus": 0, "num_gpus": frac}, None, env, colocated_bundle=i))
+            continue
+        if gpu:  # vLLM's Ray workers on this engine's bundles of the shared group, each with the share
+            env |= {"VLLM_RAY_BUNDLE_INDICES": ",".join(str(i * tp + k) for k in range(tp)),
+                    "VLLM_RAY_PER_WORKER_GPUS": f"{frac:g}"}
+        plans.append(EnginePlan(i, [], {"num_cpus": 0, "num_gpus": 0}, "ray" if gpu else "mp", env,
+                                colocated_bundle=i * tp))
+    return plans
 
 
 def check_cluster(plans: list[EnginePlan], nodes: list[dict[str, float]]) -> None:
@@ -107,8 +141,9 @@ def release(pgs: list) -> None:
 
 
 def actor_options(plan: EnginePlan, pg) -> dict:
-    """Ray options of the engine actor: its own resources, inside its placement group (bundle 0),
-    capturing child tasks so vLLM's Ray workers land in the same group."""
+    """Ray options of the engine actor: its own resources, inside its placement group (bundle 0, or its
+    bundle of the actor's group when colocated), capturing child tasks so vLLM's Ray workers land in the
+    same group."""
     opts: dict = dict(plan.actor)
     if plan.env:  # from the process's start, before anything in it can look at the devices
         opts["runtime_env"] = {"env_vars": dict(plan.env)}
@@ -116,5 +151,6 @@ def actor_options(plan: EnginePlan, pg) -> dict:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-            placement_group=pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
+            placement_group=pg, placement_group_bundle_index=plan.colocated_bundle or 0,
+            placement_group_capture_child_tasks=True)
     return opts

@@ -9,8 +9,10 @@ each of its roles puts worker i on bundle i with 1/k of the bundle's GPU and CPU
 that take turns (reference inference, then actor training) then share memory instead of each
 needing its own device.
 
-Not built yet: the hybrid engine (vLLM colocated with the trainers, sleeping during training).
-The rollout engines always get their own GPUs (or, on CPU, no reserved slot at all).
+The hybrid engine: with rollout in the actor's colocate group (e.g. [[actor, rollout]]) the engines take
+a share of the actor group's bundles (workers/engine_placement.py) and sleep while the trainers run
+(distributed/weight_sync.py). Otherwise the rollout engines get their own GPUs (or, on CPU, no
+reserved slot at all).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import os
 
 from rlhf_system.config import RunConfig
-from rlhf_system.config_checks import role_slots
+from rlhf_system.config_checks import role_slots, roles_for
 from rlhf_system.workers.group import GroupCallError, WorkerGroup, bundles_for, check_resources, ensure_ray
 
 
@@ -67,9 +69,11 @@ def start_roles(cfg: RunConfig, classes: dict[str, type]) -> tuple[dict[str, Wor
                 continue
             pg = _shared_group(cfg, active, "+".join(active))
             shared.append(pg)
+            # colocated rollout engines (the hybrid engine) take a share of each bundle too
+            share = len(active) + ("rollout" in colocated and "rollout" in roles_for(cfg))
             for role in active:
                 groups[role] = WorkerGroup(role, classes[role], role_slots(cfg, role), cfg.placement,
-                                           placement_group=pg, share=len(active))
+                                           placement_group=pg, share=share)
                 placed.add(role)
         for role, cls in classes.items():
             if role not in placed:

@@ -61,8 +61,23 @@ class RolloutWorker:
                        tensor_parallel_size=r.tensor_parallel_size, distributed_executor_backend=plan.executor,
                        worker_extension_cls=EXTENSION, logprobs_mode="processed_logprobs", **kwargs)
 
+        # Sleep state (the hybrid engine, WeightSync.sleep_engines / sync): what is resident, and whether the
+        # weights are the trained ones. Kept here, not left to vLLM, because vLLM's CPU build ignores
+        # sleep: the same order is then checked on CPU.
+        self.awake = {"weights": True, "kv_cache": True}
+        self.weights_valid = True
+
     def ready(self) -> int:
         return self.index
+
+    def _check_awake(self, what: str, need: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+        asleep = [t for t in need if not self.awake[t]]
+        if asleep:
+            raise RuntimeError(f"rollout engine {self.index}: {what} while its {' and '.join(asleep)} sleep; the "
+                               "controller must wake it first (weight_sync.WeightSync.sync)")
+        if what != "weight sync" and not self.weights_valid:
+            raise RuntimeError(f"rollout engine {self.index}: {what} after a level-2 sleep dropped its weights and "
+                               "before a sync restored them")
 
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, seed: int | None = None,
                  max_new_tokens: int | None = None) -> list[dict]:
@@ -70,6 +85,7 @@ class RolloutWorker:
         from vllm.inputs import TokensPrompt
 
         r = self.cfg.rollout
+        self._check_awake("generate")
 
         def params(k: int) -> SamplingParams:
             # Prompt k of this call gets seeds seed + k*n .. seed + k*n + n-1 (vLLM offsets the n samples):
@@ -96,6 +112,7 @@ class RolloutWorker:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._check_awake("score_sequences")
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=self.cfg.rollout.temperature or 1.0)
         seqs = [TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompt_ids, response_ids)]
         outs = self.llm.generate(seqs, params, use_tqdm=False)
@@ -103,12 +120,16 @@ class RolloutWorker:
                 for o, p, r in zip(outs, prompt_ids, response_ids)]
 
     # weight sync (weight_sync.py has the contract); each call fans out to the engine's workers
-    def ws_join(self, addr: str, port: int, rank_offset: int, world: int, timeout_s: float) -> list[int]:
-        return self.llm.collective_rpc("ws_join", args=(addr, port, rank_offset, world, timeout_s))
+    def ws_join(self, addr: str, port: int, rank_offset: int, world: int, timeout_s: float, backend: str,
+                senders: int) -> list[int]:
+        return self.llm.collective_rpc("ws_join", args=(addr, port, rank_offset, world, timeout_s, backend, senders))
 
-    def ws_receive(self, plan) -> list[int]:
+    def ws_receive(self, plan) -> list[dict]:
+        self._check_awake("weight sync", ("weights",))  # loading into offloaded / discarded weights is lost
         plan = [[(m.name, m.dtype, tuple(m.shape)) for m in bucket] for bucket in plan]
-        return self.llm.collective_rpc("ws_receive", args=(plan,))
+        out = self.llm.collective_rpc("ws_receive", args=(plan,))
+        self.weights_valid = True
+        return out
 
     def ws_close(self) -> None:
         self.llm.collective_rpc("ws_close")
@@ -126,11 +147,29 @@ class RolloutWorker:
     def reset_prefix_cache(self) -> bool:
         return self.llm.reset_prefix_cache()
 
-    def sleep(self) -> None:
-        self.llm.sleep(level=1)
+    def sleep(self, level: int = 1) -> int | None:
+        """Free the device for the trainers (level 1: weights to host memory, KV cache dropped; level 2: both
+        dropped). Returns the smallest free device memory of its workers after it (None on CPU, where
+        vLLM has no sleep mode and this only records the state)."""
+        if on_gpu(self.cfg.placement):
+            if level == 1:
+                _check_host_memory_for_sleep(self.llm, self.index)
+            self.llm.sleep(level=level)
+        self.awake = {"weights": False, "kv_cache": False}
+        self.weights_valid = level == 1
+        return self.device_free_bytes()
 
-    def wake_up(self) -> None:
-        self.llm.wake_up()
+    def wake_up(self, tags: list[str]) -> int | None:
+        """Reallocate `tags` ("weights", "kv_cache"); returns free device memory after it (None on CPU)."""
+        if on_gpu(self.cfg.placement) and not all(self.awake[t] for t in tags):
+            self.llm.wake_up(tags=[t for t in tags if not self.awake[t]])
+        for t in tags:
+            self.awake[t] = True
+        return self.device_free_bytes()
+
+    def device_free_bytes(self) -> int | None:
+        free = [b for b in self.llm.collective_rpc("device_free_bytes") if b is not None]
+        return min(free) if free else None
 
     def shutdown(self) -> None:
         from rlhf_system.models.generate import shutdown_vllm
@@ -138,8 +177,22 @@ class RolloutWorker:
         shutdown_vllm(self.llm)
 
 
+def _check_host_memory_for_sleep(llm, index: int) -> None:
+    """Level-1 sleep copies the engine's weights into host memory; when the node cannot hold them (several
+    engines per node, a large model), say so instead of letting the kernel kill the process."""
+    import psutil
+
+    weights = sum(llm.collective_rpc("weight_bytes"))
+    available = psutil.virtual_memory().available
+    if weights > available:
+        raise RuntimeError(f"rollout engine {index}: a level-1 sleep would copy {weights / 2**30:.1f} GiB of weights "
+                           f"to host memory, but the node has {available / 2**30:.1f} GiB available. Fix: "
+                           "rollout.sleep_level=2 (the weights are dropped and restored by the next sync)")
+
+
 class RolloutGroup:
-    def __init__(self, cfg: RunConfig, model_path: str, engine_cls: type = RolloutWorker):
+    def __init__(self, cfg: RunConfig, model_path: str, engine_cls: type = RolloutWorker, colocated_pg=None):
+        """`colocated_pg`: the actor's placement group, for engines colocated with it (the hybrid engine)."""
         import ray
 
         from rlhf_system.workers.group import ensure_ray
@@ -149,9 +202,12 @@ class RolloutGroup:
         self.cfg, self.timeout = cfg, cfg.placement.call_timeout_s
         self.workers_per_engine = r.tensor_parallel_size
         plans = engine_plans(cfg)
-        self.pgs = reserve(plans, cfg.placement)
+        self.pgs = reserve(plans, cfg.placement)  # none for colocated engines: they use the actor's
+        if any(plan.colocated_bundle is not None for plan in plans) and colocated_pg is None:
+            raise ValueError("colocated rollout engines need the actor's placement group")
         remote = ray.remote(engine_cls)  # engine_cls: a stand-in lets tests drive the dispatch
-        self.engines = [remote.options(**actor_options(plan, pg)).remote(model_path, cfg, plan)
+        self.engines = [remote.options(**actor_options(plan, colocated_pg if plan.colocated_bundle is not None
+                                                       else pg)).remote(model_path, cfg, plan)
                         for plan, pg in zip(plans, self.pgs)]
         try:
             self._wait([e.ready.remote() for e in self.engines], "start")

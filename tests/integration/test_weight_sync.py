@@ -45,10 +45,14 @@ def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
     return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
 
 
-@pytest.mark.parametrize("lora,ranks,zero,bucket_mb", [(False, 1, 2, 64.0), (True, 1, 2, 64.0), (False, 2, 3, 64.0),
-                                                      (False, 1, 2, 0.5), (False, 2, 3, 0.5)],
-                         ids=["full", "lora", "zero3-2ranks", "many-buckets", "many-buckets-zero3"])
-def test_sync_parity(engine, small_model, synthetic_dir, tmp_path, lora, ranks, zero, bucket_mb):
+@pytest.mark.parametrize("lora,ranks,zero,bucket_mb,backend", [
+    (False, 1, 2, 64.0, "gloo"), (True, 1, 2, 64.0, "gloo"), (False, 2, 3, 64.0, "gloo"), (False, 1, 2, 0.5, "gloo"),
+    (False, 2, 3, 0.5, "fake_nccl"), (False, 2, 3, 0.5, "shm")],
+    ids=["full", "lora", "zero3-2ranks", "many-buckets", "nccl-path-many-buckets-zero3", "colocated-shm-zero3"])
+def test_sync_parity(engine, small_model, synthetic_dir, tmp_path, lora, ranks, zero, bucket_mb, backend):
+    """`fake_nccl`: the NCCL branch (StatelessProcessGroup, PyNccl's calls, the event-polled deadline) with the
+    communicator carried over gloo (distributed/fake_nccl.py). `shm`: the colocated engines' path, each of
+    the two actor ranks mapping its buckets by shared memory (only handles cross the socket)."""
     from rlhf_system.distributed.weight_sync import WeightSync
     from rlhf_system.models.generate import hf_generate
     from rlhf_system.workers.actor import ActorWorker
@@ -65,7 +69,7 @@ def test_sync_parity(engine, small_model, synthetic_dir, tmp_path, lora, ranks, 
     try:
         actor = groups["actor"]
         actor.call("setup", cfg, 10)
-        sync = WeightSync(actor, engine, timeout_s=120)
+        sync = WeightSync(actor, engine, timeout_s=120, backend=backend)
         sync.open()
         assert len(sync.plan) >= (4 if bucket_mb < 1 else 1), [len(b) for b in sync.plan]
         sync.sync()  # the engine may hold another test's weights: start from the actor's
@@ -87,6 +91,9 @@ def test_sync_parity(engine, small_model, synthetic_dir, tmp_path, lora, ranks, 
         after = engine.call("score_sequences", prompts, responses)[0]
         diff = _max_diff(after, trained)
         assert diff < TOL, f"vLLM vs actor log-probs after sync differ by {diff:g}"
+        if backend == "shm":  # only handles crossed a socket: well under a kilobyte per bucket and rank
+            model_bytes = sum(m.nbytes for b in sync.plan for m in b)
+            assert 0 < sync.wire_bytes < 1024 * len(sync.plan) * ranks < model_bytes / 10, sync.wire_bytes
 
         out = tmp_path / "hf"
         actor.call("save_hf", str(out))
@@ -114,7 +121,9 @@ def test_engine_computes_with_every_core_of_the_node(engine):
 def test_every_engine_and_tp_worker_gets_the_weights(ray_cluster, small_model, synthetic_dir, tmp_path, engines, tp):
     """Two engines in one rollout group: generation is dispatched to both, one sync reaches both, and
     each then scores like the actor. One engine with tensor_parallel_size=2 (vLLM's multiprocessing
-    executor on CPU, two workers each holding half of every layer): the sync reaches both workers."""
+    executor on CPU, two workers each holding half of every layer): the sync reaches both workers.
+    Over the NCCL code path (fake_nccl): each worker joins on its own sync rank (the fake refuses two
+    processes on one rank), 1 .. engines x tp."""
     from rlhf_system.distributed.weight_sync import WeightSync
     from rlhf_system.workers.actor import ActorWorker
     from rlhf_system.workers.placement import start_roles, stop_roles
@@ -131,7 +140,7 @@ def test_every_engine_and_tp_worker_gets_the_weights(ray_cluster, small_model, s
         assert [len(workers) for workers in rollout.call("num_threads")] == [tp] * engines  # vLLM workers
         actor = groups["actor"]
         actor.call("setup", cfg, 10)
-        sync = WeightSync(actor, rollout, timeout_s=120)
+        sync = WeightSync(actor, rollout, timeout_s=120, backend="fake_nccl")
         sync.open()
         gen = rollout.generate(prompt_ids, n=2, temperature=1.0, seed=1)
         assert len(gen) == 2 * len(prompt_ids)
@@ -145,6 +154,9 @@ def test_every_engine_and_tp_worker_gets_the_weights(ray_cluster, small_model, s
         for e, before in enumerate(rollout.call("score_sequences", prompts, responses)):
             assert _max_diff(before, trained) > 1e-2, f"engine {e}: the update did not move the weights"
         sync.sync()
+        ranks = sorted(w["rank"] for w in sync.received)
+        assert {w["backend"] for w in sync.received} == {"fake_nccl"}
+        assert ranks == list(range(1, 1 + engines * tp)), ranks
         for e, after in enumerate(rollout.call("score_sequences", prompts, responses)):
             diff = _max_diff(after, trained)
             assert diff < TOL, f"engine {e}: vLLM vs actor log-probs after sync differ by {diff:g}"
