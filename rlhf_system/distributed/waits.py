@@ -57,7 +57,10 @@ def wait_all(refs: list, names: list[str], timeout: float, what: str, error: typ
     results, errors, running = collect(refs, timeout, stop_on_error)
     if errors:
         first, also = blame(errors, running, names)
-        raise error(f"{what}: {names[first]} failed{also}: {errors[first]}") from None
+        e = errors[first]
+        cause = getattr(e, "cause", None)  # a task's own exception: its words, not Ray's traceback
+        why = f"{type(cause).__name__}: {cause}" if cause is not None else str(e)
+        raise error(f"{what}: {names[first]} failed{also}: {why}") from None
     if running:
         late = ", ".join(dict.fromkeys(names[i] for i in running))
         raise error(f"{what}: {late} did not answer within {timeout:g}s")

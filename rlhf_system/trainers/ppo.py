@@ -269,7 +269,9 @@ def learn(cfg: RunConfig, prep: Prepared, groups: dict, sync, pipe, batch, step:
     # weights reach the engines between two generations (pipeline.sync_weights waits for the one running)
     timer["time/sync"], waited = pipe.sync_weights(step + 1, sync.sync)
     # the step: what the trainer waited for its batch (all of sampling when synchronous), then the rest
-    return metrics | timer | sync.phase_memory | {"time/sync_wait": waited, "time/generate_overlap": overlap, "time/step":
+    if sync.colocated:  # bytes that crossed a socket in the sync (handles only) and free memory per phase
+        metrics |= sync.phase_memory | {"hybrid/sync_wire_bytes": sync.wire_bytes}
+    return metrics | timer | {"time/sync_wait": waited, "time/generate_overlap": overlap, "time/step":
                               batch.waited + time.perf_counter() - t, "async/staleness": step - batch.version,
                               "async/dropped": pipe.dropped}
 

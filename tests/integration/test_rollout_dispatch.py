@@ -63,3 +63,38 @@ def test_a_failed_engine_is_named_by_its_index_not_its_chunk(ray_cluster, engine
     finally:
         group.shutdown()
     assert f"engine {broken} failed" in str(err.value) and f"engine {broken} is broken" in str(err.value)
+
+
+# ------------------------------------------------------------------ weight sync: who failed, how fast
+class _StuckSender:
+    """An actor rank whose send waits for a receiver that never comes (until its own deadline)."""
+
+    def ws_send(self, plan):
+        time.sleep(60)
+
+
+class _RaisingEngine:
+    def ws_receive(self, plan):
+        time.sleep(0.2)
+        raise RuntimeError("vLLM reload failed on this engine")
+
+
+def test_an_engine_that_raises_mid_sync_is_named_at_once_not_after_the_senders_deadline(ray_cluster):
+    """The sender of a broadcast is stuck until its own deadline when a receiver stops; the controller
+    reports the engine's error as soon as it arrives, naming it."""
+    import ray
+
+    from rlhf_system.distributed.weight_sync import WeightSync, WeightSyncError
+
+    actor = type("G", (), {"workers": [ray.remote(_StuckSender).remote()]})()
+    engines = [ray.remote(_RaisingEngine).remote()]
+    rollout = type("R", (), {"engines": engines})()
+    sync = WeightSync(actor, rollout, timeout_s=120, backend="fake_nccl")
+    sync.plan = []
+    t = time.monotonic()
+    with pytest.raises(WeightSyncError, match=r"weight sync 'send': engine 0 failed \(also: actor rank 0 \(still "
+                                              r"running\)\).*vLLM reload failed on this engine"):
+        sync.sync()
+    assert time.monotonic() - t < 20
+    for a in actor.workers + engines:
+        ray.kill(a)
