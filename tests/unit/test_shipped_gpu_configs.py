@@ -69,7 +69,8 @@ def test_the_shipped_gpu_configs_are_the_ones_expected():
     names = {f"{f.parent.name}/{f.name}" for f in gpu_configs()}
     assert names == {"sft/llama3-8b-2x8gpu.yaml", "sft/qlora-8b-1gpu.yaml", "rm/llama3-8b-2x8gpu.yaml",
                      "dpo/llama3-8b-2x8gpu.yaml", "ppo/llama3-8b-colocated-2x8gpu.yaml",
-                     "ppo/llama3-8b-rm13b-2x8gpu.yaml", "grpo/qwen-7b-math-2x8gpu.yaml"}
+                     "ppo/llama3-8b-rm13b-2x8gpu.yaml", "grpo/qwen-7b-math-2x8gpu.yaml",
+                     "grpo/qwen-7b-math-hybrid-1x8gpu.yaml"}
 
 
 @pytest.mark.parametrize("config", gpu_configs(), ids=lambda f: f"{f.parent.name}/{f.name}")
