@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 
 def interface_of(ip: str) -> str | None:
@@ -27,9 +28,8 @@ def pin_gloo_interface() -> str | None:
     """Set GLOO_SOCKET_IFNAME (unless set) to the interface of this Ray node's address; returns it."""
     if os.environ.get("GLOO_SOCKET_IFNAME"):
         return os.environ["GLOO_SOCKET_IFNAME"]
-    import ray
-
-    if not ray.is_initialized():
+    ray = sys.modules.get("ray")  # not imported: no Ray here (an in-process worker), and none needed
+    if ray is None or not ray.is_initialized():
         return None
     name = interface_of(ray.util.get_node_ip_address())
     if name:

@@ -272,6 +272,7 @@ class ActorSender:
         from rlhf_system.distributed.memory import PeakMemory
 
         n = 0
+        wire_before = self.link.wire_bytes if self.link is not None else 0
         with PeakMemory(device) as peak:
             for buf in iter_buckets(module, plan, self.cfg.deepspeed.zero_stage, self.link is not None):
                 if buf is not None:
@@ -280,7 +281,7 @@ class ActorSender:
                 del buf  # before the next bucket is gathered: one at a time
             if self.link is not None:
                 self.link.finish()
-        wire = self.link.wire_bytes if self.link is not None else 0
+        wire = self.link.wire_bytes - wire_before if self.link is not None else 0  # this sync's
         return {"buckets": n, "peak_rise_bytes": peak.rise, "wire_bytes": wire}
 
     def close(self) -> None:

@@ -82,6 +82,7 @@ def test_k0_pipeline_and_the_hybrid_engine_follow_the_synchronous_trajectory(ray
                 assert math.isclose(w[k], g[k], rel_tol=0, abs_tol=1e-6), (run, step, k, w[k], g[k])
         if run == "colocated":  # the engine slept through the trainers' phases; only handles crossed sockets
             assert all(m["time/sleep"] >= 0 and 0 < m["hybrid/sync_wire_bytes"] < 64 * 1024 for m in got), got
+            assert len({m["hybrid/sync_wire_bytes"] for m in got}) == 1, "each sync moves the same handles"
         b = load_file(tmp_path / run / "hf" / "model.safetensors")
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"{run}: {k}")

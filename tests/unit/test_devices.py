@@ -133,3 +133,15 @@ def test_optimizer_offload_needs_a_zero_stage(tmp_path):
     with pytest.raises(ConfigError, match="deepspeed.offload_optimizer=true needs deepspeed.zero_stage 1, 2 or 3"):
         load_config(p, ["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"])
     assert load_config(p, ["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true"]).deepspeed.offload_optimizer
+
+
+def test_an_in_process_worker_never_imports_ray():
+    """The local launcher runs where Ray is not installed (a GPU image with torch alone): joining the
+    process group must not import it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from rlhf_system.distributed.net import pin_gloo_interface; "
+            "assert pin_gloo_interface() is None; assert 'ray' not in sys.modules")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "GLOO_SOCKET_IFNAME"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
