@@ -50,14 +50,6 @@ def dist_backend(gpu: bool) -> str:
     return "nccl" if gpu else "gloo"
 
 
-def visible_gpus() -> int:
-    """CUDA devices this process could use, without initialising CUDA (NVML-based count)."""
-    try:
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # a broken driver install is "no GPU" for a CPU placement's purposes
-        return 0
-
-
 def all_reduce_sum(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """Sum `t` over the default process group, reduced on `device` (the rank's engine device), and
     return the result on `t`'s own device. NCCL only maps CUDA tensors: a CPU tensor reduced on an

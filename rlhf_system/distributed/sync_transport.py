@@ -130,10 +130,17 @@ class Sender(_Link):
     """An actor rank's side. Broadcast backends: only actor rank 0 (sync rank 0) sends. Mapped backends:
     every actor rank r sends its own copy to the engine workers mapped from it (`sources`)."""
 
+    def __init__(self, backend: str, rank: int, world: int, timeout_s: float):
+        super().__init__(backend, rank, world, timeout_s)
+        self._listen: socket.socket | None = None  # rank 0's bound socket until the store takes it
+        self._files: list[str] = []               # shared-memory files published and not yet unlinked
+        self.receivers: list[int] = []
+        self.sent = 0
+
     @classmethod
     def listen(cls, backend: str, addr: str, world: int, timeout_s: float) -> Sender:
         s = cls(backend, 0, world, timeout_s)
-        s.addr, s._listen = addr, _listening_socket(addr)
+        s._listen = _listening_socket(addr)
         s.port = s._listen.getsockname()[1]
         return s
 
@@ -141,8 +148,7 @@ class Sender(_Link):
         """Rendezvous (blocks until the receivers join, for broadcast backends). `receivers`: for mapped
         backends, the sync ranks of the engine workers that map this rank's buckets."""
         self.rank, self.receivers, self.sent = rank, receivers or [], 0
-        self._files: list[str] = []
-        self._connect(addr, port, getattr(self, "_listen", None))
+        self._connect(addr, port, self._listen)
         self._listen = None
 
     def send(self, buf: torch.Tensor) -> None:
@@ -181,7 +187,10 @@ class Sender(_Link):
             os.unlink(self._files.pop())
 
     def close(self) -> None:
-        for path in getattr(self, "_files", []):
+        if self._listen is not None:  # opened, never connected
+            self._listen.close()
+            self._listen = None
+        for path in self._files:
             if os.path.exists(path):
                 os.unlink(path)
         self._files = []

@@ -33,8 +33,8 @@ Order of calls (the controller, trainers/ppo.py, drives it through `WeightSync`)
            for their weights only, and for the KV cache after the load (`sleep_engines` put them to sleep
            before the trainers' phases; the actor ranks release their cached device memory first).
            Every actor rank runs `ws_send(plan)` (under ZeRO-3 each bucket is a collective gather; rank 0
-           broadcasts, or every rank maps its copy when colocated) while every engine runs `ws_receive(plan)`. Same deadline rule as 2. Memory is
-           bounded by the bucket on both sides: the sender holds one gathered, flattened bucket at a
+           broadcasts, or every rank maps its copy when colocated) while every engine runs
+           `ws_receive(plan)`. Same deadline rule as 2. Memory is bounded by the bucket on both sides: the sender holds one gathered, flattened bucket at a
            time; the engine loads each bucket as it arrives, so beyond its own weights it holds the
            bucket in flight (and, while a vLLM layer whose weights straddle two buckets waits for the
            rest, the one before). Both report the rise they measured.

@@ -43,30 +43,29 @@ class ActorWorker(BaseWorker):
         return str(export_model(self.state.engine, self.state.tokenizer, out, self.state.cfg))
 
     # ------------------------------------------------- weight sync, sender side (weight_sync.py)
-    def ws_open(self, world: int, backend: str) -> tuple[str, int, list]:
+    _ws = None  # this rank's weight_sync.ActorSender: made by ws_open (rank 0) or the first other verb
+
+    def _sender(self):
         from rlhf_system.distributed.weight_sync import ActorSender
 
-        self._ws = ActorSender(self.rank, self.state.cfg)
-        return self._ws.open(self.state.engine.module, world, backend, self.master_endpoint()[0])
+        if self._ws is None:  # ranks > 0 never open: they connect (colocated) or only gather
+            self._ws = ActorSender(self.rank, self.state.cfg)
+        return self._ws
+
+    def ws_open(self, world: int, backend: str) -> tuple[str, int, list]:
+        self.ws_close()
+        return self._sender().open(self.state.engine.module, world, backend, self.node_address())
 
     def ws_connect(self, addr: str, port: int, backend: str, world: int, receivers: list[int]) -> int:
-        from rlhf_system.distributed.weight_sync import ActorSender
-
-        if getattr(self, "_ws", None) is None:  # ranks > 0 of a colocated sync: only rank 0 opened
-            self._ws = ActorSender(self.rank, self.state.cfg)
-        return self._ws.connect(addr, port, backend, world, receivers)
+        return self._sender().connect(addr, port, backend, world, receivers)
 
     def ws_send(self, plan: list) -> dict:
         """Every actor rank calls this (ZeRO-3 gathers are collective). The plan comes from the controller
         because only rank 0 ran `ws_open`."""
-        from rlhf_system.distributed.weight_sync import ActorSender
-
-        if getattr(self, "_ws", None) is None:  # a rank that only gathers
-            self._ws = ActorSender(self.rank, self.state.cfg)
-        return self._ws.send(self.state.engine.module, plan, self.state.engine.device)
+        return self._sender().send(self.state.engine.module, plan, self.state.engine.device)
 
     def ws_close(self) -> None:
-        if getattr(self, "_ws", None) is not None:
+        if self._ws is not None:
             self._ws.close()
         self._ws = None
 

@@ -13,14 +13,18 @@ class BaseWorker:
     engine = None  # this rank's DeepSpeed engine, set by the role's `setup` (the checkpoint verbs use it)
     data = None    # data/rank_data.RankData of the SFT, RM and DPO workers: a stream's position is checkpointed
 
+    def node_address(self) -> str:
+        """This process's address as its peers reach it (Ray's node address; loopback without Ray)."""
+        import sys
+
+        ray = sys.modules.get("ray")
+        return ray.util.get_node_ip_address() if ray is not None and ray.is_initialized() else "127.0.0.1"
+
     def master_endpoint(self) -> tuple[str, int]:
         """Rank 0's reachable address and a free port for the process-group rendezvous."""
-        import ray
-
         from rlhf_system.distributed.deepspeed import free_port
 
-        addr = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
-        return addr, free_port()
+        return self.node_address(), free_port()
 
     def init_dist(self, rank: int, world_size: int, addr: str, port: int | None, gpu: bool = False) -> int:
         """Join the role's process group: NCCL when the placement has GPUs (`gpu`), else gloo."""
