@@ -38,8 +38,8 @@ class ModelConfig(_Section):
     path: str = Field("", description="HF model folder or hub id of the policy / trained model.")
     tokenizer_path: str = Field("", description="Tokenizer folder; empty means `path`.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: bfloat16 on CUDA, float32 on CPU (bf16 is ~40x slower per token on "
-        "CPUs without AVX-512 BF16).")
+        "auto", description="auto: bfloat16 on CUDA and on CPUs with bf16 matrix instructions (AMX, AVX-512 "
+        "BF16), float32 on other CPUs (where bf16 is emulated, slower than fp32).")
     trust_remote_code: bool = False
     allow_pickle: bool = Field(False, description="Load pickled weights (pytorch_model.bin); unpickling can run "
                                "code, so only safetensors load unless this is true.")
@@ -64,7 +64,11 @@ class ModelConfig(_Section):
             import torch  # local: resolving `auto` is the only hardware question this file asks
 
             gpu = torch.cuda.is_available()
-        return "bfloat16" if gpu else "float32"
+        if gpu:
+            return "bfloat16"
+        from rlhf_system.cpu_features import cpu_bf16
+
+        return "bfloat16" if cpu_bf16() else "float32"
 
 
 # ------------------------------------------------------------------------------------ peft/quant
@@ -145,6 +149,16 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     global_batch_size: int = Field(32, ge=1, description="Samples per optimizer step, all ranks.")
     micro_batch_size: int = Field(4, ge=1, description="Samples per forward/backward per rank.")
+    max_tokens_per_micro_batch: int = Field(
+        0, ge=0, description="PPO: fill each micro-batch up to this many tokens (prompt + response) instead of "
+        "micro_batch_size rows, balanced by Karmarkar-Karp; ranks agree on the count. 0: fixed rows. Needs "
+        "padding_free (a token budget counts real tokens).")
+    padding_free: bool | Literal["auto"] = Field(
+        "auto", description="PPO: the actor/critic/reference forwards pack each micro-batch's sequences into one "
+        "row without padding (position ids restart per sequence). auto: on with flash_attention_2 (varlen "
+        "kernel), off otherwise (sdpa/eager then attend through a dense block-diagonal mask).")
+    balance_ranks: bool = Field(True, description="PPO: deal each step's sequences to data-parallel ranks so that "
+                                "every rank gets the same row count and near-equal tokens (Karmarkar-Karp).")
     epochs: int = Field(1, ge=1)
     max_steps: int = Field(-1, ge=-1, description="-1: run the epochs.")
     eval_every: int = Field(0, ge=0, description="Steps between evaluations; 0: at the end only.")
@@ -159,6 +173,12 @@ class TrainConfig(_Section):
                               "(mean@n and pass@k are over these), beside the greedy one.")
     eval_pass_k: list[int] = Field(default_factory=lambda: [1, 4], description="PPO evaluation: the k of pass@k; "
                                    "each at most train.eval_samples.")
+
+    def flat(self, attn_implementation: str) -> bool:
+        """Whether the PPO forwards use the padding-free layout (workers/sequences.py)."""
+        if self.padding_free == "auto":
+            return attn_implementation == "flash_attention_2"
+        return self.padding_free
 
 
 class OptimConfig(_Section):

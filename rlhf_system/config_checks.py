@@ -73,6 +73,10 @@ def problems(cfg) -> list[str]:
             errors.append(f"train.global_batch_size={t.global_batch_size} is not divisible by placement.critic="
                           f"{cfg.placement.critic} x train.micro_batch_size={t.micro_batch_size}. Fix: use a "
                           f"multiple of {cfg.placement.critic * t.micro_batch_size}")
+        if t.max_tokens_per_micro_batch and not t.flat(cfg.model.attn_implementation):
+            errors.append(f"train.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch} budgets real tokens, "
+                          f"but train.padding_free={t.padding_free} pads each micro-batch (with "
+                          f"model.attn_implementation={cfg.model.attn_implementation}). Fix: train.padding_free=true")
         kl = cfg.algorithm.kl
         a = cfg.algorithm
         if kl.coef > 0 and kl.in_reward and a.estimator in ("grpo", "dr_grpo"):

@@ -50,6 +50,15 @@ def dist_backend(gpu: bool) -> str:
     return "nccl" if gpu else "gloo"
 
 
+def all_reduce_max(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`all_reduce_sum`'s twin for the maximum (counts the ranks must agree on)."""
+    import torch.distributed as dist
+
+    x = t.to(device)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x.to(t.device)
+
+
 def all_reduce_sum(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """Sum `t` over the default process group, reduced on `device` (the rank's engine device), and
     return the result on `t`'s own device. NCCL only maps CUDA tensors: a CPU tensor reduced on an

@@ -149,7 +149,7 @@ def check_dtype_supported(dtype: str) -> None:
     acc = get_accelerator()
     if dtype == "float16" and not acc.is_fp16_supported():
         raise ConfigError(f"model.dtype=float16 is not supported on this worker's device ({acc.device_name()}). "
-                          "Fix: model.dtype=bfloat16 or float32 (auto picks bfloat16 on GPU, float32 on CPU)")
+                          "Fix: model.dtype=bfloat16 or float32 (auto picks bfloat16 on GPU and bf16-capable CPUs, else float32)")
 
 
 def load_pretrained(auto_class, cfg: ModelConfig, path: str, task_type: str, peft: PeftConfig | None = None,

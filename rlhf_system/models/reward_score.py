@@ -75,7 +75,7 @@ def check_reward_model(path: str | Path, field: str = "--reward-model") -> str:
 
 def load_reward_scorer(path: str | Path, quant: str = "none", template: str = "chat",
                        batch_size: int = 16) -> RewardScorer:
-    """The reward model at `path` in eval mode: float32 on CPU (bf16 on CUDA), or 4bit / 8bit."""
+    """The reward model at `path` in eval mode, in `model.dtype: auto`'s dtype (config.py), or 4bit / 8bit."""
     from rlhf_system.config import ModelConfig
     from rlhf_system.data.tokenize import check_template
     from rlhf_system.models.load import load_reward_model, load_tokenizer

@@ -38,6 +38,7 @@ import torch
 
 from rlhf_system import checkpoint
 from rlhf_system.algorithms.advantages import compute_advantages
+from rlhf_system.algorithms.balance import rank_order
 from rlhf_system.algorithms.kl import kl_penalty, make_kl_controller
 from rlhf_system.algorithms.logprobs import masked_mean, masked_sum
 from rlhf_system.algorithms.packing import pack, unpack
@@ -196,11 +197,11 @@ def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, got, kl_coef:
     t = time.perf_counter()
     calls = {}
     if needs_old_logprobs(cfg):
-        calls["old"] = lambda: groups["actor"].submit_sharded("logprobs", exp)
+        calls["old"] = lambda: sharded(cfg, groups["actor"], "logprobs", exp)
     if "reference" in groups:
-        calls["ref"] = lambda: groups["reference"].submit_sharded("logprobs", exp)
+        calls["ref"] = lambda: sharded(cfg, groups["reference"], "logprobs", exp)
     if "critic" in groups:
-        calls["values"] = lambda: groups["critic"].submit_sharded("values", exp)
+        calls["values"] = lambda: sharded(cfg, groups["critic"], "values", exp)
     got = in_turn_or_together(cfg, calls)
     timer["time/inference"] = time.perf_counter() - t
 
@@ -234,11 +235,31 @@ def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, got, kl_coef:
     return exp, metrics
 
 
+def sharded(cfg: RunConfig, group, method: str, exp: Experience, *args, by_rank: bool = False):
+    """`group.submit_sharded` with the rows dealt so that every rank gets near-equal tokens
+    (train.balance_ranks; algorithms/balance.py), not contiguous shares whose lengths happen to differ;
+    per-row results come back in `exp`'s row order."""
+    if not cfg.train.balance_ranks or group.world_size == 1:
+        return group.submit_sharded(method, exp, *args, by_rank=by_rank)
+    perm = torch.tensor(rank_order((exp.prompt_lens + exp.response_lens).tolist(), group.world_size))
+    wait = group.submit_sharded(method, exp.select(perm), *args, by_rank=by_rank)
+    if by_rank:
+        return wait
+
+    def in_row_order():
+        got = wait()
+        out = torch.empty_like(got)
+        out[perm] = got
+        return out
+
+    return in_row_order
+
+
 def train(cfg: RunConfig, groups: dict, exp: Experience, step: int, kl_coef: float, timer: dict) -> dict:
     t = time.perf_counter()
-    calls = {"actor": lambda: groups["actor"].submit_sharded("update", exp, step, kl_coef, by_rank=True)}
+    calls = {"actor": lambda: sharded(cfg, groups["actor"], "update", exp, step, kl_coef, by_rank=True)}
     if "critic" in groups:
-        calls["critic"] = lambda: groups["critic"].submit_sharded("update", exp, step, by_rank=True)
+        calls["critic"] = lambda: sharded(cfg, groups["critic"], "update", exp, step, by_rank=True)
     metrics: dict = {}
     for per_rank in in_turn_or_together(cfg, calls).values():  # per-rank metric dicts: average them
         for k in per_rank[0]:

@@ -14,7 +14,7 @@ from rlhf_system.algorithms.kl import kl_penalty
 from rlhf_system.algorithms.logprobs import masked_mean, masked_sum
 from rlhf_system.data.experience import Experience
 from rlhf_system.workers.base import BaseWorker
-from rlhf_system.workers.sequences import batched, policy_forward
+from rlhf_system.workers.sequences import batched, lengths, micro_batches, policy_forward
 from rlhf_system.workers.update import RoleState, one_optimizer_step, run_update, temperature
 
 
@@ -72,9 +72,11 @@ class ActorWorker(BaseWorker):
 
 def policy_logprobs(state: RoleState, exp: Experience) -> torch.Tensor:
     """Response log-probs of a frozen-for-now policy (actor old log-probs, reference log-probs)."""
-    t = temperature(state.cfg)
+    cfg = state.cfg
+    t, flat = temperature(cfg), cfg.train.flat(cfg.model.attn_implementation)
     state.engine.eval()
-    return batched(lambda b: policy_forward(state.engine, b, t)[0], exp, state.cfg.train.micro_batch_size)
+    parts = micro_batches(cfg.train, lengths(exp), state.engine.device, state.world)
+    return batched(lambda b: policy_forward(state.engine, b, t, flat=flat)[0], exp, parts)
 
 
 POLICY_LOSSES = {"ppo": losses.policy_loss_ppo, "gspo": grpo_family.policy_loss_gspo,
@@ -96,11 +98,12 @@ def actor_update(state: RoleState, exp: Experience, step: int, kl_coef: float) -
         raise ValueError("actor update: old log-probs are missing but this step makes several optimiser steps")
 
     norm_len = state.cfg.rollout.episode_tokens  # Dr. GRPO's constant (loss_agg=seq_sum_norm): the budget
+    flat = state.cfg.train.flat(state.cfg.model.attn_implementation)
 
     def loss_fn(batch: Experience):
         dev = state.engine.device
         mask = batch.policy_mask.to(dev)
-        lp, ent = policy_forward(state.engine, batch, t, with_entropy=a.entropy_coef > 0)
+        lp, ent = policy_forward(state.engine, batch, t, with_entropy=a.entropy_coef > 0, flat=flat)
         # One optimiser step per rollout: the policy is still the rollout-time one, so its own
         # log-probs, detached, are the old ones (the ratio is 1 in value, its gradient is the PG's).
         old = batch.old_logprobs.to(dev) if batch.old_logprobs is not None else lp.detach()

@@ -12,7 +12,7 @@ from rlhf_system.algorithms import losses
 from rlhf_system.config import RunConfig
 from rlhf_system.data.experience import Experience
 from rlhf_system.workers.base import BaseWorker
-from rlhf_system.workers.sequences import batched, value_forward
+from rlhf_system.workers.sequences import batched, lengths, micro_batches, value_forward
 from rlhf_system.workers.update import RoleState, run_update
 
 
@@ -55,15 +55,19 @@ class CriticWorker(BaseWorker):
 
     def values(self, exp: Experience) -> torch.Tensor:
         """(B, T) values V(s_t) before each response token."""
-        self.state.engine.eval()
-        return batched(lambda b: value_forward(self.state.engine, b), exp, self.state.cfg.train.micro_batch_size)
+        state, cfg = self.state, self.state.cfg
+        flat = cfg.train.flat(cfg.model.attn_implementation)
+        state.engine.eval()
+        parts = micro_batches(cfg.train, lengths(exp), state.engine.device, state.world)
+        return batched(lambda b: value_forward(state.engine, b, flat=flat), exp, parts)
 
     def update(self, exp: Experience, step: int) -> dict:
         a = self.state.cfg.algorithm
+        flat = self.state.cfg.train.flat(self.state.cfg.model.attn_implementation)
 
         def loss_fn(batch: Experience):
             dev = self.state.engine.device
-            v = value_forward(self.state.engine, batch)
+            v = value_forward(self.state.engine, batch, flat=flat)
             loss, metrics = losses.value_loss(v, batch.values.to(dev), batch.returns.to(dev),
                                               batch.policy_mask.to(dev), clip=a.value_clip, agg=a.loss_agg,
                                               norm_len=self.state.cfg.rollout.episode_tokens)

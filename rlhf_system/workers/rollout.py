@@ -54,8 +54,13 @@ class RolloutWorker:
                 node_cores(), index, r.num_engines, r.tensor_parallel_size))
             os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
         self.index, self.cfg = index, cfg
-        # On GPU the engine runs in the policy's training dtype (what the sync sends), not the checkpoint's.
-        dtype = cfg.train_dtype() if gpu else "float32"
+        # The engine runs in the policy's training dtype (what the sync sends), not the checkpoint's: bf16 on
+        # GPUs and on CPUs with bf16 matrix units; a CPU without them emulates bf16 (slower than fp32), so an
+        # explicit model.dtype=bfloat16 there still samples in fp32. The trainer/engine gap this leaves is
+        # the TIS / masked-IS correction's (algorithm.tis_cap), and shows in logprob_mismatch.
+        from rlhf_system.cpu_features import cpu_bf16
+
+        dtype = cfg.train_dtype() if gpu or cpu_bf16() else "float32"
         self.llm = LLM(model=model_path, dtype=dtype, enforce_eager=r.enforce_eager or not gpu,
                        max_model_len=cfg.data.max_prompt_len + r.episode_tokens, seed=r.seed + index,
                        tensor_parallel_size=r.tensor_parallel_size, distributed_executor_backend=plan.executor,

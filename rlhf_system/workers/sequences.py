@@ -1,7 +1,13 @@
 """The forwards that score (prompt, response) sequences on a rank: response log-probs of a policy,
 per-token values of a critic. Used by the PPO role workers (actor.py, reference.py, critic.py).
 
-Micro-batches are cut from rows sorted by length (`length_order`), so each carries little padding.
+Two layouts, the same numbers (tests/unit/test_rl_forward_layouts.py, 1e-5 in fp32):
+- padded: the Experience's (B, L) rows with an attention mask. Micro-batches are cut from rows sorted
+  by length (`micro_batches`), so each carries little padding.
+- flat (`train.padding_free`): each row's real tokens concatenated into one (1, N) row, position ids
+  restarting per row and no mask, the layout transformers reads as packed sequences (FA2's varlen
+  kernel on GPU; a block-diagonal mask elsewhere). No FLOP goes to padding, and only the positions
+  that predict a response token are projected to the vocabulary.
 """
 
 from __future__ import annotations
@@ -19,14 +25,53 @@ def _at_response(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx)
 
 
-def policy_forward(engine, batch: Experience, temperature: float = 1.0,
-                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+class Flat:
+    """The flat layout of a batch: (1, N) input ids and position ids, and `at` (K,), the flat positions
+    that predict the response tokens, row by row (the order of `batch.response_mask`'s ones)."""
+
+    def __init__(self, batch: Experience):
+        lens = (batch.prompt_lens + batch.response_lens).tolist()
+        starts = [0]
+        for n in lens[:-1]:
+            starts.append(starts[-1] + n)
+        self.input_ids = torch.cat([batch.sequences[b, :n] for b, n in enumerate(lens)])[None]
+        self.position_ids = torch.cat([torch.arange(n) for n in lens])[None]
+        self.at = torch.cat([torch.arange(int(r)) + s + int(p) - 1 for s, p, r in zip(
+            starts, batch.prompt_lens.tolist(), batch.response_lens.tolist())]).long()
+        self.mask = batch.response_mask.bool()
+
+    def scatter(self, values: torch.Tensor) -> torch.Tensor:
+        """(K,) per predicted token -> (B, T), 0 past each response."""
+        out = values.new_zeros(self.mask.shape)
+        out[self.mask.to(values.device)] = values
+        return out
+
+
+def _flat_forward(engine, flat: Flat, **kwargs):
+    device = engine.device
+    # use_cache=False: transformers finds the packed rows' boundaries from restarting position ids only
+    # without a cache (as for the SFT flat layout, data/collate.py)
+    out = engine(input_ids=flat.input_ids.to(device), position_ids=flat.position_ids.to(device), use_cache=False,
+                 **kwargs)
+    return out
+
+
+def policy_forward(engine, batch: Experience, temperature: float = 1.0, with_entropy: bool = False,
+                   flat: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (B, T) of the response tokens under `engine`'s model at `temperature` (the sampling
     temperature, so they are comparable with vLLM's), and optionally the per-token entropy.
 
     Only the suffix of positions that predict some response token is projected to the vocabulary
     (`logits_to_keep`, the model's own forward, so logit soft-capping or scaling still apply): the
-    prompt positions before the shortest prompt never get (B, L, V) logits."""
+    prompt positions before the shortest prompt never get (B, L, V) logits. flat: the padding-free
+    layout (`Flat`), where exactly the predicting positions are projected."""
+    if flat:
+        layout = Flat(batch)
+        logits = _flat_forward(engine, layout, logits_to_keep=layout.at.to(engine.device)).logits  # (1, K, V)
+        ids = batch.response_ids[layout.mask][None].to(logits.device)
+        lp = layout.scatter(token_logprobs(logits, ids, temperature)[0])
+        ent = layout.scatter(entropy_from_logits(logits, temperature)[0]) if with_entropy else None
+        return lp, ent
     device = engine.device
     L = batch.sequences.shape[1]
     keep = L - max(0, int(batch.prompt_lens.min()) - 1)
@@ -38,16 +83,21 @@ def policy_forward(engine, batch: Experience, temperature: float = 1.0,
     return lp, ent
 
 
-def value_forward(engine, batch: Experience) -> torch.Tensor:
+def value_forward(engine, batch: Experience, flat: bool = False) -> torch.Tensor:
     """Per-token values (B, T) from a sequence-classification model's score head applied at every
     position (the critic): V(s_t) for the state before each response token."""
-    device = engine.device
-    out = engine(input_ids=batch.sequences.to(device), attention_mask=batch.attention_mask.to(device),
-                 output_hidden_states=True, use_cache=False)
     module = engine.module
     head = getattr(module, "score", None)
     if head is None:
         head = module.get_submodule("base_model.model.score")  # peft-wrapped classifier
+    if flat:
+        layout = Flat(batch)
+        last = _flat_forward(engine, layout, output_hidden_states=True).hidden_states[-1]
+        hidden = last[0, layout.at.to(last.device)]
+        return layout.scatter(head(hidden).squeeze(-1).float())
+    device = engine.device
+    out = engine(input_ids=batch.sequences.to(device), attention_mask=batch.attention_mask.to(device),
+                 output_hidden_states=True, use_cache=False)
     hidden = _at_response(out.hidden_states[-1], batch.gather_index)
     return head(hidden).squeeze(-1).float()
 
@@ -56,19 +106,40 @@ def micro_slices(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def micro_batches(train, lengths: torch.Tensor, device, world: int) -> list[torch.Tensor]:
+    """Positions into `lengths` (each row's tokens) cut into micro-batches, as `train` (TrainConfig) says:
+    - micro_batch_size rows, from rows sorted by length (each micro-batch carries little padding);
+    - max_tokens_per_micro_batch: as few micro-batches as fit the budget, balanced by tokens
+      (algorithms/balance.py), the count agreed by all ranks (every rank runs as many forwards).
+    Every row is in exactly one micro-batch."""
+    if not train.max_tokens_per_micro_batch:
+        order = torch.argsort(lengths, stable=True)
+        return [order[sl] for sl in micro_slices(len(order), train.micro_batch_size)]
+    import torch.distributed as dist
+
+    from rlhf_system.algorithms.balance import token_micro_batches
+    from rlhf_system.distributed.devices import all_reduce_max
+
+    def agree(k: int) -> int:
+        if not (dist.is_initialized() and world > 1):
+            return k
+        return int(all_reduce_max(torch.tensor([k]), device)[0])
+
+    parts = token_micro_batches(lengths.tolist(), train.max_tokens_per_micro_batch, agree)
+    return [torch.tensor(p, dtype=torch.long) for p in parts]
+
+
 @torch.no_grad()
-def batched(fn, exp: Experience, micro: int) -> torch.Tensor:
-    """Run `fn(batch) -> (b, t)` over micro-batches of `exp`; returns (B, T) in row order, 0 past each
-    response. Rows are grouped by length first, so each micro-batch carries little padding."""
+def batched(fn, exp: Experience, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Run `fn(batch) -> (b, t)` over the micro-batches `parts` (row indices of `exp`, `micro_batches`);
+    returns (B, T) in row order, 0 past each response."""
     out = torch.zeros(len(exp), exp.T)
-    order = length_order(exp)
-    for sl in micro_slices(len(exp), micro):
-        rows = order[sl]
+    for rows in parts:
         vals = fn(exp.select(rows)).float().cpu()
         out[rows, :vals.shape[1]] = vals
     return out * exp.response_mask
 
 
-def length_order(exp: Experience) -> torch.Tensor:
-    """Row indices sorted by sequence length (stable): neighbours pad to similar lengths."""
-    return torch.argsort(exp.prompt_lens + exp.response_lens, stable=True)
+def lengths(exp: Experience) -> torch.Tensor:
+    """Tokens per row (prompt + response)."""
+    return exp.prompt_lens + exp.response_lens

@@ -2,10 +2,11 @@
 
 Used by workers/actor.py and workers/critic.py, each with its own loss. A rank holds experiences /
 dp rows. One optimiser step consumes train.global_batch_size rows across ranks, i.e. global / dp per
-rank, fed as micro-batches of train.micro_batch_size; DeepSpeed's gradient accumulation (global /
-(dp * micro) steps, the same arithmetic as SFT) steps the optimiser at the mini-batch boundary. Each
-of the algorithm.ppo_epochs passes visits the shard in a fresh seeded order; inside a mini-batch the
-rows are sorted by length before they are cut into micro-batches, so each carries little padding.
+rank, fed as micro-batches (workers/sequences.micro_batches: train.micro_batch_size rows sorted by
+length, or token-budget micro-batches whose count varies per mini-batch). The walk marks DeepSpeed's
+gradient-accumulation boundary itself, on the mini-batch's last micro-batch, so the optimiser steps
+there whatever the count. Each of the algorithm.ppo_epochs passes visits the shard in a fresh seeded
+order.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from rlhf_system.config import RunConfig
 from rlhf_system.data.experience import Experience
 from rlhf_system.distributed.devices import all_reduce_sum
-from rlhf_system.workers.sequences import micro_slices
+from rlhf_system.workers.sequences import lengths, micro_batches
 
 
 @dataclass
@@ -60,14 +61,12 @@ def run_update(state: RoleState, exp: Experience, step: int, role: str, loss_fn)
     """The epoch / mini-batch / micro-batch walk; `loss_fn(micro: Experience) -> (loss, metrics)`.
     Metrics are means over micro-batches, prefixed with the role."""
     cfg = state.cfg
-    micro = cfg.train.micro_batch_size
     mini = cfg.train.global_batch_size // state.world
-    lengths = exp.prompt_lens + exp.response_lens
-    # DeepSpeed divides each micro loss by the accumulation steps and averages gradients over ranks;
-    # gas * world undoes both, so weighting each micro-batch's mean by its share of the mini-batch
-    # (tokens, or rows for agg=seq, counted over all ranks) gives the mini-batch's global mean,
+    tokens = lengths(exp)
+    # DeepSpeed averages gradients over ranks (the loss is not divided by the accumulation steps:
+    # scale_wrt_gas=False); world undoes that, so weighting each micro-batch's mean by its share of the
+    # mini-batch (tokens, or rows for agg=seq, counted over all ranks) gives the mini-batch's global mean,
     # whatever the micro-batch split, the length grouping or the number of ranks.
-    gas = cfg.train.global_batch_size // (state.world * micro)
     kept = exp.policy_mask.sum(-1)
     units = (kept if cfg.algorithm.loss_agg == "token" else (kept > 0)).double()
     sums: dict[str, float] = {}
@@ -80,13 +79,15 @@ def run_update(state: RoleState, exp: Experience, step: int, role: str, loss_fn)
         if dist.is_initialized() and state.world > 1:
             totals = all_reduce_sum(totals, state.engine.device)
         for rows, total in zip(minis, totals):
-            rows = rows[torch.argsort(lengths[rows], stable=True)]  # group by length: less padding
-            for sl in micro_slices(len(rows), micro):
-                batch = exp.select(rows[sl])
+            parts = micro_batches(cfg.train, tokens[rows], state.engine.device, state.world)
+            for i, part in enumerate(parts):
+                picked = rows[part]
+                batch = exp.select(picked)
                 loss, metrics = loss_fn(batch)
                 _check_finite(loss, role, step, batch)
-                share = float(units[rows[sl]].sum() / total.clamp(min=1))
-                state.engine.backward(loss * share * gas * state.world)
+                share = float(units[picked].sum() / total.clamp(min=1))
+                state.engine.set_gradient_accumulation_boundary(i == len(parts) - 1)
+                state.engine.backward(loss * share * state.world, scale_wrt_gas=False)
                 state.engine.step()
                 for k, v in {"loss": loss.item(), **metrics}.items():
                     sums[k] = sums.get(k, 0.0) + float(v)

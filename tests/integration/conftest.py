@@ -50,9 +50,14 @@ def rlhf(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 
 
 def train_args(mode: str, config: str, model, run_dir, train, evaluate, *extra: str) -> list[str]:
-    """`train MODE --config CONFIG` on a test model and test data files, console off, then `extra`."""
+    """`train MODE --config CONFIG` on a test model and test data files, console off, then `extra`.
+    In float32, whatever `dtype: auto` picks on the test host: the measured figures and bounds
+    then hold on hosts with and without bf16 matrix units."""
     return ["train", mode, "--config", config, f"model.path={model}", f"run_dir={run_dir}", "logging.console=false",
-            f"data.train=[{{path: {train}}}]", f"data.eval=[{{path: {evaluate}}}]", *extra]
+            f"data.train=[{{path: {train}}}]", f"data.eval=[{{path: {evaluate}}}]", FP32, *extra]
+
+
+FP32 = "model.dtype=float32"
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +80,7 @@ def ray_cluster():
 
 def sft_config(model_dir, data_dir, run_dir, **over) -> RunConfig:
     cfg = RunConfig(mode="sft", run_dir=str(run_dir))
-    cfg.model.path = str(model_dir)
+    cfg.model.path, cfg.model.dtype = str(model_dir), "float32"  # equivalence runs: fp32 on every host
     cfg.data.train = [{"path": str(data_dir / "sft_train.jsonl")}]
     cfg.data.eval = [{"path": str(data_dir / "sft_test_seen.jsonl")}]
     cfg.data.max_len, cfg.data.max_prompt_len = 128, 96
@@ -95,7 +100,7 @@ def sft_config(model_dir, data_dir, run_dir, **over) -> RunConfig:
 def ppo_config(model_dir, data_dir, run_dir, **over) -> RunConfig:
     """A small PPO config on the synthetic prompts: rule reward only unless a test adds a reward model."""
     cfg = RunConfig(mode="ppo", run_dir=str(run_dir))
-    cfg.model.path = str(model_dir)
+    cfg.model.path, cfg.model.dtype = str(model_dir), "float32"  # equivalence runs: fp32 on every host
     cfg.data.train = [{"path": str(data_dir / "rl_train.jsonl")}]
     cfg.data.eval = [{"path": str(data_dir / "rl_test_seen.jsonl")}]
     cfg.data.max_len, cfg.data.max_prompt_len = 128, 96
