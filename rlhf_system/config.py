@@ -359,6 +359,13 @@ class PlacementConfig(_Section):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves in its placement bundle.")
     threads_per_worker: int = Field(0, ge=0, description="torch threads per trainer worker; 0: from the placement "
                                     "(CPU: node cores / the role's ranks there; GPU: bundle CPUs; threads.py).")
+    cpu_split: Literal["auto", "shared", "disjoint"] = Field(
+        "auto", description="CPU-only nodes, PPO. shared: rollout engines and trainers each compute on all cores; "
+        "disjoint: the engines get engine_core_share of a node's cores and the trainers the rest, as "
+        "disaggregated GPUs would, so generation and training overlap instead of competing; auto: disjoint "
+        "when train.max_staleness > 0 (generation runs beside training), shared otherwise.")
+    engine_core_share: float = Field(0.5, gt=0, lt=1, description="cpu_split=disjoint: the engines' share of a "
+                                     "node's cores (at least one core each side).")
     timeout_s: float = Field(120.0, gt=0, description="Deadline for placement groups to be ready.")
     call_timeout_s: float = Field(1800.0, gt=0, description="Deadline for one remote call on a worker group.")
 
@@ -405,6 +412,13 @@ class RunConfig(_Section):
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    def split_cores(self) -> bool:
+        """Whether rollout engines and trainer workers compute on disjoint cores (placement.cpu_split)."""
+        p = self.placement
+        if p.gpus_per_node > 0 or self.mode != "ppo" or p.cpu_split == "shared":
+            return False
+        return p.cpu_split == "disjoint" or self.train.max_staleness > 0
 
     def train_dtype(self) -> str:
         """The dtype this run's workers train in, from the placement (the same answer on the driver and

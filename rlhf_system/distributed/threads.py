@@ -15,6 +15,11 @@ a flag for this, so the numbers come from the placement:
   split again between its tensor-parallel workers; nothing is reserved (vLLM's default reserves a
   core for the scheduler loop, which on 2 cores halves generation speed, measured).
 
+- Disjoint cores (placement.cpu_split; by default when train.max_staleness > 0, i.e. when generation
+  runs beside training): the engines get placement.engine_core_share of a node's cores and the trainer
+  workers the rest (`split_cores`), each pinned there. Sharing every core, the two phases would slow
+  each other down (threads of both time-slicing on the same cores) rather than overlap.
+
 Overrides: placement.threads_per_worker (every trainer worker), rollout.cpu_bind (the engines: a
 core list such as "0-7", "|"-separated per tensor-parallel worker, or "vllm" for vLLM's own choice).
 """
@@ -38,6 +43,28 @@ def _cgroup_quota() -> int | None:
         return None if quota == "max" else max(1, int(int(quota) / int(period)))
     except (OSError, ValueError):
         return None
+
+
+def split_cores(cores: list[int], engine_share: float) -> tuple[list[int], list[int]]:
+    """(engine cores, trainer cores): a node's cores cut at `engine_share`, at least one each side; a
+    one-core node cannot be split, so both get its core."""
+    if len(cores) < 2:
+        return cores, cores
+    k = min(len(cores) - 1, max(1, round(len(cores) * engine_share)))
+    return cores[:k], cores[k:]
+
+
+def pin(cores: list[int]) -> None:
+    """Run this process on `cores` only: every thread it has (Linux pins per thread, and a thread
+    pool started earlier would stay everywhere) and, by inheritance, every thread it starts later."""
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    tids = [int(t) for t in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else [0]
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, cores)
+        except OSError:  # a thread that ended meanwhile
+            pass
 
 
 def trainer_threads(override: int, gpus_per_node: int, cpus_per_worker: float, share: int,

@@ -36,19 +36,24 @@ class BaseWorker:
         dist_init(rank, world_size, addr, port, gpu=gpu)
         return rank
 
-    def where(self) -> tuple[str, int]:
-        """(node id, cores this process may use): the group decides thread counts from them."""
+    def where(self, engine_share: float | None = None) -> tuple[str, int]:
+        """(node id, cores this process may use): the group decides thread counts from them. engine_share:
+        the node's cores are split with the rollout engines (threads.split_cores); the trainers' part."""
         import ray
 
-        from rlhf_system.distributed.threads import node_cores
+        from rlhf_system.distributed.threads import node_cores, split_cores
 
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-        return node, len(node_cores())
+        cores = node_cores() if engine_share is None else split_cores(node_cores(), engine_share)[1]
+        return node, len(cores)
 
-    def set_threads(self, n: int) -> int:
-        """Compute with `n` threads; returns what torch reports."""
-        from rlhf_system.distributed.threads import set_threads
+    def set_threads(self, n: int, engine_share: float | None = None) -> int:
+        """Compute with `n` threads (pinned to the trainers' cores when they are split from the engines');
+        returns what torch reports."""
+        from rlhf_system.distributed.threads import node_cores, pin, set_threads, split_cores
 
+        if engine_share is not None:
+            pin(split_cores(node_cores(), engine_share)[1])
         return set_threads(n)
 
     def num_threads(self) -> int:

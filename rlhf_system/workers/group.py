@@ -109,15 +109,17 @@ def check_resources(role: str, bundles: list[dict[str, float]], strategy: str = 
 
 class WorkerGroup:
     def __init__(self, role: str, worker_cls: type, num_workers: int, placement: PlacementConfig,
-                 placement_group=None, bundle_offset: int = 0, share: int = 1):
+                 placement_group=None, bundle_offset: int = 0, share: int = 1, engine_share: float | None = None):
         """`placement_group` (with `share` roles per bundle, see workers/placement.py) colocates this
-        group with others: each worker then takes 1/share of its bundle's GPU and CPUs."""
+        group with others: each worker then takes 1/share of its bundle's GPU and CPUs. `engine_share`:
+        the workers leave that share of their node's cores to the rollout engines (cpu_split=disjoint)."""
         import ray
         from ray.util.placement_group import placement_group as make_pg
         from ray.util.placement_group import remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.role, self.timeout = role, placement.call_timeout_s
+        self.engine_share = engine_share
         self.stuck: set[int] = set()  # ranks still busy after a deadline or a peer's failure
         bundles = bundles_for(placement, num_workers)
         ensure_ray(int(sum(b["CPU"] for b in bundles)))
@@ -155,11 +157,12 @@ class WorkerGroup:
 
         from rlhf_system.distributed.threads import trainer_threads
 
-        where = self._get([w.where.remote() for w in self.workers], "where")
+        split = self.engine_share
+        where = self._get([w.where.remote(split) for w in self.workers], "where")
         per_node = Counter(node for node, _ in where)
         return self._get([w.set_threads.remote(trainer_threads(
             placement.threads_per_worker, placement.gpus_per_node, placement.cpus_per_worker, share,
-            per_node[node], cores)) for w, (node, cores) in zip(self.workers, where)], "set_threads")
+            per_node[node], cores), split) for w, (node, cores) in zip(self.workers, where)], "set_threads")
 
     @property
     def world_size(self) -> int:

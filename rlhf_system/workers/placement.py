@@ -61,6 +61,8 @@ def start_roles(cfg: RunConfig, classes: dict[str, type]) -> tuple[dict[str, Wor
     ensure_ray(cpus_needed(cfg, list(classes)))
     groups: dict[str, WorkerGroup] = {}
     shared: list = []
+    # cores left to the rollout engines (placement.cpu_split), only when engines run in this run
+    engine_share = cfg.placement.engine_core_share if cfg.split_cores() and "rollout" in roles_for(cfg) else None
     try:
         placed: set[str] = set()
         for colocated in cfg.placement.colocate:
@@ -73,11 +75,11 @@ def start_roles(cfg: RunConfig, classes: dict[str, type]) -> tuple[dict[str, Wor
             share = len(active) + ("rollout" in colocated and "rollout" in roles_for(cfg))
             for role in active:
                 groups[role] = WorkerGroup(role, classes[role], role_slots(cfg, role), cfg.placement,
-                                           placement_group=pg, share=share)
+                                           placement_group=pg, share=share, engine_share=engine_share)
                 placed.add(role)
         for role, cls in classes.items():
             if role not in placed:
-                groups[role] = WorkerGroup(role, cls, role_slots(cfg, role), cfg.placement)
+                groups[role] = WorkerGroup(role, cls, role_slots(cfg, role), cfg.placement, engine_share=engine_share)
     except BaseException:
         stop_roles(groups, shared)
         raise

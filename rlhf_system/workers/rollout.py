@@ -48,10 +48,12 @@ class RolloutWorker:
         if not gpu and r.cpu_bind != "vllm":
             # vLLM's own binding reserves a core for its scheduler and leaves it idle while decoding:
             # half of a 2-core machine. Bind to this engine's share of the node instead (threads.py).
-            from rlhf_system.distributed.threads import engine_cpu_bind, node_cores
+            from rlhf_system.distributed.threads import engine_cpu_bind, node_cores, split_cores
 
+            # the node's cores, or the engines' part of them when trainers compute beside (cpu_split)
+            cores = split_cores(node_cores(), cfg.placement.engine_core_share)[0] if cfg.split_cores() else node_cores()
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = (r.cpu_bind if r.cpu_bind != "auto" else engine_cpu_bind(
-                node_cores(), index, r.num_engines, r.tensor_parallel_size))
+                cores, index, r.num_engines, r.tensor_parallel_size))
             os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
         self.index, self.cfg = index, cfg
         # The engine runs in the policy's training dtype (what the sync sends), not the checkpoint's: bf16 on

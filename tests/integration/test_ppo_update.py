@@ -4,7 +4,10 @@
 - skipping the old-log-prob forward (one optimiser step per rollout: the update's own forward,
   detached) gives the same update as feeding the old log-probs from a separate forward;
 - length-grouped micro-batches, and two ranks, give the same update as one micro-batch on one rank
-  (the loss is the token mean of the whole mini-batch, however it is split).
+  (the loss is the token mean of the whole mini-batch, however it is split);
+- so do token-budget micro-batches in the padding-free layout (train.max_tokens_per_micro_batch,
+  train.padding_free): a different number of micro-batches per mini-batch, ranks agreeing on it,
+  also for the critic under ZeRO-3 (where a rank running one forward more would hang the others).
 """
 
 import pytest
@@ -98,15 +101,19 @@ def test_skipping_the_old_logprob_forward_gives_the_same_update(plain, small_mod
     assert _max_diff(got, want) < 1e-6
 
 
-@pytest.mark.parametrize("ranks,micro", [(1, 4), (2, 4)], ids=["grouped-micro-batches", "two-ranks"])
+TOKEN_BUDGET = {"train__max_tokens_per_micro_batch": 60, "train__padding_free": True}
+
+
+@pytest.mark.parametrize("ranks,micro,over", [(1, 4, {}), (2, 4, {}), (2, 4, TOKEN_BUDGET)],
+                         ids=["grouped-micro-batches", "two-ranks", "token-budget-padding-free-two-ranks"])
 def test_grouped_micro_batches_and_ranks_give_the_same_update(plain, small_model, synthetic_dir, tmp_path,
-                                                              ranks, micro):
+                                                              ranks, micro, over):
     exp, want, _ = plain
-    got = _update(small_model, synthetic_dir, tmp_path, exp, ranks=ranks, micro=micro, feed_old=True)
+    got = _update(small_model, synthetic_dir, tmp_path, exp, ranks=ranks, micro=micro, feed_old=True, **over)
     assert _max_diff(got, want) < 1e-5
 
 
-def _critic_update(small_model, synthetic_dir, tmp_path, exp, *, ranks: int, zero: int):
+def _critic_update(small_model, synthetic_dir, tmp_path, exp, *, ranks: int, zero: int, **over):
     """Values before, and the critic's weights after, one value update (the trained reward model as the
     critic: no freshly initialised head, so the runs start from the same weights)."""
     from rlhf_system.workers.critic import CriticWorker
@@ -116,7 +123,7 @@ def _critic_update(small_model, synthetic_dir, tmp_path, exp, *, ranks: int, zer
                      deepspeed__zero_stage=zero, model__critic_path=str(small_model["reward"]), optim__critic_lr=0.5,
                      optim__eps=1.0, placement__threads_per_worker=1, algorithm__estimator="gae",
                      train__rollout_batch_size=ROWS // 2, train__global_batch_size=ROWS,
-                     train__micro_batch_size=ROWS // 2, rollout__temperature=1.0)
+                     train__micro_batch_size=ROWS // 2, rollout__temperature=1.0, **over)
     groups, shared = start_roles(cfg, {"critic": CriticWorker})
     try:
         critic = groups["critic"]
@@ -131,9 +138,17 @@ def _critic_update(small_model, synthetic_dir, tmp_path, exp, *, ranks: int, zer
 
 
 def test_critic_under_zero3_on_two_ranks_matches_zero2_on_one(plain, small_model, synthetic_dir, tmp_path):
+    """ZeRO-3 on two ranks with token-budget micro-batches in the padding-free layout (the rows' tokens differ
+    per rank, so their micro-batch counts would too without the agreement) vs the padded fixed split."""
+    from rlhf_system.algorithms.balance import token_micro_batches
+
     exp = plain[0]
+    tokens = (exp.prompt_lens + exp.response_lens).tolist()
+    half, budget = ROWS // 2, TOKEN_BUDGET["train__max_tokens_per_micro_batch"]
+    alone = [len(token_micro_batches(tokens[:half], budget)), len(token_micro_batches(tokens[half:], budget))]
+    assert alone[0] != alone[1], f"each rank would need as many micro-batches alone {alone}: nothing to agree"
     v2, w2 = _critic_update(small_model, synthetic_dir, tmp_path / "z2", exp, ranks=1, zero=2)
-    v3, w3 = _critic_update(small_model, synthetic_dir, tmp_path / "z3", exp, ranks=2, zero=3)
+    v3, w3 = _critic_update(small_model, synthetic_dir, tmp_path / "z3", exp, ranks=2, zero=3, **TOKEN_BUDGET)
     from transformers import AutoModelForSequenceClassification
 
     initial = {k: v.float() for k, v in AutoModelForSequenceClassification.from_pretrained(
