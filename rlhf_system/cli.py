@@ -7,6 +7,7 @@
     rlhf train sft|rm|dpo|ppo --config X    SFT, reward model, DPO or PPO/GRPO/RLOO/REINFORCE++ (Ray + vLLM)
     rlhf bench sft --config X [k=v ...]     SFT tokens/s and peak memory (packing x ZeRO 2/3) as JSON
     rlhf bench scale --config SWEEP [k=v]   a sweep of placements: a JSON line per point, scale.md, PNGs
+    rlhf bench gemm                         this CPU's fp32 / bf16 matrix-product GFLOP/s as JSON
     rlhf eval MODEL... --prompts P.jsonl    greedy generation scored by rules / a reward model, per family
                                             (--reward-model RM, --quant 4bit|8bit --compare-full-precision)
     rlhf export SRC --out OUT [--base B]    merge a LoRA adapter (or re-save a model) as a plain HF checkpoint
@@ -145,6 +146,11 @@ def cmd_bench(args) -> int:
         with stdout_to_stderr() as emit:  # stdout: one JSON line per point, nothing else
             rows = bench_scale.run(args.config, args.overrides, args.steps, args.out, emit=emit)
         return 1 if any("error" in r for r in rows) else 0
+    if args.what == "gemm":
+        from rlhf_system.bench import gemm
+
+        print(json.dumps(gemm.run(args.steps or 10)))
+        return 0
     steps = args.steps or 5
     if args.what == "ppo":
         from rlhf_system.bench import ppo as bench_ppo
@@ -252,9 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="benchmarks that print JSON: sft (packing x ZeRO stage), ppo (phases, "
-                                     "vLLM vs HF generate, weight sync), scale (a sweep of placements)")
-    p.add_argument("what", choices=["sft", "ppo", "scale"])
-    p.add_argument("--steps", type=int, default=None, help="timed steps (sft/ppo: 5; scale: the sweep file's)")
+                                     "vLLM vs HF generate, weight sync), scale (a sweep of placements), gemm "
+                                     "(this CPU's fp32 / bf16 matrix-product bound)")
+    p.add_argument("what", choices=["sft", "ppo", "scale", "gemm"])
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps (sft/ppo: 5; scale: the sweep file's; gemm: 10 products, the median)")
     p.add_argument("--out", default=None, help="scale: the report folder (default: the sweep file's run_dir)")
     _add_config_args(p)
     p.set_defaults(func=cmd_bench)
