@@ -38,6 +38,7 @@ from rlhf_system.data.tokenize import (
 
 CACHE_VERSION = "3"  # bump when the processing below changes its output
 IDENTICAL = "_identical"  # preference pairs whose chosen and rejected tokens are the same: no signal
+ROW = "_row"  # a streamed row as one value (build_dataset)
 MAP_BATCH = 256
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,14 @@ def _prompt_rows(batch: dict, idx: list[int], *, src: LoadedSource, fmt: str, cf
 ROW_FUNCS = {"sft": _sft_rows, "preference": _preference_rows, "prompt": _prompt_rows}
 
 
+def _from_rows(fn, batch: dict, idx: list[int]) -> dict:
+    """`fn` on a batch of whole rows (the ROW column): columns rebuilt from the keys any row has (None
+    where a row lacks one)."""
+    rows = batch[ROW]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return fn({k: [r.get(k) for r in rows] for k in keys}, idx)
+
+
 def _rows(batch: dict) -> list[dict]:
     keys = list(batch)
     return [dict(zip(keys, vals)) for vals in zip(*(batch[k] for k in keys))]
@@ -146,7 +155,12 @@ def build_dataset(kind: str, cfg: DataConfig, sources: list[DataSource], tokeniz
         fn = partial(ROW_FUNCS[kind], src=src, fmt=fmt, cfg=cfg, tok=tokenizer)
         kwargs = dict(batched=True, batch_size=MAP_BATCH, with_indices=True, remove_columns=src.columns)
         if cfg.streaming:
-            ds = src.dataset.map(fn, **kwargs)
+            # A streamed source's rows need not share their columns (a JSONL key only some rows have is
+            # not among the first row's), and a batched map that changes the row count (truncation drops,
+            # preference expansion, packing later) fails on any input column it was not told to remove.
+            # So each row travels as one value and only the kind's own columns come out.
+            whole = src.dataset.map(lambda row: {ROW: row}).select_columns([ROW])
+            ds = whole.map(partial(_from_rows, fn), **(kwargs | {"remove_columns": [ROW]}))
             if kind == "preference":  # uncounted: counting would read the stream before training
                 ds = ds.filter(lambda r: not r[IDENTICAL]).remove_columns([IDENTICAL])
         else:

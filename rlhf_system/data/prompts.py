@@ -25,9 +25,9 @@ def prompt_row(r: dict) -> dict:
 
 
 class StepPrompts:
-    def __init__(self, ds, batch: int, seed: int, streaming: bool):
+    def __init__(self, ds, batch: int, seed: int, streaming: bool, name: str = "the streamed prompts"):
         self.batch, self.seed = batch, seed
-        self.stream = RankStream(ds) if streaming else None
+        self.stream = RankStream(ds, name=name) if streaming else None
         self.ds = None if streaming else ds
         self.epoch, self.position = 0, 0
         self._order: list[list[int]] | None = None  # this epoch's batches of indices

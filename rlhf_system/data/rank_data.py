@@ -17,7 +17,7 @@ from typing import NamedTuple
 from rlhf_system.config import ConfigError
 from rlhf_system.data.batching import rank_micro_batches
 from rlhf_system.data.build import run_datasets
-from rlhf_system.data.stream import RankStream, materialise
+from rlhf_system.data.stream import RankStream, materialise, sources
 
 
 class Micro(NamedTuple):
@@ -32,7 +32,7 @@ class RankData:
         self.rank, self.world = rank, world
         self.noun = "pairs" if kind == "preference" else "samples"  # what errors call a row
         self.global_batch, self.micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
-        self.stream = RankStream(train, rank, world) if cfg.data.streaming else None
+        self.stream = RankStream(train, rank, world, sources(cfg.data.train)) if cfg.data.streaming else None
         self.train = None if self.stream else train
         self.eval = materialise(evals, cfg.train.max_eval_samples) if evals is not None else None
 

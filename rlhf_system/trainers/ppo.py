@@ -46,7 +46,7 @@ from rlhf_system.config import ConfigError, RunConfig
 from rlhf_system.data.build import build_dataset
 from rlhf_system.data.experience import Experience
 from rlhf_system.data.prompts import StepPrompts, prompt_row
-from rlhf_system.data.stream import materialise
+from rlhf_system.data.stream import materialise, sources
 from rlhf_system.data.tokenize import check_tool_template
 from rlhf_system.errors import cleanup
 from rlhf_system.models.load import load_tokenizer
@@ -86,7 +86,8 @@ def prepare(cfg: RunConfig) -> Prepared:
         check_tool_template(tok, cfg.data.template, cfg.model.tokenizer_path or cfg.model.path)
     name = cfg.model.tokenizer_path or cfg.model.path
     train_ds = build_dataset("prompt", cfg.data, cfg.data.train, tok, cfg.seed, name)[0]
-    train = StepPrompts(train_ds, cfg.train.rollout_batch_size, cfg.seed, cfg.data.streaming)
+    train = StepPrompts(train_ds, cfg.train.rollout_batch_size, cfg.seed, cfg.data.streaming,
+                        sources(cfg.data.train))
     limit = cfg.train.max_eval_samples
     evals = {Path(src.path).stem: [prompt_row(r) for r in materialise(
                 build_dataset("prompt", cfg.data, [src], tok, cfg.seed, name)[0], limit)][:limit or None]

@@ -44,14 +44,17 @@ def test_resume_mid_stream_gives_the_samples_a_straight_read_gives(tmp_path, bpe
         # 5 takes of 7 cross the end of the share (a second pass starts), with a save after each take.
         straight = RankStream(ds, rank, world)
         expected = [[key(r) for r in straight.take(7)] for _ in range(5)]
+        straight.close()
         for cut in range(1, 5):
             first = RankStream(ds, rank, world)
             got = [[key(r) for r in first.take(7)] for _ in range(cut)]
             state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint writes and reads
+            first.close()  # as the saving process ends: its prefetch threads stop touching the shared source
             resumed = RankStream(ds, rank, world)
             resumed.load_state_dict(state)
             assert resumed.state_dict() == state  # saved again before reading: the same position
             got += [[key(r) for r in resumed.take(7)] for _ in range(5 - cut)]
+            resumed.close()
             assert got == expected, (rank, cut)
 
 
