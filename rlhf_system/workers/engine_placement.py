@@ -11,8 +11,11 @@ current placement group (and passes it to its engine-core process), and VLLM_RAY
 worker k to bundle k. This is the pattern of vLLM's own RLHF example, and what OpenRLHF does.
 
 On CPU an engine reserves nothing: it shares the node's cores with the trainers, which are idle while it
-generates, and binds its OpenMP threads itself (workers/rollout.py). A CPU engine with t > 1 uses vLLM's
-multiprocessing executor on its node.
+generates, and binds its OpenMP threads itself (workers/rollout.py). A CPU engine with t = 1 runs inside
+its Ray actor's process (INLINE_ENGINE): vLLM's default would start an engine-core process and a worker
+process under it, each importing vLLM and torch again (~20 s of a 36 s engine start on 2 cores, measured)
+for no gain, since on CPU scheduling and the forward pass share the same cores anyway. A CPU engine with
+t > 1 uses vLLM's multiprocessing executor on its node.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ import os
 from dataclasses import dataclass, field
 
 from rlhf_system.distributed.devices import CPU_ONLY_ENV, on_gpu
+
+
+# vLLM's in-process engine: the uniprocess executor (no worker process), no engine-core process
+INLINE_ENGINE = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
 @dataclass
@@ -51,8 +58,8 @@ def engine_plans(cfg) -> list[EnginePlan]:
         return _colocated_plans(cfg)
     if not on_gpu(p):
         # GPUs hidden (devices.py): on a CUDA host vLLM would otherwise take cuda:0 for a CPU placement.
-        return [EnginePlan(i, [], {"num_cpus": 0, "num_gpus": 0}, "mp" if tp > 1 else None, dict(CPU_ONLY_ENV))
-                for i in range(r.num_engines)]
+        return [EnginePlan(i, [], {"num_cpus": 0, "num_gpus": 0}, "mp" if tp > 1 else "uni",
+                           CPU_ONLY_ENV | ({} if tp > 1 else INLINE_ENGINE)) for i in range(r.num_engines)]
     bundle = {"GPU": 1.0, "CPU": float(p.cpus_per_worker)}
     if tp == 1:
         return [EnginePlan(i, [dict(bundle)], {"num_cpus": bundle["CPU"], "num_gpus": 1.0})
@@ -73,7 +80,9 @@ def _colocated_plans(cfg) -> list[EnginePlan]:
     for i in range(r.num_engines):
         env = {} if gpu else dict(CPU_ONLY_ENV)
         if tp == 1:
-            plans.append(EnginePlan(i, [], {"num_cpus": 0, "num_gpus": frac}, None, env, colocated_bundle=i))
+            executor = None if gpu else "uni"
+            plans.append(EnginePlan(i, [], {"num_cpus": 0, "num_gpus": frac}, executor,
+                                    env | ({} if gpu else INLINE_ENGINE), colocated_bundle=i))
             continue
         if gpu:  # vLLM's Ray workers on this engine's bundles of the shared group, each with the share
             env |= {"VLLM_RAY_BUNDLE_INDICES": ",".join(str(i * tp + k) for k in range(tp)),

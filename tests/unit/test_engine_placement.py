@@ -14,15 +14,17 @@ def cfg(gpus_per_node=0, engines=1, tp=1):
     return c
 
 
-@pytest.mark.parametrize("tp, executor", [(1, None), (2, "mp")])
+@pytest.mark.parametrize("tp, executor", [(1, "uni"), (2, "mp")])
 def test_cpu_engines_reserve_nothing(tp, executor):
     plans = engine_plans(cfg(engines=2, tp=tp))
     assert [p.index for p in plans] == [0, 1]
     for p in plans:
         assert p.bundles == [] and p.actor == {"num_cpus": 0, "num_gpus": 0} and p.executor == executor
         # no placement group at all; the GPUs of a CUDA host hidden from the engine's process
+        # and with t = 1, vLLM inside the actor's process (no engine-core or worker process to start)
+        inline = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if tp == 1 else {}
         assert actor_options(p, None) == {"num_cpus": 0, "num_gpus": 0, "runtime_env": {"env_vars": {
-            "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}}}
+            "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", **inline}}}
 
 
 def test_gpu_tp1_engine_holds_its_bundle_gpu_itself():
