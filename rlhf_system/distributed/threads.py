@@ -87,6 +87,16 @@ def set_threads(n: int) -> int:
     return torch.get_num_threads()
 
 
+def parse_cores(bind: str) -> list[int]:
+    """The cores of a VLLM_CPU_OMP_THREADS_BIND string ("0-3,6", "|" between tensor-parallel workers)."""
+    cores: list[int] = []
+    for part in bind.replace("|", ",").split(","):
+        lo, _, hi = part.strip().partition("-")
+        if lo:
+            cores.extend(range(int(lo), int(hi or lo) + 1))
+    return sorted(set(cores))
+
+
 def engine_cpu_bind(cores: list[int], index: int, engines_on_node: int, tp: int) -> str:
     """VLLM_CPU_OMP_THREADS_BIND for engine `index` of `engines_on_node` sharing `cores`: a contiguous
     slice each (at least one core), then split between its `tp` workers ("0-3|4-7")."""

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 from rlhf_system.distributed.devices import CPU_ONLY_ENV, on_gpu
 
-
 # vLLM's in-process engine: the uniprocess executor (no worker process), no engine-core process
 INLINE_ENGINE = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
@@ -58,8 +57,10 @@ def engine_plans(cfg) -> list[EnginePlan]:
         return _colocated_plans(cfg)
     if not on_gpu(p):
         # GPUs hidden (devices.py): on a CUDA host vLLM would otherwise take cuda:0 for a CPU placement.
-        return [EnginePlan(i, [], {"num_cpus": 0, "num_gpus": 0}, "mp" if tp > 1 else "uni",
-                           CPU_ONLY_ENV | ({} if tp > 1 else INLINE_ENGINE)) for i in range(r.num_engines)]
+        # rollout.cpu_bind=vllm keeps vLLM's own processes: only its multiprocessing executor binds threads
+        inline = tp == 1 and r.cpu_bind != "vllm"
+        return [EnginePlan(i, [], {"num_cpus": 0, "num_gpus": 0}, "uni" if inline else "mp",
+                           CPU_ONLY_ENV | (INLINE_ENGINE if inline else {})) for i in range(r.num_engines)]
     bundle = {"GPU": 1.0, "CPU": float(p.cpus_per_worker)}
     if tp == 1:
         return [EnginePlan(i, [dict(bundle)], {"num_cpus": bundle["CPU"], "num_gpus": 1.0})
@@ -80,9 +81,9 @@ def _colocated_plans(cfg) -> list[EnginePlan]:
     for i in range(r.num_engines):
         env = {} if gpu else dict(CPU_ONLY_ENV)
         if tp == 1:
-            executor = None if gpu else "uni"
-            plans.append(EnginePlan(i, [], {"num_cpus": 0, "num_gpus": frac}, executor,
-                                    env | ({} if gpu else INLINE_ENGINE), colocated_bundle=i))
+            inline = not gpu and r.cpu_bind != "vllm"
+            plans.append(EnginePlan(i, [], {"num_cpus": 0, "num_gpus": frac}, "uni" if inline else None,
+                                    env | (INLINE_ENGINE if inline else {}), colocated_bundle=i))
             continue
         if gpu:  # vLLM's Ray workers on this engine's bundles of the shared group, each with the share
             env |= {"VLLM_RAY_BUNDLE_INDICES": ",".join(str(i * tp + k) for k in range(tp)),

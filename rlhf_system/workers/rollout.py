@@ -52,9 +52,19 @@ class RolloutWorker:
 
             # the node's cores, or the engines' part of them when trainers compute beside (cpu_split)
             cores = split_cores(node_cores(), cfg.placement.engine_core_share)[0] if cfg.split_cores() else node_cores()
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = (r.cpu_bind if r.cpu_bind != "auto" else engine_cpu_bind(
-                cores, index, r.num_engines, r.tensor_parallel_size))
+            bind = r.cpu_bind if r.cpu_bind != "auto" else engine_cpu_bind(cores, index, r.num_engines,
+                                                                            r.tensor_parallel_size)
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
             os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+            if plan.env.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+                # An inline engine (engine_placement.INLINE_ENGINE) computes in this process, and only vLLM's
+                # multiprocessing executor applies the bind to the workers it spawns; vLLM then disables
+                # torch.set_num_threads here. So this process takes its cores and thread count first.
+                from rlhf_system.distributed.threads import parse_cores, pin, set_threads
+
+                mine = parse_cores(bind)
+                pin(mine)
+                set_threads(len(mine))
         self.index, self.cfg = index, cfg
         # The engine runs in the policy's training dtype (what the sync sends), not the checkpoint's: bf16 on
         # GPUs and on CPUs with bf16 matrix units; a CPU without them emulates bf16 (slower than fp32), so an

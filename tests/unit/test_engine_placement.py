@@ -27,6 +27,14 @@ def test_cpu_engines_reserve_nothing(tp, executor):
             "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", **inline}}}
 
 
+def test_cpu_bind_vllm_keeps_vllms_own_processes():
+    """Only vLLM's multiprocessing executor applies its own thread binding: rollout.cpu_bind=vllm is not inline."""
+    c = cfg()
+    c.rollout.cpu_bind = "vllm"
+    (plan,) = engine_plans(c)
+    assert plan.executor == "mp" and "VLLM_ENABLE_V1_MULTIPROCESSING" not in plan.env
+
+
 def test_gpu_tp1_engine_holds_its_bundle_gpu_itself():
     plans = engine_plans(cfg(gpus_per_node=8, engines=3))
     assert len(plans) == 3

@@ -79,3 +79,11 @@ def test_pin_moves_every_thread_of_the_process():
         stop.set()
         pin(sorted(before))
     assert os.sched_getaffinity(0) == before
+
+
+def test_parse_cores_reads_every_bind_form():
+    from rlhf_system.distributed.threads import parse_cores
+
+    assert parse_cores("0,1,2,3|4,5,6,7") == list(range(8))
+    assert parse_cores("0-3,6") == [0, 1, 2, 3, 6]
+    assert parse_cores("1") == [1]
