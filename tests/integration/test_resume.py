@@ -58,12 +58,24 @@ def kill_after_first_checkpoint(cmd: list[str], run_dir: Path) -> int:
 MODEL_FOR = {"sft": "policy", "rm": "policy", "dpo": "policy"}  # rm: value head on the policy (the shipped config)
 
 
-# Streamed data (each rank reads its own share of the stream; its position is in the checkpoint): the SFT
-# stream on two ranks, and DPO, whose reference scores each streamed step instead of a precomputed table.
+# Streamed data (each rank reads its own share of the stream; its position is in the checkpoint): the packed
+# SFT stream on two ranks, RM, and DPO, whose reference scores each streamed step instead of a precomputed
+# table. Streamed runs read files with untidy extra columns (tests/untidy.py), as real data has (issue 26).
 STREAMING = ("data.streaming=true", "algorithm.dpo.precompute_reference=true")
-CASES = {"sft-zero2": ("sft", ("deepspeed.zero_stage=2",)), "rm": ("rm", ()), "dpo": ("dpo", ()),
+CASES = {"sft-zero2": ("sft", ("deepspeed.zero_stage=2",)), "rm-streaming": ("rm", STREAMING), "dpo": ("dpo", ()),
          "sft-streaming-2-ranks-zero3": ("sft", (*STREAMING, "placement.actor=2", "deepspeed.zero_stage=3")),
          "dpo-streaming": ("dpo", STREAMING)}
+
+
+@pytest.fixture(scope="module")
+def untidy_dir(synthetic_dir, tmp_path_factory):
+    from tests.untidy import untidy_copy
+
+    return untidy_copy(synthetic_dir, tmp_path_factory.mktemp("untidy"))
+
+
+def data_for(extra: tuple[str, ...], synthetic_dir: Path, untidy_dir: Path) -> Path:
+    return untidy_dir if "data.streaming=true" in extra else synthetic_dir
 TIMING = ("time", "step_s", "tokens_per_s", "seconds")  # wall-clock metrics differ between any two runs
 
 
@@ -87,9 +99,10 @@ def assert_same_metrics(straight: Path, broken: Path, after_step: int) -> None:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_kill_and_resume_matches_straight_run(case, small_model, synthetic_dir, tmp_path):
+def test_kill_and_resume_matches_straight_run(case, small_model, synthetic_dir, untidy_dir, tmp_path):
     mode, extra = CASES[case]
     model = small_model[MODEL_FOR[mode]]
+    synthetic_dir = data_for(extra, synthetic_dir, untidy_dir)
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     run(command(mode, model, synthetic_dir, straight, *extra))
 
@@ -214,7 +227,7 @@ def _alive(procs: dict[int, float]) -> list:
 
 
 @pytest.mark.parametrize("estimator", ["gae", "grpo"])
-def test_ppo_interrupt_and_resume_matches_straight_run(estimator, small_model, synthetic_dir, tmp_path):
+def test_ppo_interrupt_and_resume_matches_straight_run(estimator, small_model, synthetic_dir, untidy_dir, tmp_path):
     """GAE: the controller is SIGKILLed after its step-2 checkpoint and leaves no process or port behind.
     GRPO (streamed prompts, adaptive KL): it is preempted (SIGTERM) after step 1, checkpoints that step
     and exits 0. Then resume=auto:
@@ -223,6 +236,7 @@ def test_ppo_interrupt_and_resume_matches_straight_run(estimator, small_model, s
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     model = small_model["policy"]
     extra = PPO_EXTRA[estimator]
+    synthetic_dir = data_for(extra, synthetic_dir, untidy_dir)
     run(ppo_command(estimator, model, synthetic_dir, straight, *extra))
     if estimator == "gae":
         stopped_at = kill_controller_after_first_checkpoint(

@@ -9,15 +9,7 @@ import pytest
 from rlhf_system.config import DataConfig, DataSource
 from rlhf_system.data.build import build_dataset
 from rlhf_system.data.stream import RankStream
-
-
-def extras(i: int) -> dict:
-    """Extra columns of several types, and not on every row (the first row has none)."""
-    if i == 0:
-        return {}
-    pick = [{"flaw": "typo"}, {"score": 0.5 * i, "id": i}, {"meta": {"source": "web", "tags": ["a", None]}},
-            {"note": None}, {"flaw": None, "nested": [{"k": i}]}]
-    return pick[i % len(pick)]
+from tests.untidy import extras
 
 
 def write(path, rows):
