@@ -67,7 +67,7 @@ def cmd_make_tiny_model(args) -> int:
         from rlhf_system.data import synthetic_files, synthetic_tools
 
         # The tool model is never asked the composed families: leaving their phrasings out keeps the
-        # vocabulary the tool task's learning figures (README, test_rl_learning) were measured with. A
+        # vocabulary the tool task's learning figures (docs/demo.md, test_rl_learning) were measured with. A
         # tokenizer that also learned them cut the tool SFT model's greedy accuracy from 0.75 to 0.27.
         corpus = (synthetic_files.corpus_texts(seed=args.seed, composed=False)
                   + synthetic_tools.corpus_texts(seed=args.seed))

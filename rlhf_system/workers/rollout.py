@@ -208,8 +208,11 @@ def _check_host_memory_for_sleep(llm, index: int) -> None:
 
 
 class RolloutGroup:
-    def __init__(self, cfg: RunConfig, model_path: str, engine_cls: type = RolloutWorker, colocated_pg=None):
-        """`colocated_pg`: the actor's placement group, for engines colocated with it (the hybrid engine)."""
+    def __init__(self, cfg: RunConfig, model_path: str, engine_cls: type = RolloutWorker, colocated_pg=None,
+                 wait: bool = True):
+        """`colocated_pg`: the actor's placement group, for engines colocated with it (the hybrid engine).
+        `wait=False` returns once the engines are launched; `wait_started()` then waits for them (the
+        controller starts its trainers meanwhile: both are mostly imports, one core each)."""
         import ray
 
         from rlhf_system.workers.group import ensure_ray
@@ -226,14 +229,22 @@ class RolloutGroup:
         self.engines = [remote.options(**actor_options(plan, colocated_pg if plan.colocated_bundle is not None
                                                        else pg)).remote(model_path, cfg, plan)
                         for plan, pg in zip(plans, self.pgs)]
+        self.load = [0] * len(self.engines)  # prompts in flight per engine
+        if wait:
+            self.wait_started()
+
+    def wait_started(self) -> None:
+        """Every engine has loaded its model, or the first failure (naming the engine) after killing them all."""
+        import ray
+
         try:
             self._wait([e.ready.remote() for e in self.engines], "start")
         except BaseException:
             for e in self.engines:  # an engine that failed to start must not outlive the run
                 ray.kill(e)
             release(self.pgs)
+            self.engines, self.pgs = [], []  # a later shutdown() has nothing left to stop
             raise
-        self.load = [0] * len(self.engines)  # prompts in flight per engine
 
     @property
     def num_workers_total(self) -> int:

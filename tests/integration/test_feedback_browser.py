@@ -3,7 +3,7 @@
 An annotator votes on pairs with the mouse and with the keys, meets a response holding an XSS payload
 (shown as text, never run), reloads mid-way and continues on the same task, ranks a 3-way task with
 keys, then the votes are exported and `rlhf train rm` runs 2 steps on the export. Screenshots of the
-annotator view and the admin page are taken (docs/feedback-annotate.png, in the README, is one of them)."""
+annotator view and the admin page are taken (docs/feedback-annotate.png, in docs/feedback.md, is one of them)."""
 
 import json
 import os

@@ -1,7 +1,7 @@
 """The effect of instruction tuning, measured (`rlhf experiment ...`): on the composed unseen families,
 SFT beats the untuned base model, and tuning on every seen family beats tuning on one, at the same number
 of examples. Real SFT runs of the kit's default tiny model (the trainer `rlhf train sft` runs), greedy
-evaluation, fixed seeds; the margins asserted are reported in the comments and the README."""
+evaluation, fixed seeds; the margins asserted are reported in the comments and docs/experiments.md."""
 
 import json
 

@@ -66,9 +66,11 @@ def score_pairs(model_dir: Path, pairs: list[dict]) -> tuple[torch.Tensor, torch
 
 # --------------------------------------------------------------------------------------- learning
 def test_rm_learns_held_out_preferences(sft_run, synthetic_dir, tmp_path):
+    # Two epochs of the shipped config's four: held-out accuracy 0.585 -> 0.855 (clear rejections 0.975),
+    # as good as four epochs on these 2000 pairs (0.815-0.875, the config's comment) in half the time.
     run = tmp_path / "run"
     rlhf(*train_args("rm", "configs/rm/tiny-cpu.yaml", sft_run / "hf", run, synthetic_dir / "pref_train.jsonl",
-                     synthetic_dir / "pref_test.jsonl"))
+                     synthetic_dir / "pref_test.jsonl", "train.epochs=2"))
     result = json.loads((run / "result.json").read_text())
     before, after = result["initial"]["eval_accuracy"], result["final"]["eval_accuracy"]
     print(json.dumps({"eval_accuracy": [before, after], "seconds": result["seconds"],

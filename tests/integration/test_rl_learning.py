@@ -11,7 +11,7 @@ policy call it. Held-out questions were neither demonstrated nor RL prompts.
   GAE over the policy's tokens of each episode, KL in the reward), synchronous.
 - GRPO with rollouts one step ahead of training (configs/grpo/tools-cpu.yaml, train.max_staleness=1).
 
-(The single-turn synthetic tasks' RL gains are shown by the demo: README, "What to read from it".)"""
+(The single-turn synthetic tasks' RL gains are shown by the demo: docs/demo.md, "What to read from it".)"""
 
 import json
 
