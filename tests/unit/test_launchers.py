@@ -409,7 +409,8 @@ def test_dockerignore_keeps_host_state_out():
 def test_readme_image_tags_match():
     pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
     tags = set(re.findall(r"rlhf-system:[\w.\-]+", "".join(p.read_text() for p in pages)))
-    assert tags <= {GPU_IMAGE, CPU_IMAGE}, f"README names {tags}; the Dockerfiles build {GPU_IMAGE}, {CPU_IMAGE}"
+    assert tags and tags <= {GPU_IMAGE, CPU_IMAGE}, \
+        f"the README and docs/ name {tags or 'no image'}; the Dockerfiles build {GPU_IMAGE}, {CPU_IMAGE}"
 
 
 # ------------------------------------------------------------------------------------------ SLURM
