@@ -122,7 +122,7 @@ def start(cfg: RunConfig, prep: Prepared):
     classes = {"actor": ActorWorker, "critic": CriticWorker, "reference": ReferenceWorker, "reward": RewardWorker}
     roles = {r: c for r, c in classes.items() if r in roles_for(cfg)}
     # Separate engines start first and load while the trainers start and set up (each start is mostly
-    # imports on one core: on 2 cores this overlap saves ~9 s a run). Colocated engines (the hybrid engine)
+    # imports on one core: on 2 cores this overlap saved ~5 s a run, measured). Colocated engines (the hybrid engine)
     # need the actor's placement group, so they come after it.
     ensure_ray(cpus_needed(cfg, list(roles)))
     rollout = None if colocated_engines(cfg) else RolloutGroup(cfg, cfg.model.path, wait=False)

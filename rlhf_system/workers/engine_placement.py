@@ -40,6 +40,13 @@ class EnginePlan:
     colocated_bundle: int | None = None        # hybrid engine: its first bundle in the actor's placement group
 
 
+def inline_engine(cfg) -> bool:
+    """Whether a CPU engine runs vLLM in its actor's process (INLINE_ENGINE, executor "uni"): with one
+    tensor-parallel worker, unless rollout.cpu_bind=vllm keeps vLLM's own processes (only its
+    multiprocessing executor applies its own thread binding)."""
+    return not on_gpu(cfg.placement) and cfg.rollout.tensor_parallel_size == 1 and cfg.rollout.cpu_bind != "vllm"
+
+
 def colocated_share(cfg) -> int:
     """How many roles share each bundle of the colocate group that holds the rollout engines (0: none)."""
     for group in cfg.placement.colocate:
@@ -57,8 +64,7 @@ def engine_plans(cfg) -> list[EnginePlan]:
         return _colocated_plans(cfg)
     if not on_gpu(p):
         # GPUs hidden (devices.py): on a CUDA host vLLM would otherwise take cuda:0 for a CPU placement.
-        # rollout.cpu_bind=vllm keeps vLLM's own processes: only its multiprocessing executor binds threads
-        inline = tp == 1 and r.cpu_bind != "vllm"
+        inline = inline_engine(cfg)
         return [EnginePlan(i, [], {"num_cpus": 0, "num_gpus": 0}, "uni" if inline else "mp",
                            CPU_ONLY_ENV | (INLINE_ENGINE if inline else {})) for i in range(r.num_engines)]
     bundle = {"GPU": 1.0, "CPU": float(p.cpus_per_worker)}
@@ -81,7 +87,7 @@ def _colocated_plans(cfg) -> list[EnginePlan]:
     for i in range(r.num_engines):
         env = {} if gpu else dict(CPU_ONLY_ENV)
         if tp == 1:
-            inline = not gpu and r.cpu_bind != "vllm"
+            inline = inline_engine(cfg)
             plans.append(EnginePlan(i, [], {"num_cpus": 0, "num_gpus": frac}, "uni" if inline else None,
                                     env | (INLINE_ENGINE if inline else {}), colocated_bundle=i))
             continue

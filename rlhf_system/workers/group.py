@@ -51,6 +51,11 @@ def concat(parts: list) -> Any:
     return [x for part in parts for x in part]
 
 
+# No prestarted idle workers: every actor of ours carries its own runtime_env (worker_env, CPU_ONLY_ENV), so
+# Ray starts a fresh process for it anyway, and the idle ones' imports only compete with the actors'.
+NO_IDLE_WORKERS = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
+
+
 def ensure_ray(num_cpus_needed: int = 0) -> None:
     """Connect to RAY_ADDRESS if set, else start a local Ray with at least `num_cpus_needed` CPUs."""
     import ray
@@ -65,12 +70,8 @@ def ensure_ray(num_cpus_needed: int = 0) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=True)
     else:
         # Logical CPUs: a CPU "slot" per worker even on a 2-core laptop (torch threads are capped per worker).
-        # No prestarted idle workers: every actor of ours carries its own runtime_env (worker_env,
-        # CPU_ONLY_ENV), so Ray starts a fresh process for it anyway, and the idle ones' imports only
-        # compete with the actors' (~3 s of a run's start on 2 cores).
         ray.init(num_cpus=max(os.cpu_count() or 1, num_cpus_needed), include_dashboard=False,
-                 runtime_env={"env_vars": env}, log_to_driver=True,
-                 _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False})
+                 runtime_env={"env_vars": env}, log_to_driver=True, _system_config=NO_IDLE_WORKERS)
         # This process now owns a cluster: if it is killed without shutting it down, the reaper does.
         from rlhf_system.distributed import reaper
 

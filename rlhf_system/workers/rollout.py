@@ -56,7 +56,7 @@ class RolloutWorker:
                                                                             r.tensor_parallel_size)
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
             os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
-            if plan.env.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+            if plan.executor == "uni":
                 # An inline engine (engine_placement.INLINE_ENGINE) computes in this process, and only vLLM's
                 # multiprocessing executor applies the bind to the workers it spawns; vLLM then disables
                 # torch.set_num_threads here. So this process takes its cores and thread count first.

@@ -73,8 +73,9 @@ def sft_run(kit_model, synthetic_dir, tmp_path_factory):
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,  # no idle workers: as ensure_ray
-             _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False})
+    from rlhf_system.workers.group import NO_IDLE_WORKERS
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _system_config=NO_IDLE_WORKERS)
     yield
     ray.shutdown()
 
