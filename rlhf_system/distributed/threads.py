@@ -105,3 +105,16 @@ def engine_cpu_bind(cores: list[int], index: int, engines_on_node: int, tp: int)
     per = max(1, len(mine) // tp)
     parts = [mine[i * per:(i + 1) * per] or mine[-1:] for i in range(tp)]
     return "|".join(",".join(str(c) for c in p) for p in parts)
+
+
+def bind_engine(bind: str, inline: bool) -> None:
+    """Bind a CPU vLLM engine to `bind` (a VLLM_CPU_OMP_THREADS_BIND string), reserving no core. An inline
+    engine (uniprocess executor) computes in this process, and only vLLM's multiprocessing executor
+    applies the bind to the workers it spawns; vLLM then disables torch.set_num_threads here. So an
+    inline engine's process takes its cores and thread count itself, before vLLM starts."""
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    if inline:
+        mine = parse_cores(bind)
+        pin(mine)
+        set_threads(len(mine))

@@ -3,8 +3,11 @@
 This is the plain, in-process path (CLI `rlhf sample`, evaluation, tests). The Ray-hosted rollout
 engines of PPO wrap the same vLLM `LLM` with weight sync on top (workers/rollout.py).
 
-On CPU vLLM needs float32, eager mode and a KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE); its
-engine spawns processes, so a script that calls this needs an `if __name__ == "__main__":` guard.
+On CPU vLLM needs float32, eager mode and a KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE). There the
+engine runs in this process (vLLM's uniprocess executor, no engine-core process): its default spawns two
+more processes that import vLLM and torch again, about 15 s of a 2-core machine's start. Set
+VLLM_ENABLE_V1_MULTIPROCESSING=1 to keep them; a script that does needs an `if __name__ == "__main__":`
+guard.
 """
 
 from __future__ import annotations
@@ -26,11 +29,27 @@ def make_vllm(model_path: str, max_model_len: int = 1024, seed: int = 0, kv_cach
     import torch
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    on_gpu = torch.cuda.is_available()
     from vllm import LLM
 
-    on_gpu = torch.cuda.is_available()
-    return LLM(model=model_path, dtype="auto" if on_gpu else "float32", enforce_eager=not on_gpu,
-               max_model_len=max_model_len, seed=seed, **kwargs)
+    # The inline engine's settings are read while the engine is built, and restored after it: a test
+    # process (or a driver that starts Ray next) must not hand them to engines it launches later.
+    keys = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU",
+            "OMP_NUM_THREADS")
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        if not on_gpu and os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0") == "0":
+            from rlhf_system.distributed.threads import bind_engine, node_cores
+
+            bind_engine(",".join(str(c) for c in node_cores()), inline=True)
+        return LLM(model=model_path, dtype="auto" if on_gpu else "float32", enforce_eager=not on_gpu,
+                   max_model_len=max_model_len, seed=seed, **kwargs)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def shutdown_vllm(llm, timeout: float = 30.0) -> None:

@@ -48,23 +48,13 @@ class RolloutWorker:
         if not gpu and r.cpu_bind != "vllm":
             # vLLM's own binding reserves a core for its scheduler and leaves it idle while decoding:
             # half of a 2-core machine. Bind to this engine's share of the node instead (threads.py).
-            from rlhf_system.distributed.threads import engine_cpu_bind, node_cores, split_cores
+            from rlhf_system.distributed.threads import bind_engine, engine_cpu_bind, node_cores, split_cores
 
             # the node's cores, or the engines' part of them when trainers compute beside (cpu_split)
             cores = split_cores(node_cores(), cfg.placement.engine_core_share)[0] if cfg.split_cores() else node_cores()
             bind = r.cpu_bind if r.cpu_bind != "auto" else engine_cpu_bind(cores, index, r.num_engines,
                                                                             r.tensor_parallel_size)
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
-            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
-            if plan.executor == "uni":
-                # An inline engine (engine_placement.INLINE_ENGINE) computes in this process, and only vLLM's
-                # multiprocessing executor applies the bind to the workers it spawns; vLLM then disables
-                # torch.set_num_threads here. So this process takes its cores and thread count first.
-                from rlhf_system.distributed.threads import parse_cores, pin, set_threads
-
-                mine = parse_cores(bind)
-                pin(mine)
-                set_threads(len(mine))
+            bind_engine(bind, inline=plan.executor == "uni")
         self.index, self.cfg = index, cfg
         # The engine runs in the policy's training dtype (what the sync sends), not the checkpoint's: bf16 on
         # GPUs and on CPUs with bf16 matrix units; a CPU without them emulates bf16 (slower than fp32), so an
