@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from rlhf_system.algorithms.names import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, POLICY_LOSSES
 from rlhf_system.config_checks import problems
 from rlhf_system.errors import UserError
 
@@ -280,11 +281,21 @@ class RMConfig(_Section):
     head: Literal["classifier", "value_head"] = "classifier"
 
 
+class DistillConfig(_Section):
+    coef: float = Field(1.0, gt=0, description="algorithm.estimator=opd: weight of each token's reverse KL to "
+                        "the teacher (model.reference_path) in its reward.")
+    discount: float = Field(0.0, ge=0, le=1, description="opd: 0 gives each token its own KL only (the "
+                            "published recipes); 1 sums the later tokens' too (the sequence-level gradient).")
+    reward_coef: float = Field(0.0, ge=0, description="opd: weight of the task reward's GRPO advantage added "
+                               "to the distillation signal; 0: distillation only (rewards are still logged).")
+
+
 class AlgorithmConfig(_Section):
-    estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = Field(
+    estimator: Literal[ADVANTAGE_ESTIMATORS] = Field(
         "gae", description="gae: PPO with a critic; the others are critic-free (no critic group is started). "
-        "dr_grpo: GRPO without the std division, with loss_agg=seq_sum_norm (Dr. GRPO).")
-    policy_loss: Literal["ppo", "gspo", "cispo"] = Field(
+        "dr_grpo: GRPO without the std division, with loss_agg=seq_sum_norm (Dr. GRPO). opd: on-policy "
+        "distillation from the teacher at model.reference_path (algorithm.distill).")
+    policy_loss: Literal[POLICY_LOSSES] = Field(
         "ppo", description="ppo: clipped token ratios; gspo: one clipped ratio per sequence (set clip_eps=3e-4 "
         "clip_eps_high=4e-4); cispo: REINFORCE with a clipped IS weight (clip_eps=1 clip_eps_high=0.28).")
     gamma: float = Field(1.0, ge=0, le=1)
@@ -311,9 +322,9 @@ class AlgorithmConfig(_Section):
     kl: KLConfig = Field(default_factory=KLConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     rm: RMConfig = Field(default_factory=RMConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
-    # Group estimators compare samples of the same prompt: the baseline of one is the others.
-    GROUP_ESTIMATORS: ClassVar[tuple[str, ...]] = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+    GROUP_ESTIMATORS: ClassVar[tuple[str, ...]] = GROUP_ESTIMATORS
 
     @property
     def needs_critic(self) -> bool:

@@ -20,7 +20,7 @@ def roles_for(cfg) -> list[str]:
         roles.append("critic")
     if cfg.rewards.use_model:
         roles.append("reward")
-    if cfg.algorithm.kl.coef > 0:
+    if cfg.algorithm.kl.coef > 0 or cfg.algorithm.estimator == "opd":  # opd: the reference is the teacher
         roles.append("reference")
     return roles
 
@@ -30,6 +30,22 @@ def role_slots(cfg, role: str) -> int:
     if role == "rollout":
         return cfg.rollout.num_engines * cfg.rollout.tensor_parallel_size
     return getattr(cfg.placement, role)
+
+
+def _distill_problems(cfg) -> list[str]:
+    """algorithm.estimator=opd: the frozen reference role holds the teacher."""
+    a, out = cfg.algorithm, []
+    if not cfg.model.reference_path:
+        out.append("algorithm.estimator=opd distils from a teacher, which the reference role loads from "
+                   "model.reference_path, but it is empty. Fix: model.reference_path=<the teacher's folder>")
+    if a.kl.coef > 0:
+        out.append(f"algorithm.estimator=opd: the reference is the teacher and its reverse KL is already the "
+                   f"reward, so algorithm.kl.coef={a.kl.coef} would count it twice. Fix: algorithm.kl.coef=0 "
+                   "(algorithm.distill.coef weighs the KL)")
+    if a.distill.reward_coef > 0 and cfg.rollout.n_samples_per_prompt < 2:
+        out.append(f"algorithm.distill.reward_coef={a.distill.reward_coef} adds the reward's GRPO advantage, which "
+                   "needs a group of samples per prompt. Fix: rollout.n_samples_per_prompt=4")
+    return out
 
 
 def problems(cfg) -> list[str]:
@@ -83,6 +99,8 @@ def problems(cfg) -> list[str]:
             errors.append(f"algorithm.estimator={a.estimator} normalises outcome scores per group and applies the KL as a loss "
                           "term, but algorithm.kl.in_reward=true. Fix: algorithm.kl.in_reward=false "
                           "algorithm.kl.estimator=k3")
+        if a.estimator == "opd":
+            errors.extend(_distill_problems(cfg))
         if a.estimator == "dr_grpo" and a.loss_agg != "seq_sum_norm":
             errors.append(f"algorithm.estimator=dr_grpo drops GRPO's length normalisation as well as its std "
                           f"division, but algorithm.loss_agg={a.loss_agg} divides by lengths. Fix: "

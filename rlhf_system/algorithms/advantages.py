@@ -1,4 +1,5 @@
-"""Advantage estimators for policy-gradient RLHF: GAE, GRPO, RLOO, REINFORCE++, in pure torch.
+"""Advantage estimators for policy-gradient RLHF: GAE, GRPO, RLOO, REINFORCE++, and on-policy
+distillation (OPD), in pure torch.
 
 What this is: functions from rewards/scores (and, for GAE, critic values) to per-token
 advantages, plus `compute_advantages`, the one dispatcher the PPO controller calls.
@@ -24,9 +25,7 @@ import torch
 
 from rlhf_system.algorithms.kl import response_lengths, shape_rewards
 from rlhf_system.algorithms.logprobs import masked_mean
-
-ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
-GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+from rlhf_system.algorithms.names import ADVANTAGE_ESTIMATORS
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:
@@ -200,6 +199,28 @@ def reinforce_pp_baseline_advantages(
     return reinforce_pp_advantages(token_rewards, mask, gamma)
 
 
+# ------------------------------------------------------------------------------ on-policy distillation
+
+
+def opd_advantages(reverse_kl: torch.Tensor, mask: torch.Tensor, coef: float = 1.0,
+                   discount: float = 0.0) -> torch.Tensor:
+    """On-policy distillation: the student samples, a frozen teacher scores the same tokens, and each
+    token's reward is minus the sampled reverse KL, r_t = -coef * (log pi_student(a_t) - log pi_teacher(a_t))
+    (GKD, Agarwal et al. 2024, with only student samples and the reverse KL; Lu & Thinking Machines 2025).
+    Its expectation under the student is -coef * KL(student || teacher) at that position.
+
+    A_t = sum_{s >= t} discount^(s - t) r_s. discount 0 (the default) gives each token its own reward
+    only: lower variance, and what the published recipes use. discount 1 makes the update the unbiased
+    gradient of the sequence-level reverse KL. No baseline and no whitening: the reward is dense and
+    already centred where the student matches the teacher (0), so its scale is the signal.
+
+    reverse_kl (B, T): log pi_student - log pi_teacher at the sampled tokens (kl.kl_penalty "k1")."""
+    _check_rate("discount", discount)
+    response_lengths(mask)
+    r = _kept(-coef * _float(reverse_kl), mask)
+    return r if discount == 0 else _kept(discounted_cumsum(r, discount), mask)
+
+
 # ------------------------------------------------------------------------------------- dispatcher
 
 
@@ -216,6 +237,9 @@ def compute_advantages(
     lam: float = 0.95,
     group_size: int = 1,
     whiten_advantages: bool = True,
+    distill_coef: float = 1.0,
+    distill_discount: float = 0.0,
+    distill_reward_coef: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token advantages (B, T) and critic targets (B, T), or None for critic-free estimators.
 
@@ -233,10 +257,21 @@ def compute_advantages(
     - "reinforce_pp": shaped rewards as for gae, then `reinforce_pp_advantages` (whitened by
       definition; `whiten_advantages` is not consulted).
     - "reinforce_pp_baseline": `reinforce_pp_baseline_advantages` with penalty kl_coef * kl.
+    - "opd": on-policy distillation, `opd_advantages(kl, mask, distill_coef, distill_discount)` with `kl`
+      the per-token k1 log-ratio of the student to the teacher (always used: kl_coef and kl_in_reward
+      are not consulted); plus distill_reward_coef times the GRPO advantage of the scores when it is not
+      0 (distillation and the task reward together). Not whitened.
     gamma/lam apply to the per-token estimators only.
     """
     if estimator not in ADVANTAGE_ESTIMATORS:
         raise ValueError(f"advantage estimator must be one of {ADVANTAGE_ESTIMATORS}, got {estimator!r}")
+    if estimator == "opd":
+        if kl is None:
+            raise ValueError("the opd estimator needs the student's and the teacher's log-probs (kl)")
+        advantages = opd_advantages(kl, mask, distill_coef, distill_discount)
+        if distill_reward_coef:
+            advantages = advantages + distill_reward_coef * expand_to_tokens(grpo_advantages(scores, group_size), mask)
+        return advantages, None
     use_kl = kl_in_reward and kl is not None and kl_coef != 0
     kl_used = kl if use_kl else None
     if estimator == "gae":

@@ -14,8 +14,6 @@ import torch
 from rlhf_system.algorithms.logprobs import masked_mean
 from rlhf_system.algorithms.losses import Metrics, aggregate_loss
 
-POLICY_LOSSES = ("ppo", "gspo", "cispo")
-
 
 def _metric(x: torch.Tensor) -> torch.Tensor:
     return x.detach().float()

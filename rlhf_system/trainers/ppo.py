@@ -38,7 +38,6 @@ import torch
 
 from rlhf_system import checkpoint
 from rlhf_system.algorithms.advantages import compute_advantages
-from rlhf_system.algorithms.balance import rank_order
 from rlhf_system.algorithms.kl import kl_penalty, make_kl_controller
 from rlhf_system.algorithms.logprobs import masked_mean, masked_sum
 from rlhf_system.algorithms.packing import pack, unpack
@@ -52,9 +51,11 @@ from rlhf_system.errors import cleanup
 from rlhf_system.models.load import load_tokenizer
 from rlhf_system.preemption import StopOnSignal
 from rlhf_system.tracking import Tracker
-from rlhf_system.trainers.episodes import make_env_factory, run_episodes
+from rlhf_system.trainers.episodes import make_env_factory
 from rlhf_system.trainers.pipeline import Batch, RolloutPipeline
+from rlhf_system.trainers.ppo_eval import evaluate
 from rlhf_system.trainers.ppo_samples import Scored, sample_and_score
+from rlhf_system.trainers.role_calls import experience_of, in_turn_or_together, sharded
 from rlhf_system.workers.update import one_optimizer_step
 
 
@@ -159,33 +160,12 @@ def stop(groups: dict, shared: list, rollout, sync) -> None:
 
 
 # ------------------------------------------------------------------------------------ one PPO step
-ROLE_OF = {"old": "actor", "ref": "reference", "values": "critic", "actor": "actor", "critic": "critic"}
-
-
-def in_turn_or_together(cfg: RunConfig, calls: dict) -> dict:
-    """Run several roles' calls (`start() -> wait`, keyed as ROLE_OF); results by key. Roles on devices of
-    their own work at the same time. Roles that share devices take turns: a colocate group on GPUs
-    (side by side they would hold both roles' activations on one GPU at once), and on a CPU-only
-    placement every role, since each computes with all of the node's cores (distributed/threads.py)."""
-    if cfg.placement.gpus_per_node == 0 or not calls:
-        return {k: start()() for k, start in calls.items()}
-    lane_of = {role: i for i, group in enumerate(cfg.placement.colocate) for role in group}
-    lanes: dict = {}
-    for k in calls:
-        lanes.setdefault(lane_of.get(ROLE_OF[k], ROLE_OF[k]), []).append(k)
-    out = {}
-    for turn in range(max(len(keys) for keys in lanes.values())):
-        waits = {keys[turn]: calls[keys[turn]]() for keys in lanes.values() if turn < len(keys)}
-        out |= {k: w() for k, w in waits.items()}
-    return out
-
-
 def needs_old_logprobs(cfg: RunConfig) -> bool:
     """Whether the actor's old log-probs need a forward of their own before the update. Not when the
     step makes one optimiser step (the update's own forward, detached, gives them: workers/update.py)
     and no KL enters the reward (that needs them before the advantages)."""
     kl_in_reward = cfg.algorithm.kl.coef > 0 and cfg.algorithm.kl.in_reward
-    return kl_in_reward or not one_optimizer_step(cfg)
+    return kl_in_reward or cfg.algorithm.estimator == "opd" or not one_optimizer_step(cfg)
 
 
 def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, got, kl_coef: float,
@@ -194,10 +174,7 @@ def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, got, kl_coef:
     log-probs, critic values, advantages (steps 3-4 of the module docstring)."""
     n = cfg.rollout.n_samples_per_prompt
     gen, scores, metrics = got.samples, got.scores, dict(got.metrics)
-    exp = Experience.from_rollout([p["prompt_ids"] for p in got.prompts], [g["response_ids"] for g in gen],
-                                  prep.tokenizer.pad_token_id, [g["logprobs"] for g in gen])
-    if any(g["action_mask"] is not None for g in gen):  # multi-turn: the environment's tokens are not trained
-        exp.action_mask = exp.pad_responses([g["action_mask"] or [1] * len(g["response_ids"]) for g in gen])
+    exp = experience_of([p["prompt_ids"] for p in got.prompts], gen, prep.tokenizer.pad_token_id)
     if cfg.algorithm.overlong_filter:  # DAPO: a response cut at the budget is left out of the loss
         keep = torch.tensor([g["finish_reason"] != "length" for g in gen], dtype=torch.float32)[:, None]
         exp.action_mask = keep.expand(len(gen), exp.T) * (exp.action_mask if exp.action_mask is not None else 1)
@@ -216,13 +193,16 @@ def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, got, kl_coef:
     mask = exp.policy_mask
     a = cfg.algorithm
     old, ref = got.get("old"), got.get("ref")
-    kl = kl_penalty(old, ref, a.kl.estimator, mask) if old is not None and ref is not None else None
+    # opd: the reference is the teacher, and the per-token log-ratio (k1) is the distillation reward
+    kl_estimator = "k1" if a.estimator == "opd" else a.kl.estimator
+    kl = kl_penalty(old, ref, kl_estimator, mask) if old is not None and ref is not None else None
     # On the policy's tokens alone, one after another (algorithms/packing.py): the identity for one turn.
     values = got.get("values")
     adv, returns = compute_advantages(
         a.estimator, scores=scores, mask=pack(mask, mask)[1], values=None if values is None else pack(values, mask)[0],
         kl=None if kl is None else pack(kl, mask)[0], kl_coef=kl_coef, kl_in_reward=a.kl.in_reward, gamma=a.gamma,
-        lam=a.lam, group_size=n, whiten_advantages=a.normalize_advantages)
+        lam=a.lam, group_size=n, whiten_advantages=a.normalize_advantages, distill_coef=a.distill.coef,
+        distill_discount=a.distill.discount, distill_reward_coef=a.distill.reward_coef)
     adv, returns = unpack(adv, mask), None if returns is None else unpack(returns, mask)
 
     metrics |= {
@@ -238,29 +218,11 @@ def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, got, kl_coef:
                                        if cfg.rollout.temperature > 0 else 0.0)
         if ref is not None:
             metrics["kl"] = masked_sum(kl_penalty(old, ref, "k1", mask), mask, dim=-1).mean().item()  # nats/seq
+        if a.estimator == "opd":  # per token, as the distillation literature reports it
+            metrics["distill/reverse_kl"] = masked_mean(kl, mask).item()
     exp = exp.with_fields(old_logprobs=old, ref_logprobs=ref, values=got.get("values"), advantages=adv,
                           returns=returns)
     return exp, metrics
-
-
-def sharded(cfg: RunConfig, group, method: str, exp: Experience, *args, by_rank: bool = False):
-    """`group.submit_sharded` with the rows dealt so that every rank gets near-equal tokens
-    (train.balance_ranks; algorithms/balance.py), not contiguous shares whose lengths happen to differ;
-    per-row results come back in `exp`'s row order."""
-    if not cfg.train.balance_ranks or group.world_size == 1:
-        return group.submit_sharded(method, exp, *args, by_rank=by_rank)
-    perm = torch.tensor(rank_order((exp.prompt_lens + exp.response_lens).tolist(), group.world_size))
-    wait = group.submit_sharded(method, exp.select(perm), *args, by_rank=by_rank)
-    if by_rank:
-        return wait
-
-    def in_row_order():
-        got = wait()
-        out = torch.empty_like(got)
-        out[perm] = got
-        return out
-
-    return in_row_order
 
 
 def train(cfg: RunConfig, groups: dict, exp: Experience, step: int, kl_coef: float, timer: dict) -> dict:
@@ -303,45 +265,6 @@ def learn(cfg: RunConfig, prep: Prepared, groups: dict, sync, pipe, batch, step:
     return metrics | timer | {"time/sync_wait": waited, "time/generate_overlap": overlap, "time/step":
                               batch.waited + time.perf_counter() - t, "async/staleness": step - batch.version,
                               "async/dropped": pipe.dropped}
-
-
-# -------------------------------------------------------------------------------------- evaluation
-def evaluate(cfg: RunConfig, prep: Prepared, groups: dict, rollout) -> dict:
-    """Every held-out set, two ways: greedy completions (what a user of the model sees) and
-    train.eval_samples samples at the rollout temperature with a fixed seed (the policy's expected reward,
-    which is the quantity RL maximises, with mean@n and pass@k of exact match). Rule metrics per family
-    (eval/generation.score) and, with a reward model, its mean score on the greedy completions."""
-    from rlhf_system.eval.generation import sampled_score
-    from rlhf_system.eval.generation import score as rule_score
-
-    out = {}
-    for name, rows in prep.evals.items():
-        # episodes, as in training: with an environment the policy may call its tools here too
-        gen, env_metrics = run_episodes(cfg, prep.tokenizer, rollout, rows, None, prep.env, n=1, temperature=0.0)
-        texts = [g["text"] for g in gen]
-        out |= {f"eval/{name}/{k}": v for k, v in env_metrics.items()}
-        per_family = rule_score([r["meta"] for r in rows], texts)
-        for fam, m in per_family.items():
-            for k in ("exact", "reward"):
-                out[f"eval/{name}/{fam}/{k}"] = m[k]
-        if cfg.rollout.temperature > 0:
-            k_n = cfg.train.eval_samples
-            sampled, env_metrics = run_episodes(cfg, prep.tokenizer, rollout, rows, cfg.seed + 12345, prep.env, n=k_n)
-            out |= {f"eval/{name}/sampled/{k}": v for k, v in env_metrics.items()}
-            s_texts = [g["text"] for g in sampled]
-            s_rows = [rows[i // k_n]["meta"] for i in range(len(sampled))]
-            for fam, m in rule_score(s_rows, s_texts).items():
-                for k in ("exact", "reward"):
-                    out[f"eval/{name}/sampled/{fam}/{k}"] = m[k]
-            for fam, m in sampled_score([r["meta"] for r in rows], s_texts, k_n, cfg.train.eval_pass_k).items():
-                out |= {f"eval/{name}/sampled/{fam}/{k}": v for k, v in m.items()}
-        if cfg.rewards.use_model:
-            items = [{"messages": r["messages"], "response": t} for r, t in zip(rows, texts)]
-            k = len(groups["reward"].workers)
-            usable = len(items) - len(items) % k
-            rm = groups["reward"].call_sharded("score", items[:usable])
-            out[f"eval/{name}/rm_score"] = rm.mean().item() if len(rm) else 0.0
-    return out
 
 
 # ----------------------------------------------------------------------------------------- the run

@@ -35,6 +35,8 @@ def preflight_model(cfg: RunConfig) -> None:
         for field_name in ("critic_path", "reference_path"):
             if getattr(m, field_name):
                 check_model(getattr(m, field_name), f"model.{field_name}", m.allow_pickle)
+        if cfg.algorithm.estimator == "opd":
+            check_teacher_tokenizer(cfg)
 
 
 def check_attention(cfg: RunConfig) -> None:
@@ -61,6 +63,24 @@ def check_dpo_reference(cfg: RunConfig) -> None:
         if vocab[0] != vocab[1]:
             raise ConfigError(f"model.reference_path: vocabulary of {vocab[1]} tokens, but the policy "
                               f"(model.path) has {vocab[0]}. Fix: use a reference with the policy's tokenizer")
+
+
+def check_teacher_tokenizer(cfg: RunConfig) -> None:
+    """On-policy distillation scores the student's token ids with the teacher, so both must read text
+    the same way. Compared as vocabularies, not as config.vocab_size: models of one family often pad
+    their embeddings to different sizes (Qwen2.5-7B 152064, 1.5B 151936) over the same tokenizer."""
+    from transformers import AutoTokenizer
+
+    m = cfg.model
+    student, teacher = (AutoTokenizer.from_pretrained(p, trust_remote_code=m.trust_remote_code).get_vocab()
+                        for p in (m.tokenizer_path or m.path, m.reference_path))
+    differ = sorted(t for t in student.keys() | teacher.keys() if student.get(t) != teacher.get(t))
+    if differ:
+        t = differ[0]
+        raise ConfigError(f"model.reference_path={m.reference_path}: the teacher's tokenizer differs from the "
+                          f"student's in {len(differ)} tokens (e.g. {t!r}: {teacher.get(t)} vs {student.get(t)}); "
+                          "on-policy distillation scores the student's token ids with the teacher. Fix: a "
+                          "teacher with the student's tokenizer (the same model family)")
 
 
 def check_sync_bucket(cfg: RunConfig) -> None:

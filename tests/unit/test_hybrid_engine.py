@@ -92,7 +92,7 @@ def _overlap(a, b) -> bool:
 
 
 def test_roles_sharing_gpus_take_turns_and_others_work_at_once():
-    from rlhf_system.trainers.ppo import in_turn_or_together
+    from rlhf_system.trainers.role_calls import in_turn_or_together
 
     cfg = _ppo(gpus_per_node=8, actor=4, reference=4, critic=4, colocate=[["actor", "reference"]])
     spans, call = _recorder()
