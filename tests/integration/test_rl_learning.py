@@ -10,6 +10,8 @@ policy call it. Held-out questions were neither demonstrated nor RL prompts.
 - PPO proper (configs/ppo/tiny-cpu.yaml: actor, critic with a fresh value head, reference, vLLM engine;
   GAE over the policy's tokens of each episode, KL in the reward), synchronous.
 - GRPO with rollouts one step ahead of training (configs/grpo/tools-cpu.yaml, train.max_staleness=1).
+- On-policy distillation (configs/opd/tools-cpu.yaml): the SFT model learns from the GRPO policy's
+  per-token log-probs on its own samples, with no reward, and moves most of the way to it.
 
 (The single-turn synthetic tasks' RL gains are shown by the demo: docs/demo.md, "What to read from it".)"""
 
@@ -57,14 +59,22 @@ def tool_sft(tmp_path_factory):
     return sft / "hf", data
 
 
-def test_grpo_with_tools_and_async_rollouts_raises_held_out_accuracy(tool_sft, tmp_path):
+@pytest.fixture(scope="module")
+def grpo_tools(tool_sft, tmp_path_factory):
+    """The shipped tool config (configs/grpo/tools-cpu.yaml) run on the SFT model; its exported policy is
+    the teacher of the distillation test."""
+    sft, data = tool_sft
+    rl = tmp_path_factory.mktemp("grpo-tools")
+    rlhf(*train_args("ppo", "configs/grpo/tools-cpu.yaml", sft, rl, data / "rl_tool_train.jsonl",
+                     data / "rl_tool_test.jsonl", "placement.call_timeout_s=300"))
+    return rl
+
+
+def test_grpo_with_tools_and_async_rollouts_raises_held_out_accuracy(grpo_tools):
     """The shipped tool config (configs/grpo/tools-cpu.yaml): multi-turn episodes with the calculator, GRPO,
     rollouts one step ahead of training (train.max_staleness=1). Held-out questions (never demonstrated,
     never RL prompts): the policy calls the tool more often and answers right more often."""
-    sft, data = tool_sft
-    rl = tmp_path / "grpo-tools"
-    rlhf(*train_args("ppo", "configs/grpo/tools-cpu.yaml", sft, rl, data / "rl_tool_train.jsonl",
-                     data / "rl_tool_test.jsonl", "checkpoint.export_hf=false", "placement.call_timeout_s=300"))
+    rl = grpo_tools
     figures = figures_of(rl)
     assert figures["steps"] == 10
     # Measured (seeded vLLM sampling, CPU fp32, AMD EPYC AVX2, 2026-12-05), these 10 steps: sampled exact
@@ -101,3 +111,37 @@ def test_gae_ppo_with_a_critic_raises_held_out_accuracy(tool_sft, tmp_path):
     assert_learned(figures, 0.05)
     rows = [json.loads(x) for x in (rl / "metrics.jsonl").read_text().splitlines()]
     assert all(r["async/staleness"] == 0 and r["critic/loss"] > 0 for r in rows if "async/staleness" in r)
+
+
+def test_on_policy_distillation_closes_most_of_the_gap_to_its_teacher(tool_sft, grpo_tools, tmp_path):
+    """The shipped distillation config (configs/opd/tools-cpu.yaml): the SFT model (student) samples tool
+    episodes, the GRPO-trained policy of the test above (teacher, frozen in the reference role) scores the
+    same tokens, and each student token's reward is minus its log-ratio to the teacher; the task reward is
+    only logged. On held-out questions the student's reverse KL to the teacher falls, and its sampled
+    behaviour moves most of the way to the teacher's. The teacher's figures are its run's final evaluation:
+    same prompts, same seeds."""
+    sft, data = tool_sft
+    run = tmp_path / "opd"
+    rlhf(*train_args("ppo", "configs/opd/tools-cpu.yaml", sft, run, data / "rl_tool_train.jsonl",
+                     data / "rl_tool_test.jsonl", f"model.reference_path={grpo_tools / 'hf'}",
+                     "checkpoint.export_hf=false", "placement.call_timeout_s=300"))
+    student, teacher = figures_of(run), figures_of(grpo_tools)
+    result = json.loads((run / "result.json").read_text())
+    kl = [result[k]["eval/rl_tool_test/sampled/distill/reverse_kl"] for k in ("initial", "final")]
+    print(json.dumps({"held_out_reverse_kl": kl}))
+    # Measured (deterministic, CPU fp32, AMD EPYC AVX2, 2026-12-06), these 10 steps: held-out reverse KL per
+    # token 0.0214 -> 0.0025; sampled tool-call rate 0.74 -> 0.9025 (teacher 0.9225: 88% of the gap),
+    # sampled exact 0.315 -> 0.37 (teacher 0.4225: 51%), pass@4 0.67 -> 0.70; greedy 0.79 -> 0.70 (teacher
+    # 0.74; greedy is not what the loss matches). The bars are about half of those.
+    assert kl[1] <= 0.4 * kl[0], kl
+
+    def closed(key: str) -> float:
+        before, after = student[key]
+        return (after - before) / (teacher[key][1] - before)
+
+    assert teacher["sampled/tool/call_rate"][1] > student["sampled/tool/call_rate"][0] + 0.1, teacher
+    assert closed("sampled/tool/call_rate") >= 0.5, (student, teacher)
+    assert closed("sampled/all/exact") >= 0.25, (student, teacher)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train_kl = [r["distill/reverse_kl"] for r in rows if "distill/reverse_kl" in r]
+    assert len(train_kl) == 10 and sum(train_kl[-3:]) < 0.5 * sum(train_kl[:3]), train_kl
