@@ -225,6 +225,16 @@ class RolloutConfig(_Section):
     tools: list[str] = Field(default_factory=lambda: ["calculator"], description="env=tools: the tools offered.")
     tool_timeout_s: float = Field(5.0, gt=0, description="env=tools: wall-clock limit of one python tool call.")
     tool_memory_mb: int = Field(256, ge=32, description="env=tools: memory limit of one python tool call.")
+    agent: str = Field("", description="An agent program that drives each episode through an OpenAI-compatible "
+                       "endpoint in front of the engines: 'file.py:fn' or 'module:fn', called as fn(base_url, "
+                       "api_key, messages, meta) -> reward or None; or 'cmd:COMMAND', run per episode with "
+                       "OPENAI_BASE_URL / OPENAI_API_KEY set (agents/). Empty: none.")
+    agent_timeout_s: float = Field(300.0, gt=0, description="Deadline of one agent episode, all its calls included.")
+    agent_host: str = Field("127.0.0.1", description="Where the agent endpoint listens (loopback by default; "
+                            "every episode has its own bearer token).")
+    agent_batch_wait_ms: float = Field(20.0, ge=0, description="How long the endpoint holds a request for others "
+                                       "to batch with, unless every running episode is already waiting.")
+
     @property
     def episode_tokens(self) -> int:
         """Response tokens an episode may hold: the policy's turns and the environment's observations."""
@@ -389,6 +399,8 @@ class LoggingConfig(_Section):
     tensorboard: bool = False
     console: bool = True
     plots: bool = True
+    rollouts: bool = Field(False, description="ppo: write what each step trains on (token ids, trained-token "
+                           "mask, sampling log-probs, score, text) to run_dir/rollouts.jsonl.")
 
 
 class CheckpointConfig(_Section):

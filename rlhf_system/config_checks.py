@@ -116,10 +116,13 @@ def problems(cfg) -> list[str]:
             errors.append(f"rollout.dynamic_sampling=true drops groups whose samples score the same, which only a "
                           f"group estimator ignores; algorithm.estimator={a.estimator} is not one. Fix: "
                           f"algorithm.estimator=grpo (or dynamic_sampling=false)")
-        if cfg.rollout.max_turns > 1 and not cfg.rollout.env:
+        if cfg.rollout.agent and cfg.rollout.env:
+            errors.append(f"rollout.agent={cfg.rollout.agent!r} and rollout.env={cfg.rollout.env!r}: an episode is "
+                          "driven by an agent program or by an environment, not both. Fix: empty one of them")
+        if cfg.rollout.max_turns > 1 and not (cfg.rollout.env or cfg.rollout.agent):
             errors.append(f"rollout.max_turns={cfg.rollout.max_turns} but rollout.env is empty: without an "
                           "environment to answer, an episode has one turn. Fix: rollout.env=tools (or a file's "
-                          "environment), or rollout.max_turns=1")
+                          "environment, or an agent: rollout.agent), or rollout.max_turns=1")
         bad_k = [k for k in t.eval_pass_k if not 1 <= k <= t.eval_samples]
         if bad_k:
             errors.append(f"train.eval_pass_k={t.eval_pass_k}: each k must be in [1, train.eval_samples="

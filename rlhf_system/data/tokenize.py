@@ -31,15 +31,16 @@ def check_template(tokenizer, template: str, where: str) -> None:
         raise DataError(f"{where}: data.template=plain needs a tokenizer with an eos_token")
 
 
-def _render(tokenizer, messages: list[dict], template: str, add_generation_prompt: bool) -> str:
+def _render(tokenizer, messages: list[dict], template: str, add_generation_prompt: bool, tools=None) -> str:
     return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-        chat_template=PLAIN_TEMPLATE if template == "plain" else None)
+        chat_template=PLAIN_TEMPLATE if template == "plain" else None, **({"tools": tools} if tools else {}))
 
 
-def render_prompt(tokenizer, messages: list[dict], template: str) -> str:
-    """The text a policy continues: the prompt plus the template's generation prompt."""
-    return _render(tokenizer, messages, template, add_generation_prompt=True)
+def render_prompt(tokenizer, messages: list[dict], template: str, tools=None) -> str:
+    """The text a policy continues: the prompt plus the template's generation prompt; `tools` (OpenAI
+    function schemas) go to templates that render them."""
+    return _render(tokenizer, messages, template, add_generation_prompt=True, tools=tools)
 
 
 def render_conversation(tokenizer, messages: list[dict], template: str) -> str:

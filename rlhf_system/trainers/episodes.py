@@ -11,7 +11,8 @@ and the episodes still running generate their next turn from exactly those token
 produced is ever decoded and re-encoded, so the trainer sees the very ids the engine sampled and
 consumed, and chat templates cannot drift between rollout and training.
 
-Each sample: "response_ids" (every token after the prompt: the policy's turns and the environment's
+Each sample: "prompt_ids" (what turn 1 continued: the dataset's prompt, or the environment's first
+observation), "response_ids" (every token after the prompt: the policy's turns and the environment's
 observations in between), "logprobs" (the engine's, 0 on observation tokens), "action_mask" (1 on the
 policy's tokens; None for a one-turn episode, i.e. all of them), "finish_reason" (of the last turn, or
 "length" when the episode's budget ran out), "text" (the last assistant turn: what the reward sources
@@ -99,12 +100,15 @@ def _call(fn, timeout_s: float, eps: list[_Episode], what: str) -> list:
 
 
 def run_episodes(cfg: RunConfig, tokenizer, rollout, prompts: list[dict], seed: int | None, make_env=None,
-                 n: int | None = None, temperature: float | None = None) -> tuple[list[dict], dict]:
+                 n: int | None = None, temperature: float | None = None, agent=None) -> tuple[list[dict], dict]:
     """Samples in prompt-major order (prompt i's n samples are rows i*n .. i*n+n-1) and the episodes'
     metrics (empty without an environment). n and temperature default to the rollout's (evaluation
-    passes its own); seed None samples unseeded."""
+    passes its own); seed None samples unseeded. `agent` (agents/runner.AgentRunner, rollout.agent): an
+    agent program drives the episodes instead, through the OpenAI-compatible endpoint."""
     from rlhf_system.data.tokenize import render_observation
 
+    if agent is not None:
+        return agent.run(rollout, prompts, seed, n, temperature)
     r = cfg.rollout
     n = r.n_samples_per_prompt if n is None else n
     eps = [_Episode(prompts[i // n], make_env() if make_env else None) for i in range(len(prompts) * n)]
@@ -186,7 +190,7 @@ def run_episodes(cfg: RunConfig, tokenizer, rollout, prompts: list[dict], seed: 
                     e.env.close()
                 except Exception:  # a close that fails must not hide the episode's own result or error
                     pass
-    samples = [e.sample(make_env is None) for e in eps]
+    samples = [e.sample(make_env is None) | {"prompt_ids": prompt_ids[b // n]} for b, e in enumerate(eps)]
     return samples, episode_metrics(samples) if make_env is not None else {}
 
 

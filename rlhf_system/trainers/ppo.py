@@ -68,6 +68,7 @@ class Prepared:
     rules: object | None = None             # rewards.registry.RuleRewards
     remote: object | None = None            # rewards.client.RemoteReward
     env: object | None = None               # () -> environment for multi-turn episodes (rollout.env), or None
+    agent: object | None = None             # agents/runner.AgentRunner (rollout.agent), or None
     steps: int = 0
     optimizer_steps: int = 0
     resume: Path | None = None               # the checked checkpoint to resume from
@@ -105,7 +106,12 @@ def prepare(cfg: RunConfig) -> Prepared:
     experiences = cfg.train.rollout_batch_size * cfg.rollout.n_samples_per_prompt
     opt_steps = steps * cfg.algorithm.ppo_epochs * (experiences // cfg.train.global_batch_size)
     resume = checkpoint.check_resume(cfg)
-    return Prepared(tok, train, evals, rules, remote, env, steps, opt_steps, resume)
+    agent = None
+    if cfg.rollout.agent:  # a rollout.agent that names nothing fails here; its endpoint starts with the engines
+        from rlhf_system.agents.runner import AgentRunner
+
+        agent = AgentRunner(cfg, tok)
+    return Prepared(tok, train, evals, rules, remote, env, agent, steps, opt_steps, resume)
 
 
 # ----------------------------------------------------------------------------------------- groups
@@ -243,6 +249,21 @@ def train(cfg: RunConfig, groups: dict, exp: Experience, step: int, kl_coef: flo
     return metrics
 
 
+def dump_rollouts(path: Path, step: int, exp: Experience, scored: Scored) -> None:
+    """What this step trains on, one JSON line per sample: the prompt and response token ids as they sit
+    in the Experience the workers get, the mask of the tokens the loss uses, the sampling log-probs, the
+    score and the scored text (logging.rollouts)."""
+    mask = exp.policy_mask
+    with open(path, "a") as f:
+        for b in range(len(exp)):
+            p, r = int(exp.prompt_lens[b]), int(exp.response_lens[b])
+            seq = exp.sequences[b, :p + r].tolist()
+            f.write(json.dumps({"step": step + 1, "row": b, "prompt_ids": seq[:p], "response_ids": seq[p:],
+                                "trained_mask": mask[b, :r].int().tolist(),
+                                "logprobs": exp.rollout_logprobs[b, :r].tolist(), "score": float(scored.scores[b]),
+                                "text": scored.samples[b]["text"]}) + "\n")
+
+
 def learn(cfg: RunConfig, prep: Prepared, groups: dict, sync, pipe, batch, step: int, kl_coef: float) -> dict:
     """Steps 3-6 on a batch the pipeline sampled (steps 1-2, trainers/pipeline.py): its metrics, with the
     phases' seconds, how much generation of later batches ran inside the train phase, and the batch's
@@ -254,6 +275,8 @@ def learn(cfg: RunConfig, prep: Prepared, groups: dict, sync, pipe, batch, step:
             sync.sleep_engines()
         timer["time/sleep"] = time.perf_counter() - t
     exp, metrics = make_experiences(cfg, prep, groups, batch.scored, kl_coef, timer)
+    if cfg.logging.rollouts:
+        dump_rollouts(Path(cfg.run_dir) / "rollouts.jsonl", step, exp, batch.scored)
     t_train = time.perf_counter()
     metrics |= train(cfg, groups, exp, step, kl_coef, timer)
     overlap = pipe.overlap(t_train, time.perf_counter())
@@ -321,7 +344,7 @@ def run(cfg: RunConfig) -> dict:
     try:
         groups, shared, rollout, sync = start(cfg, prep)
     except BaseException:
-        cleanup(True, tracker.close)  # the start-up error is the one to report, not a cleanup's
+        cleanup(True, tracker.close, *([prep.agent.close] if prep.agent else []))  # report the start-up error
         raise
     roles = [*groups, "rollout"]
     failed = True
@@ -370,6 +393,7 @@ def run(cfg: RunConfig) -> dict:
             groups["actor"].call("save_hf", str(out))
         failed = False
     finally:
-        cleanup(failed, tracker.close, lambda: stop(groups, shared, rollout, sync))
+        cleanup(failed, tracker.close, *([prep.agent.close] if prep.agent else []),
+                lambda: stop(groups, shared, rollout, sync))
     return {"steps": step, "seconds": time.perf_counter() - t0, "roles": roles, "initial": initial, "final": final,
             "export": str(out) if cfg.checkpoint.export_hf else None}

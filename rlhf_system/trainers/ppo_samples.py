@@ -72,8 +72,9 @@ def reward_parts(cfg: RunConfig, prep, groups: dict, prompts: list[dict], sample
         lengths = torch.tensor([len(s["response_ids"]) for s in samples])
         parts["reward/overlong"] = overlong_penalty(lengths, cfg.rollout.episode_tokens, cfg.rewards.overlong_buffer,
                                                     cfg.rewards.overlong_penalty)
-    if cfg.rollout.env:  # the turns' own rewards, summed over the episode
-        parts["reward/env"] = torch.tensor([float(s["env_reward"]) for s in samples])
+    if cfg.rollout.env or cfg.rollout.agent:  # the turns' own rewards (an agent's: what it returned)
+        parts["reward/agent" if cfg.rollout.agent else "reward/env"] = torch.tensor(
+            [float(s["env_reward"]) for s in samples])
         failed = torch.tensor([bool(s["env_failed"]) for s in samples])
         parts = {k: v.float().masked_fill(failed, 0.0) for k, v in parts.items()}
     return parts
@@ -111,7 +112,8 @@ def sample_and_score(cfg: RunConfig, prep, groups: dict, rollout, prompts: list[
     for k in range(rounds):
         batch = prompts if k == 0 else more_prompts()
         t = time.perf_counter()
-        gen, _ = run_episodes(cfg, prep.tokenizer, rollout, batch, r.seed + 7919 * step + ROUND_SEED * k, prep.env)
+        gen, _ = run_episodes(cfg, prep.tokenizer, rollout, batch, r.seed + 7919 * step + ROUND_SEED * k, prep.env,
+                              agent=prep.agent)
         timer["time/generate"] += time.perf_counter() - t
         t = time.perf_counter()
         per_sample = [batch[i // n] for i in range(len(gen))]
@@ -120,7 +122,7 @@ def sample_and_score(cfg: RunConfig, prep, groups: dict, rollout, prompts: list[
         done_rounds += 1
         if not r.dynamic_sampling:
             scores, metrics = finish(cfg, parts)
-            return Scored(per_sample, gen, scores, metrics | (episode_metrics(gen) if prep.env else {}))
+            return Scored(per_sample, gen, scores, metrics | (episode_metrics(gen) if prep.env or prep.agent else {}))
         useful = informative_groups(weighted_sum(cfg, parts), n).tolist()
         for g, ok in enumerate(useful):
             rows = slice(g * n, (g + 1) * n)
@@ -134,5 +136,5 @@ def sample_and_score(cfg: RunConfig, prep, groups: dict, rollout, prompts: list[
     metrics |= {"dynamic_sampling/rounds": done_rounds, "dynamic_sampling/informative": len(kept) / generated,
                 "dynamic_sampling/filled": max(0, need - len(kept))}
     samples = [s for c in chosen for s in c[1]]
-    metrics |= episode_metrics(samples) if prep.env else {}
+    metrics |= episode_metrics(samples) if prep.env or prep.agent else {}
     return Scored([c[0] for c in chosen for _ in range(n)], samples, scores, metrics)

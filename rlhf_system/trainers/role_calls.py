@@ -52,7 +52,9 @@ def sharded(cfg: RunConfig, group, method: str, exp: Experience, *args, by_rank:
 
 def experience_of(prompt_ids: list[list[int]], samples: list[dict], pad_id: int) -> Experience:
     """Sampled episodes (trainers/episodes.py) as an Experience; the environment's tokens of a multi-turn
-    episode are in the sequence but out of the action mask (not trained, not scored)."""
+    episode are in the sequence but out of the action mask (not trained, not scored). An episode's own
+    prompt ids (an environment's first observation, an agent's first call) come before its row's."""
+    prompt_ids = [g.get("prompt_ids") or p for p, g in zip(prompt_ids, samples)]
     exp = Experience.from_rollout(prompt_ids, [g["response_ids"] for g in samples], pad_id,
                                   [g["logprobs"] for g in samples])
     if any(g["action_mask"] is not None for g in samples):

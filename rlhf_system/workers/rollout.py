@@ -87,7 +87,7 @@ class RolloutWorker:
                                "before a sync restored them")
 
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, seed: int | None = None,
-                 max_new_tokens: int | None = None) -> list[dict]:
+                 max_new_tokens: int | None = None, seeds: list[int] | None = None) -> list[dict]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -100,7 +100,7 @@ class RolloutWorker:
             return SamplingParams(n=n, temperature=temperature, top_p=r.top_p if temperature > 0 else 1.0,
                                   max_tokens=max_new_tokens or r.max_new_tokens, stop=r.stop or None,
                                   logprobs=0 if temperature > 0 else None,
-                                  seed=None if seed is None else seed + k * n)
+                                  seed=seeds[k] if seeds is not None else None if seed is None else seed + k * n)
 
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids],
                                  [params(k) for k in range(len(prompt_ids))], use_tqdm=False)
@@ -249,8 +249,10 @@ class RolloutGroup:
         return wait_all(refs, names, self.timeout, f"rollout '{what}'", GroupCallError)
 
     def generate(self, prompt_ids: list[list[int]], n: int | None = None, temperature: float | None = None,
-                 seed: int | None = None, max_new_tokens: int | None = None) -> list[dict]:
-        """Samples in prompt-major order (prompt i's n samples are rows i*n .. i*n+n-1)."""
+                 seed: int | None = None, max_new_tokens: int | None = None,
+                 seeds: list[int] | None = None) -> list[dict]:
+        """Samples in prompt-major order (prompt i's n samples are rows i*n .. i*n+n-1). `seeds`: one per
+        prompt instead of `seed`'s consecutive ranges (requests batched from independent episodes)."""
         import ray
 
         r = self.cfg.rollout
@@ -266,7 +268,8 @@ class RolloutGroup:
             part = prompt_ids[start:start + chunk]
             self.load[e] += len(part)
             chunk_seed = None if seed is None else seed + start * n  # disjoint per prompt (see generate)
-            refs.append(self.engines[e].generate.remote(part, n, temperature, chunk_seed, max_new_tokens))
+            part_seeds = None if seeds is None else seeds[start:start + chunk]
+            refs.append(self.engines[e].generate.remote(part, n, temperature, chunk_seed, max_new_tokens, part_seeds))
             where.append((e, len(part)))
             # Free the load of chunks that already finished, so later chunks see the real queue lengths.
             done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)

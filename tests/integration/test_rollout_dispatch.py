@@ -24,7 +24,7 @@ class EchoEngine:
     def ready(self) -> int:
         return self.index
 
-    def generate(self, prompts, n, temperature, seed=None, max_new_tokens=None):
+    def generate(self, prompts, n, temperature, seed=None, max_new_tokens=None, seeds=None):
         time.sleep(0.5)
         self.calls += 1
         if self.index in self.BROKEN and self.calls > 1:

@@ -1,0 +1,268 @@
+"""An OpenAI-compatible endpoint in front of the rollout engines, for agent programs (runner.py).
+
+    POST /v1/chat/completions   {"messages": [...], "max_tokens"?, "tools"?}  -> a chat.completion
+    POST /v1/completions        {"prompt": "..."}                            -> a text_completion
+    GET  /v1/models, GET /health
+
+Each episode has its own bearer token (its `api_key`), which names its Session (session.py): the
+endpoint keeps that episode's token ids, so a client only changes its base_url. Sampling is the run's
+(rollout.temperature, top_p; seeded per episode and call): a request's temperature, top_p, seed or
+logprobs settings are ignored, since the samples must come from the policy being trained. Responses carry
+the token ids as well as the text (`choices[0].token_ids`, `prompt_token_ids`), as vLLM's server can.
+
+Requests from concurrent episodes are batched into one engine call: a request waits up to
+rollout.agent_batch_wait_ms for others, and goes at once when every running episode is waiting. The
+engine calls run on one thread (the controller's rollout group is not shared between threads) under the
+group's own deadlines; an engine failure fails the waiting requests (500) and is re-raised to the run.
+
+Errors are OpenAI-shaped JSON, {"error": {"message", "type"}}: 401 unknown token, 400 a malformed or
+history-rewriting request, 409 an episode's call or token budget spent, 410 an episode already over.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from rlhf_system.agents.session import AgentCallError, Session
+
+log = logging.getLogger(__name__)
+CALL_SEED = 7_368_787  # seed offset of each later call of an episode (as trainers/episodes.TURN_SEED)
+
+
+@dataclass
+class _Request:
+    ids: list[int]
+    max_new: int
+    seed: int | None
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict | None = None
+    error: BaseException | None = None
+
+
+class Batcher:
+    """Serves generate requests from many threads with batched engine calls made on one thread."""
+
+    def __init__(self, rollout, wait_s: float, temperature: float = 1.0):
+        self.rollout, self.wait_s = rollout, wait_s
+        self.temperature = temperature    # the run's (evaluation sets its own for its episodes)
+        self.queue: queue.Queue[_Request] = queue.Queue()
+        self.running = 0                  # episodes in progress (set by the runner)
+        self.fatal: BaseException | None = None  # an engine failure: every later request fails with it
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="agent-batcher", daemon=True)
+        self._thread.start()
+
+    def generate(self, ids: list[int], max_new: int, seed: int | None, timeout_s: float) -> dict:
+        req = _Request(ids, max_new, seed)
+        self.queue.put(req)
+        if not req.done.wait(timeout_s):
+            raise TimeoutError(f"no engine answer within {timeout_s:g} s")
+        if req.error is not None:
+            raise req.error
+        return req.result
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self.queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            batch = [first]
+            deadline = time.monotonic() + self.wait_s
+            while len(batch) < max(1, self.running) and time.monotonic() < deadline:
+                try:
+                    batch.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            self._serve(batch)
+
+    def _serve(self, batch: list[_Request]) -> None:
+        by_limit: dict[int, list[_Request]] = {}
+        for r in batch:  # one engine call per new-token limit (the limit is per call)
+            by_limit.setdefault(r.max_new, []).append(r)
+        for limit, reqs in by_limit.items():
+            try:
+                if self.fatal is not None:
+                    raise self.fatal
+                out = self.rollout.generate([r.ids for r in reqs], n=1, temperature=self.temperature,
+                                            max_new_tokens=limit, seeds=[r.seed for r in reqs]
+                                            if all(r.seed is not None for r in reqs) else None)
+                for r, sample in zip(reqs, out):
+                    r.result = sample
+            except BaseException as e:  # the engines' own error, reported to each caller and to the run
+                self.fatal = self.fatal or e
+                for r in reqs:
+                    r.error = e
+            for r in reqs:
+                r.done.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+@dataclass
+class _Live:
+    session: Session
+    seed: int | None
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one call at a time per episode
+    over: bool = False
+
+
+class Endpoint:
+    """The server in a thread of this process. `open(session, seed)` returns an episode's api_key."""
+
+    def __init__(self, batcher: Batcher, host: str, call_timeout_s: float, model_name: str):
+        from rlhf_system.rewards.server import bind, uvicorn_server
+
+        self.batcher, self.call_timeout_s, self.model_name = batcher, call_timeout_s, model_name
+        self.sessions: dict[str, _Live] = {}
+        self._lock = threading.Lock()
+        self.app = self._make_app()
+        self.sock = bind(host, 0)
+        h, p = self.sock.getsockname()[:2]
+        self.base_url = f"http://{h}:{p}/v1"
+        self._server = uvicorn_server(self.app, max_concurrency=4096)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self.sock]}, daemon=True,
+                                        name="agent-endpoint")
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"agent endpoint on {self.base_url} did not start")
+            time.sleep(0.01)
+
+    def open(self, session: Session, seed: int | None) -> str:
+        import secrets
+
+        key = "rlhf-" + secrets.token_urlsafe(24)
+        with self._lock:
+            self.sessions[key] = _Live(session, seed)
+        return key
+
+    def close_session(self, key: str) -> None:
+        """The episode is over: later calls with its key get 410, and its session is released."""
+        with self._lock:
+            live = self.sessions.get(key)
+            if live is not None:
+                live.over = True
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self.sessions.pop(key, None)
+
+    def close(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+        self.sock.close()
+
+    # ------------------------------------------------------------------------------------------ app
+    def _live(self, request) -> _Live:
+        given = request.headers.get("authorization", "")
+        key = given.removeprefix("Bearer ").strip()
+        with self._lock:
+            # constant-time comparison against each key would be O(sessions); the keys are 192-bit random,
+            # so a dictionary lookup leaks nothing useful
+            live = self.sessions.get(key)
+        if live is None or not hmac.compare_digest(given, f"Bearer {key}"):
+            raise AgentCallError(401, "unknown or missing API key: each episode's api_key is its bearer token")
+        if live.over:
+            raise AgentCallError(410, "this episode is over (its deadline passed or its agent returned)")
+        return live
+
+    def _call(self, live: _Live, begin) -> tuple[dict, list[int], str]:
+        """`begin(session) -> (ids, limit)`: a chat or a text call's start (session.py)."""
+        with live.lock:
+            s = live.session
+            ids, limit = begin(s)
+            seed = None if live.seed is None else live.seed + CALL_SEED * s.calls
+            try:
+                sample = self.batcher.generate(ids, limit, seed, self.call_timeout_s)
+            except TimeoutError as e:
+                raise AgentCallError(504, str(e)) from None
+            text = s.end_call(sample)
+            return sample, ids, text
+
+    def _make_app(self):
+        from starlette.applications import Starlette
+        from starlette.concurrency import run_in_threadpool
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+
+        def error(status: int, message: str) -> JSONResponse:
+            kind = {401: "authentication_error", 404: "not_found_error", 409: "budget_exceeded",
+                    410: "episode_over", 500: "engine_error", 504: "timeout"}.get(status, "invalid_request_error")
+            return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+        async def body_of(request) -> dict:
+            try:
+                body = await request.json()
+            except Exception:
+                raise AgentCallError(400, "the body is not valid JSON") from None
+            if not isinstance(body, dict):
+                raise AgentCallError(400, "the body must be a JSON object")
+            if body.get("stream"):
+                raise AgentCallError(400, "stream=true is not supported: ask for the whole completion")
+            if body.get("n", 1) != 1:
+                raise AgentCallError(400, "n must be 1: an episode's calls are one trajectory")
+            return body
+
+        def usage(prompt: list[int], sample: dict) -> dict:
+            k = len(sample["response_ids"])
+            return {"prompt_tokens": len(prompt), "completion_tokens": k, "total_tokens": len(prompt) + k}
+
+        async def chat(request):
+            try:
+                live = self._live(request)
+                body = await body_of(request)
+                max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+                sample, ids, text = await run_in_threadpool(
+                    self._call, live, lambda s: s.begin_call(body.get("messages"), body.get("tools"), max_tokens))
+            except AgentCallError as e:
+                return error(e.status, str(e))
+            except Exception as e:  # the engines failed: the run will report it too
+                return error(500, f"generation failed: {type(e).__name__}: {e}")
+            return JSONResponse({
+                "id": f"chatcmpl-{id(sample):x}", "object": "chat.completion", "created": int(time.time()),
+                "model": body.get("model") or self.model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": sample["finish_reason"], "token_ids": sample["response_ids"]}],
+                "prompt_token_ids": ids, "usage": usage(ids, sample)})
+
+        async def completions(request):
+            try:
+                live = self._live(request)
+                body = await body_of(request)
+                sample, ids, text = await run_in_threadpool(
+                    self._call, live, lambda s: s.begin_text(body.get("prompt"), body.get("max_tokens")))
+            except AgentCallError as e:
+                return error(e.status, str(e))
+            except Exception as e:
+                return error(500, f"generation failed: {type(e).__name__}: {e}")
+            return JSONResponse({
+                "id": f"cmpl-{id(sample):x}", "object": "text_completion", "created": int(time.time()),
+                "model": body.get("model") or self.model_name,
+                "choices": [{"index": 0, "text": text, "finish_reason": sample["finish_reason"],
+                             "token_ids": sample["response_ids"]}],
+                "prompt_token_ids": ids, "usage": usage(ids, sample)})
+
+        async def models(request):
+            return JSONResponse({"object": "list", "data": [{"id": self.model_name, "object": "model",
+                                                             "owned_by": "rlhf_system"}]})
+
+        async def health(request):
+            return JSONResponse({"ok": True, "episodes": sum(not s.over for s in list(self.sessions.values()))})
+
+        async def not_found(request, exc):
+            return error(404, f"no such path {request.method} {request.url.path}; this endpoint serves POST "
+                              "/v1/chat/completions and /v1/completions")
+
+        return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
+                                 Route("/v1/completions", completions, methods=["POST"]),
+                                 Route("/v1/models", models, methods=["GET"]), Route("/health", health)],
+                         exception_handlers={404: not_found, 405: not_found})
