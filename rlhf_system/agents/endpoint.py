@@ -11,9 +11,10 @@ logprobs settings are ignored, since the samples must come from the policy being
 the token ids as well as the text (`choices[0].token_ids`, `prompt_token_ids`), as vLLM's server can.
 
 Requests from concurrent episodes are batched into one engine call: a request waits up to
-rollout.agent_batch_wait_ms for others, and goes at once when every running episode is waiting. The
-engine calls run on one thread (the controller's rollout group is not shared between threads) under the
-group's own deadlines; an engine failure fails the waiting requests (500) and is re-raised to the run.
+rollout.agent_batch_wait_ms for others, and goes at once when every running episode is waiting. Waiting
+requests sit on the server's event loop, not in threads (a thread pool would cap how many can wait for
+one batch); the engine calls run on one thread (the controller's rollout group is not shared between
+threads) under the group's own deadlines; an engine failure fails the waiting requests (500) and is re-raised to the run.
 
 Errors are OpenAI-shaped JSON, {"error": {"message", "type"}}: 401 unknown token, 400 a malformed or
 history-rewriting request, 409 an episode's call or token budget spent, 410 an episode already over.
@@ -21,6 +22,7 @@ history-rewriting request, 409 an episode's call or token budget spent, 410 an e
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import queue
@@ -39,9 +41,7 @@ class _Request:
     ids: list[int]
     max_new: int
     seed: int | None
-    done: threading.Event = field(default_factory=threading.Event)
-    result: dict | None = None
-    error: BaseException | None = None
+    done: object  # done(sample, error): called on the batcher's thread
 
 
 class Batcher:
@@ -57,14 +57,9 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="agent-batcher", daemon=True)
         self._thread.start()
 
-    def generate(self, ids: list[int], max_new: int, seed: int | None, timeout_s: float) -> dict:
-        req = _Request(ids, max_new, seed)
-        self.queue.put(req)
-        if not req.done.wait(timeout_s):
-            raise TimeoutError(f"no engine answer within {timeout_s:g} s")
-        if req.error is not None:
-            raise req.error
-        return req.result
+    def submit(self, ids: list[int], max_new: int, seed: int | None, done) -> None:
+        """Queue a request; `done(sample, error)` is called from the batcher's thread when it is served."""
+        self.queue.put(_Request(ids, max_new, seed, done))
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -93,13 +88,11 @@ class Batcher:
                                             max_new_tokens=limit, seeds=[r.seed for r in reqs]
                                             if all(r.seed is not None for r in reqs) else None)
                 for r, sample in zip(reqs, out):
-                    r.result = sample
+                    r.done(sample, None)
             except BaseException as e:  # the engines' own error, reported to each caller and to the run
                 self.fatal = self.fatal or e
                 for r in reqs:
-                    r.error = e
-            for r in reqs:
-                r.done.set()
+                    r.done(None, e)
 
     def close(self) -> None:
         self._stop.set()
@@ -110,7 +103,7 @@ class Batcher:
 class _Live:
     session: Session
     seed: int | None
-    lock: threading.Lock = field(default_factory=threading.Lock)  # one call at a time per episode
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one call at a time per episode
     over: bool = False
 
 
@@ -127,7 +120,9 @@ class Endpoint:
         self.sock = bind(host, 0)
         h, p = self.sock.getsockname()[:2]
         self.base_url = f"http://{h}:{p}/v1"
-        self._server = uvicorn_server(self.app, max_concurrency=4096)
+        # Idle connections stay open for the whole run: a client's pooled connection that the server closed
+        # as it was reused came back as a connection error (seen once in a 10-step run, 30 s keep-alive).
+        self._server = uvicorn_server(self.app, max_concurrency=4096, keep_alive_s=24 * 3600)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self.sock]}, daemon=True,
                                         name="agent-endpoint")
         self._thread.start()
@@ -175,22 +170,37 @@ class Endpoint:
             raise AgentCallError(410, "this episode is over (its deadline passed or its agent returned)")
         return live
 
-    def _call(self, live: _Live, begin) -> tuple[dict, list[int], str]:
-        """`begin(session) -> (ids, limit)`: a chat or a text call's start (session.py)."""
-        with live.lock:
+    async def _call(self, live: _Live, begin) -> tuple[dict, list[int], str]:
+        """`begin(session) -> (ids, limit)`: a chat or a text call's start (session.py). The request waits on
+        the event loop, not in a thread: hundreds of episodes can wait for one batched engine call."""
+        loop = asyncio.get_running_loop()
+        async with live.lock:
             s = live.session
-            ids, limit = begin(s)
-            seed = None if live.seed is None else live.seed + CALL_SEED * s.calls
+            before = s.checkpoint()
             try:
-                sample = self.batcher.generate(ids, limit, seed, self.call_timeout_s)
-            except TimeoutError as e:
-                raise AgentCallError(504, str(e)) from None
-            text = s.end_call(sample)
-            return sample, ids, text
+                return await self._generate(loop, live, s, begin)
+            except BaseException:
+                s.restore(before)  # a failed call leaves the episode as it was: the client may retry it
+                raise
+
+    async def _generate(self, loop, live: _Live, s: Session, begin) -> tuple[dict, list[int], str]:
+        ids, limit = begin(s)
+        seed = None if live.seed is None else live.seed + CALL_SEED * s.calls
+        got: asyncio.Future = loop.create_future()
+
+        def done(sample, error) -> None:
+            loop.call_soon_threadsafe(lambda: got.done() or (got.set_exception(error) if error is not None
+                                                             else got.set_result(sample)))
+
+        self.batcher.submit(ids, limit, seed, done)
+        try:
+            sample = await asyncio.wait_for(got, self.call_timeout_s)
+        except TimeoutError:
+            raise AgentCallError(504, f"no engine answer within {self.call_timeout_s:g} s") from None
+        return sample, ids, s.end_call(sample)
 
     def _make_app(self):
         from starlette.applications import Starlette
-        from starlette.concurrency import run_in_threadpool
         from starlette.responses import JSONResponse
         from starlette.routing import Route
 
@@ -221,8 +231,8 @@ class Endpoint:
                 live = self._live(request)
                 body = await body_of(request)
                 max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-                sample, ids, text = await run_in_threadpool(
-                    self._call, live, lambda s: s.begin_call(body.get("messages"), body.get("tools"), max_tokens))
+                sample, ids, text = await self._call(
+                    live, lambda s: s.begin_call(body.get("messages"), body.get("tools"), max_tokens))
             except AgentCallError as e:
                 return error(e.status, str(e))
             except Exception as e:  # the engines failed: the run will report it too
@@ -238,8 +248,7 @@ class Endpoint:
             try:
                 live = self._live(request)
                 body = await body_of(request)
-                sample, ids, text = await run_in_threadpool(
-                    self._call, live, lambda s: s.begin_text(body.get("prompt"), body.get("max_tokens")))
+                sample, ids, text = await self._call(live, lambda s: s.begin_text(body.get("prompt"), body.get("max_tokens")))
             except AgentCallError as e:
                 return error(e.status, str(e))
             except Exception as e:

@@ -14,7 +14,9 @@ rollout.agent names the program:
   prints is its reward (a number, {"reward": x} or null).
 
 A returned number is the episode's reward (as an environment's, `reward/agent`); None leaves the scoring
-to rewards.* on the last completion. Every episode runs under rollout.agent_timeout_s; then its key stops
+to rewards.* on the last completion. An agent that stops because the endpoint refused a call over the
+episode's budget (rollout.max_turns calls, rollout.max_episode_tokens tokens) ends its episode there, as
+an environment's ends. Every episode runs under rollout.agent_timeout_s; then its key stops
 working (410), and an agent that raised, exited non-zero, timed out or made no call fails the run naming
 the episode (rollout.env_errors=fail) or scores 0 (end_episode). The samples are trainers/episodes.py's.
 """
@@ -152,8 +154,13 @@ class AgentRunner:
         for b, (s, got) in enumerate(zip(sessions, out)):
             where = f"agent {r.agent!r}, episode {b} (prompt {b // n}, sample {b % n})"
             try:
+                if isinstance(got, BaseException) and s.ended and s.calls:
+                    got = None  # the endpoint refused a call over the episode's budget: the episode ends there,
+                    #             as an environment's does (finish_reason "length" for the token budget)
                 if isinstance(got, BaseException):
-                    raise AgentError(f"{where}: {type(got).__name__}: {got}") from (
+                    cause = got.__cause__ or got.__context__  # client libraries wrap the socket's own error
+                    why = f" ({type(cause).__name__}: {str(cause)[:120]})" if cause is not None else ""
+                    raise AgentError(f"{where}: {type(got).__name__}: {got}{why}") from (
                         got if not isinstance(got, TimeoutError) else None)
                 reward = _reward(got, where)
                 if s.calls == 0:

@@ -56,10 +56,12 @@ class Session:
         self.kind: str | None = None    # "chat" or "text" (/v1/completions): one kind per episode
         self.text_so_far = ""           # "text": the prompt and completions the next prompt must start with
         self.calls, self.text, self.finish = 0, "", "stop"
+        self.ended = ""                 # why a call was refused for a spent budget ("turns", "tokens")
         self.info: Counter = Counter()
 
     def begin_call(self, messages: list, tools=None, max_tokens: int | None = None) -> tuple[list[int], int]:
         """The ids to continue and the new-token limit of this call; AgentCallError if it cannot be served."""
+        from rlhf_system.data.sources import DataError
         from rlhf_system.data.tokenize import render_observation, render_prompt
 
         if not isinstance(messages, list) or not messages:
@@ -86,8 +88,11 @@ class Session:
                 raise AgentCallError(400, f"messages[{k}] is an assistant turn the engine did not write")
             if tools != self.tools:
                 raise AgentCallError(400, "'tools' changed within an episode; the first call's are in its prompt")
-            obs = render_observation(self.tok, [dict(role=r, content=c) for r, c in turns[k:]], self.template,
-                                     "agent call")
+            try:
+                obs = render_observation(self.tok, [dict(role=r, content=c) for r, c in turns[k:]], self.template,
+                                         "agent call")
+            except DataError as e:  # a template that cannot append messages token for token
+                raise AgentCallError(400, str(e)) from None
             self._append(self.tok(obs, add_special_tokens=False)["input_ids"], None)
         self.history = turns
         return self._ready(max_tokens)
@@ -119,12 +124,14 @@ class Session:
         if self.kind not in (None, kind):
             raise AgentCallError(400, f"this episode started with {self.kind} calls; it cannot mix in {kind} ones")
         if self.calls >= self.max_calls:
+            self.ended = "turns"
             raise AgentCallError(409, f"this episode has made its {self.max_calls} calls (rollout.max_turns)")
         self.kind = kind
 
     def _ready(self, max_tokens: int | None) -> tuple[list[int], int]:
         room = self.budget - len(self.ids)
         if room <= 0:
+            self.ended, self.finish = "tokens", "length"
             raise AgentCallError(409, f"this episode has used its {self.budget} tokens (rollout.max_episode_tokens)")
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
             raise AgentCallError(400, f"max_tokens must be a positive integer, got {max_tokens!r}")
@@ -140,6 +147,16 @@ class Session:
         self.history = self.history + [("assistant", self.text)]
         self.text_so_far += self.text
         return self.text
+
+    _STATE = ("prompt_ids", "ids", "mask", "logprobs", "history", "tools", "kind", "text_so_far", "calls", "text")
+
+    def checkpoint(self) -> tuple:
+        """The token state, for `restore` after a call that failed part-way (why an episode ended stays)."""
+        return tuple(list(v) if isinstance(v, list) else v for v in (getattr(self, k) for k in self._STATE))
+
+    def restore(self, state: tuple) -> None:
+        for k, v in zip(self._STATE, state):
+            setattr(self, k, v)
 
     def _append(self, ids: list[int], logprobs: list[float] | None) -> None:
         self.ids += ids

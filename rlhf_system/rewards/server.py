@@ -174,11 +174,11 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def uvicorn_server(app, max_concurrency: int):
+def uvicorn_server(app, max_concurrency: int, keep_alive_s: float = 30):
     import uvicorn
 
     return uvicorn.Server(uvicorn.Config(app, backlog=BACKLOG, limit_concurrency=max_concurrency,
-                                         timeout_keep_alive=30, log_level="warning", access_log=False))
+                                         timeout_keep_alive=keep_alive_s, log_level="warning", access_log=False))
 
 
 class RewardServer:

@@ -213,3 +213,15 @@ def test_a_command_agent_uses_the_environment_and_prints_its_reward(bpe_tokenize
 def test_bad_agent_specs_fail_before_anything_starts(spec, message):
     with pytest.raises(AgentError, match=message):
         load_agent(spec)
+
+
+def test_an_agent_stopped_by_the_budget_ends_its_episode(bpe_tokenizer):
+    """two_calls raises on its second call (over max_turns=1 here): the episode ends after its first call."""
+    tok = bpe_tokenizer
+    runner = AgentRunner(config(f"{PROGRAMS}:two_calls", max_turns=1), tok)
+    try:
+        samples, _ = runner.run(Engines(tok.eos_token_id), [ROW], seed=0)
+    finally:
+        runner.close()
+    (s,) = samples
+    assert s["turns"] == 1 and not s["env_failed"] and s["action_mask"] == [1] * 4  # the follow-up is not kept
