@@ -53,6 +53,7 @@ class Batcher:
         self.queue: queue.Queue[_Request] = queue.Queue()
         self.running = 0                  # episodes in progress (set by the runner)
         self.fatal: BaseException | None = None  # an engine failure: every later request fails with it
+        self.engine_calls = self.requests = 0    # how well requests batch (agent/batch_size)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="agent-batcher", daemon=True)
         self._thread.start()
@@ -84,6 +85,7 @@ class Batcher:
             try:
                 if self.fatal is not None:
                     raise self.fatal
+                self.engine_calls, self.requests = self.engine_calls + 1, self.requests + len(reqs)
                 out = self.rollout.generate([r.ids for r in reqs], n=1, temperature=self.temperature,
                                             max_new_tokens=limit, seeds=[r.seed for r in reqs]
                                             if all(r.seed is not None for r in reqs) else None)

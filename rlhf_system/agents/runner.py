@@ -139,6 +139,7 @@ class AgentRunner:
                 self.batcher.running = sum(running)
 
         self.batcher.running = len(rows)
+        self.batcher.engine_calls = self.batcher.requests = 0
         threads = [threading.Thread(target=episode, args=(b,), name=f"agent-{b}", daemon=True) for b in range(len(rows))]
         for t in threads:
             t.start()
@@ -173,7 +174,9 @@ class AgentRunner:
                 failed["info"] = failed["info"] + Counter(env_errors=1)
                 samples.append(failed)
             self.endpoint.forget(keys[b])
-        return samples, episode_metrics(samples)
+        b = self.batcher
+        return samples, episode_metrics(samples) | {"agent/engine_calls": b.engine_calls,
+                                                    "agent/batch_size": b.requests / max(1, b.engine_calls)}
 
     def close(self) -> None:
         if self.endpoint is not None:

@@ -112,7 +112,7 @@ def sample_and_score(cfg: RunConfig, prep, groups: dict, rollout, prompts: list[
     for k in range(rounds):
         batch = prompts if k == 0 else more_prompts()
         t = time.perf_counter()
-        gen, _ = run_episodes(cfg, prep.tokenizer, rollout, batch, r.seed + 7919 * step + ROUND_SEED * k, prep.env,
+        gen, ep_metrics = run_episodes(cfg, prep.tokenizer, rollout, batch, r.seed + 7919 * step + ROUND_SEED * k, prep.env,
                               agent=prep.agent)
         timer["time/generate"] += time.perf_counter() - t
         t = time.perf_counter()
@@ -122,7 +122,7 @@ def sample_and_score(cfg: RunConfig, prep, groups: dict, rollout, prompts: list[
         done_rounds += 1
         if not r.dynamic_sampling:
             scores, metrics = finish(cfg, parts)
-            return Scored(per_sample, gen, scores, metrics | (episode_metrics(gen) if prep.env or prep.agent else {}))
+            return Scored(per_sample, gen, scores, metrics | ep_metrics)
         useful = informative_groups(weighted_sum(cfg, parts), n).tolist()
         for g, ok in enumerate(useful):
             rows = slice(g * n, (g + 1) * n)

@@ -49,7 +49,7 @@ def prompt(name):
 def prep(tmp_path):
     rule = tmp_path / "rule.py"
     rule.write_text("def fn(prompt, response, meta):\n    return float(response == meta['answer'])\n")
-    return SimpleNamespace(tokenizer=Chars(), rules=RuleRewards([f"{rule}:fn"]), remote=None, env=None)
+    return SimpleNamespace(tokenizer=Chars(), rules=RuleRewards([f"{rule}:fn"]), remote=None, env=None, agent=None)
 
 
 def config(*over):
