@@ -232,8 +232,9 @@ class RolloutConfig(_Section):
     agent_timeout_s: float = Field(300.0, gt=0, description="Deadline of one agent episode, all its calls included.")
     agent_host: str = Field("127.0.0.1", description="Where the agent endpoint listens (loopback by default; "
                             "every episode has its own bearer token).")
-    agent_batch_wait_ms: float = Field(100.0, ge=0, description="How long the endpoint holds a request for others "
-                                       "to batch with, unless every running episode is already waiting.")
+    agent_batch_wait_ms: float = Field(50.0, ge=0, description="How long the endpoint waits for another request "
+                                       "to batch with after the last one (10x in all at most), unless every "
+                                       "running episode is already waiting.")
 
     @property
     def episode_tokens(self) -> int:

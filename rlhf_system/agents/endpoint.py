@@ -10,8 +10,9 @@ endpoint keeps that episode's token ids, so a client only changes its base_url. 
 logprobs settings are ignored, since the samples must come from the policy being trained. Responses carry
 the token ids as well as the text (`choices[0].token_ids`, `prompt_token_ids`), as vLLM's server can.
 
-Requests from concurrent episodes are batched into one engine call: a request waits up to
-rollout.agent_batch_wait_ms for others, and goes at once when every running episode is waiting. Waiting
+Requests from concurrent episodes are batched into one engine call: a batch waits for more while they
+keep arriving (rollout.agent_batch_wait_ms after the last, ten times that at most), and goes at once when
+every running episode is waiting. Waiting
 requests sit on the server's event loop, not in threads (a thread pool would cap how many can wait for
 one batch); the engine calls run on one thread (the controller's rollout group is not shared between
 threads) under the group's own deadlines; an engine failure fails the waiting requests (500) and is re-raised to the run.
@@ -68,11 +69,18 @@ class Batcher:
                 first = self.queue.get(timeout=0.1)
             except queue.Empty:
                 continue
+            # Gather while requests keep coming: each arrival extends the wait by wait_s, up to 10 x wait_s in
+            # all, and the batch goes at once when every running episode is in it. Agents' requests trickle in
+            # (HTTP and JSON in the controller's threads, beside training on the same cores): a fixed window
+            # cut one round of 128 episodes into 11-18 engine calls, measured.
             batch = [first]
-            deadline = time.monotonic() + self.wait_s
-            while len(batch) < max(1, self.running) and time.monotonic() < deadline:
+            cap = time.monotonic() + 10 * self.wait_s
+            while len(batch) < max(1, self.running):
+                wait = min(self.wait_s, cap - time.monotonic())
+                if wait <= 0:
+                    break
                 try:
-                    batch.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                    batch.append(self.queue.get(timeout=wait))
                 except queue.Empty:
                     break
             self._serve(batch)

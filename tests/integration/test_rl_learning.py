@@ -10,6 +10,8 @@ policy call it. Held-out questions were neither demonstrated nor RL prompts.
 - PPO proper (configs/ppo/tiny-cpu.yaml: actor, critic with a fresh value head, reference, vLLM engine;
   GAE over the policy's tokens of each episode, KL in the reward), synchronous.
 - GRPO with rollouts one step ahead of training (configs/grpo/tools-cpu.yaml, train.max_staleness=1).
+- GRPO with an outside agent program (configs/grpo/agent-cpu.yaml): `openai` client code drives the
+  episodes through the agent endpoint; the trained tokens are the engine's, exactly.
 - On-policy distillation (configs/opd/tools-cpu.yaml): the SFT model learns from the GRPO policy's
   per-token log-probs on its own samples, with no reward, and moves most of the way to it.
 
@@ -145,3 +147,59 @@ def test_on_policy_distillation_closes_most_of_the_gap_to_its_teacher(tool_sft, 
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train_kl = [r["distill/reverse_kl"] for r in rows if "distill/reverse_kl" in r]
     assert len(train_kl) == 10 and sum(train_kl[-3:]) < 0.5 * sum(train_kl[:3]), train_kl
+
+
+def traced_episodes(path) -> dict:
+    """The agent's own record of its calls (AGENT_TRACE: each call's prompt and completion token ids, as the
+    endpoint returned them), as {whole token sequence: (first prompt length, mask of the completions)}."""
+    calls: dict = {}
+    for line in path.read_text().splitlines():
+        c = json.loads(line)
+        calls.setdefault(c["key"], []).append(c)
+    out = {}
+    for cs in calls.values():
+        first, full = len(cs[0]["prompt_token_ids"]), cs[-1]["prompt_token_ids"] + cs[-1]["token_ids"]
+        mask = [0] * (len(full) - first)
+        for c in cs:  # each call continued exactly what came before it
+            assert full[:len(c["prompt_token_ids"]) + len(c["token_ids"])] == c["prompt_token_ids"] + c["token_ids"]
+            start = len(c["prompt_token_ids"]) - first
+            mask[start:start + len(c["token_ids"])] = [1] * len(c["token_ids"])
+        out[tuple(full)] = (first, mask)
+    return out
+
+
+def test_an_openai_client_agent_drives_grpo_and_learns(tool_sft, tmp_path, monkeypatch):
+    """configs/grpo/agent-cpu.yaml: examples/agents/calculator_agent.py, plain `openai` client code that runs
+    the calculator itself, drives every episode through the OpenAI-compatible endpoint in front of the
+    engines. The policy learns as with the built-in tool environment, and what the trainer trained on
+    (logging.rollouts) is token for token what the engine returned to the agent, its completions and only
+    those under the loss."""
+    sft, data = tool_sft
+    run, trace = tmp_path / "agent", tmp_path / "trace.jsonl"
+    monkeypatch.setenv("AGENT_TRACE", str(trace))
+    rlhf(*train_args("ppo", "configs/grpo/agent-cpu.yaml", sft, run, data / "rl_tool_train.jsonl",
+                     data / "rl_tool_test.jsonl", "checkpoint.export_hf=false", "placement.call_timeout_s=300",
+                     "logging.rollouts=true", "train.max_steps=6", "train.max_eval_samples=50"))
+    result = json.loads((run / "result.json").read_text())
+    before, after = result["initial"], result["final"]
+    key = "eval/rl_tool_test/{}"
+    figures = {k: [before[key.format(k)], after[key.format(k)]] for k in (
+        "all/exact", "sampled/all/exact", "sampled/all/pass@4", "sampled/env/turns")}
+    print(json.dumps(figures))
+    # Measured (seeded per episode and call, so batching does not change it; CPU fp32, AMD EPYC AVX2,
+    # 2026-12-06), these 6 steps: sampled exact 0.30 -> 0.375, calls per sampled episode 1.71 -> 1.825 (the
+    # tool is called more), pass@4 0.70 -> 0.74, greedy 0.74 -> 0.72. The bars are about half.
+    assert figures["sampled/all/exact"][1] >= figures["sampled/all/exact"][0] + 0.035, figures
+    assert figures["sampled/env/turns"][1] >= figures["sampled/env/turns"][0] + 0.05, figures
+    assert figures["all/exact"][1] >= figures["all/exact"][0] - 0.06, figures
+    rows = [json.loads(x) for x in (run / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 * 128 and {r["step"] for r in rows} == set(range(1, 7))
+    episodes = traced_episodes(trace)
+    for r in rows:
+        first, mask = episodes[tuple(r["prompt_ids"] + r["response_ids"])]
+        assert first == len(r["prompt_ids"]) and mask == r["trained_mask"], r["row"]
+    # most episodes are two completions around a tool result (the result's tokens are not trained)
+    two_turns = [any(a == 0 and b == 1 for a, b in zip(m, m[1:])) for m in (r["trained_mask"] for r in rows)]
+    assert sum(two_turns) > len(rows) // 2
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["agent/batch_size"] > 1 for m in metrics if "agent/batch_size" in m)
