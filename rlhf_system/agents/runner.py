@@ -34,6 +34,7 @@ from collections import Counter
 from rlhf_system.agents.endpoint import Batcher, Endpoint
 from rlhf_system.agents.session import Session
 from rlhf_system.envs.base import EnvError
+from rlhf_system.envs.metrics import episode_metrics
 
 
 class AgentError(EnvError):
@@ -114,8 +115,6 @@ class AgentRunner:
     def run(self, rollout, prompts: list[dict], seed: int | None, n: int | None = None,
             temperature: float | None = None) -> tuple[list[dict], dict]:
         """Samples in prompt-major order (prompt i's n episodes are rows i*n .. i*n+n-1) and their metrics."""
-        from rlhf_system.trainers.episodes import episode_metrics
-
         r, d = self.cfg.rollout, self.cfg.data
         n = r.n_samples_per_prompt if n is None else n
         temperature = r.temperature if temperature is None else temperature

@@ -30,6 +30,7 @@ from collections import Counter
 
 from rlhf_system.config import RunConfig
 from rlhf_system.envs.base import EnvError, check_observation
+from rlhf_system.envs.metrics import episode_metrics
 
 TURN_SEED = 7_368_787  # seed offset of each later turn: disjoint from turn 1's per-prompt ranges
 
@@ -214,22 +215,4 @@ def _first_prompts(cfg: RunConfig, tokenizer, prompts: list[dict], firsts: list,
             raise EnvError(f"{where(i * n, 0)}: the first observation is {len(ids)} tokens, over "
                            f"data.max_prompt_len={cfg.data.max_prompt_len}")
         out.append(ids)
-    return out
-
-
-def episode_metrics(samples: list[dict]) -> dict:
-    """Turns, environment reward and failures, and the tool counters as rates per episode and per call."""
-    k = len(samples)
-    info: Counter = Counter()
-    for s in samples:
-        info.update(s["info"])
-    calls = info["tool_calls"]
-    out = {"env/turns": sum(s["turns"] for s in samples) / k, "env/reward": sum(s["env_reward"] for s in samples) / k,
-           "env/errors": info["env_errors"],
-           "env/observation_tokens": sum(len(s["action_mask"]) - sum(s["action_mask"]) for s in samples) / k}
-    if "tool_calls" in info or "answers" in info:
-        out |= {"tool/call_rate": sum(s["info"].get("tool_calls", 0) > 0 for s in samples) / k,
-                "tool/calls": calls / k,
-                "tool/success": (calls - info["tool_errors"]) / calls if calls else 0.0,
-                "tool/timeouts": info["tool_timeouts"]}
     return out

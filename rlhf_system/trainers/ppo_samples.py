@@ -24,7 +24,8 @@ import torch
 
 from rlhf_system.algorithms.grpo_family import informative_groups, overlong_penalty
 from rlhf_system.config import RunConfig
-from rlhf_system.trainers.episodes import episode_metrics, run_episodes
+from rlhf_system.envs.metrics import episode_metrics
+from rlhf_system.trainers.episodes import run_episodes
 
 ROUND_SEED = 1_000_003  # seed offset of each dynamic-sampling round: disjoint from the step's first
 
