@@ -31,10 +31,12 @@ def steps_per_run(n_train: int, global_batch: int, epochs: int, max_steps: int) 
     return min(total, max_steps) if max_steps > 0 else total
 
 
-def checked_total_steps(cfg, n_train: int | None, unit: str) -> int:
+def checked_total_steps(cfg, n_train: int | None, unit: str, identical: dict[str, int] | None = None) -> int:
     """`steps_per_run` for a run config; a dataset smaller than one global batch is a config error.
     `unit` names what is counted ("samples (packs)", "preference pairs"). A stream (n_train None) has no
-    length: its run is train.max_steps long (config_checks requires it)."""
+    length: its run is train.max_steps long (config_checks requires it). `identical`: preference pairs
+    dropped per file because chosen equals rejected after tokenisation, named in that error when they
+    are why too few are left."""
     from rlhf_system.config import ConfigError
 
     t = cfg.train
@@ -42,6 +44,12 @@ def checked_total_steps(cfg, n_train: int | None, unit: str) -> int:
         return t.max_steps
     total = steps_per_run(n_train, t.global_batch_size, t.epochs, t.max_steps)
     if total == 0:
-        raise ConfigError(f"data.train has {n_train} {unit}, fewer than train.global_batch_size="
+        why = ""
+        if identical:
+            path, n = max(identical.items(), key=lambda kv: kv[1])
+            why = (f", after {sum(identical.values())} pairs whose chosen equals rejected after tokenisation were "
+                   f"dropped ({n} in {path}: identical responses, or responses that differ only where the "
+                   "tokenizer or data.max_len cuts them)")
+        raise ConfigError(f"data.train has {n_train} {unit}{why}, fewer than train.global_batch_size="
                           f"{t.global_batch_size}. Fix: lower the global batch or add data")
     return total

@@ -212,9 +212,10 @@ def _fingerprint(*parts: str) -> str:
 
 
 def run_datasets(kind: str, cfg, tokenizer):
-    """(train, eval or None) of a run config. Keyed on the tokenizer's folder name, so the controller's
-    `prepare` and every worker's set-up share one tokenisation cache (the workers get cache hits)."""
+    """(train, eval or None, the train set's BuildStats) of a run config. Keyed on the tokenizer's folder
+    name, so the controller's `prepare` and every worker's set-up share one tokenisation cache (the
+    workers get cache hits)."""
     name = cfg.model.tokenizer_path or cfg.model.path
-    train = build_dataset(kind, cfg.data, cfg.data.train, tokenizer, cfg.seed, name)[0]
+    train, stats = build_dataset(kind, cfg.data, cfg.data.train, tokenizer, cfg.seed, name)
     evals = build_dataset(kind, cfg.data, cfg.data.eval, tokenizer, cfg.seed, name)[0] if cfg.data.eval else None
-    return train, evals
+    return train, evals, stats

@@ -28,7 +28,7 @@ class Micro(NamedTuple):
 
 class RankData:
     def __init__(self, kind: str, cfg, tokenizer, rank: int, world: int):
-        train, evals = run_datasets(kind, cfg, tokenizer)  # cache hits: the controller tokenised first
+        train, evals, _ = run_datasets(kind, cfg, tokenizer)  # cache hits: the controller tokenised first
         self.rank, self.world = rank, world
         self.noun = "pairs" if kind == "preference" else "samples"  # what errors call a row
         self.global_batch, self.micro = cfg.train.global_batch_size, cfg.train.micro_batch_size

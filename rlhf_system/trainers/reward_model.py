@@ -39,12 +39,8 @@ def prepare(cfg: RunConfig) -> int:
     """Controller-side checks and tokenisation (cached), before any worker starts. Returns steps."""
     tokenizer = load_tokenizer(cfg.model)  # fails fast on a bad path
     preflight_model(cfg)
-    train_ds, _ = run_datasets("preference", cfg, tokenizer)  # a stream: its first rows are checked
-    return total_steps(cfg, None if cfg.data.streaming else len(train_ds))
-
-
-def total_steps(cfg: RunConfig, n_train: int | None) -> int:
-    return checked_total_steps(cfg, n_train, UNIT)
+    train_ds, _, stats = run_datasets("preference", cfg, tokenizer)  # a stream: its first rows are checked
+    return checked_total_steps(cfg, None if cfg.data.streaming else len(train_ds), UNIT, stats.identical_pairs)
 
 
 def run(cfg: RunConfig) -> dict:

@@ -23,7 +23,7 @@ def prepare(cfg: RunConfig) -> int:
     """Controller-side checks and tokenisation (cached), before any worker starts. Returns steps."""
     tokenizer = load_tokenizer(cfg.model)  # fails fast on a bad path
     preflight_model(cfg)
-    train_ds, _ = run_datasets("sft", cfg, tokenizer)  # a stream: its first rows are checked
+    train_ds, _, _ = run_datasets("sft", cfg, tokenizer)  # a stream: its first rows are checked
     return total_steps(cfg, None if cfg.data.streaming else len(train_ds))
 
 

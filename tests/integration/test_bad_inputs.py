@@ -148,6 +148,9 @@ CASES = [
          "empty after filtering"),
     Case("pairs_all_identical", lambda c: c.train("rm", train=c.jsonl("p.jsonl", [
         {"prompt": f"{i} + 1", "chosen": "same", "rejected": "same"} for i in range(40)])), "chosen == rejected"),
+    Case("pairs_mostly_identical", lambda c: c.train("dpo", train=c.jsonl("p.jsonl", [
+        {"prompt": f"{i} + 1", "chosen": "same", "rejected": "same" if i else "other"} for i in range(40)])),
+         "1 preference pairs, after 39 pairs whose chosen equals rejected after tokenisation were dropped (39 in "),
     Case("prompt_ends_with_assistant", lambda c: c.train("ppo", train=c.jsonl("p.jsonl", [{"prompt": [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 40)),
          "must not end with an assistant turn"),
