@@ -144,7 +144,16 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     if (path / "checkpoints").is_dir():
         raise CheckpointError(f"{where} is a run folder, not a checkpoint. Fix: checkpoint.resume=auto with "
                               f"run_dir={path}, or one of {path}/checkpoints/step_*")
+    if not path.is_dir():
+        raise CheckpointError(f"{where} is a file, not a checkpoint folder. Fix: one of "
+                              f"{checkpoint_root(run_dir)}/step_*, or checkpoint.resume=auto")
     if not (path / "run_state.json").exists():
+        if not (path / MANIFEST).exists() and not STEP_DIR.match(path.name.removesuffix(".tmp")):
+            found = sorted(p.name for p in path.iterdir())
+            shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "") or "nothing"
+            raise CheckpointError(f"{where} is not a checkpoint of this project (no run_state.json or {MANIFEST}; it "
+                                  f"holds {shown}). Fix: one of {checkpoint_root(run_dir)}/step_*, or "
+                                  "checkpoint.resume=auto")
         raise CheckpointError(f"{where}: not a complete checkpoint (no run_state.json: its save never finished). "
                               "Fix: resume from an earlier step_* folder, or checkpoint.resume=auto")
     problem = damage(path)
@@ -154,10 +163,20 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
 
 
 def damage(path: Path) -> str | None:
-    """What is wrong with a published checkpoint's files, or None. With a manifest (every save since it
-    was added): each file is there at its recorded size. Without one: each .pt file has the end record
-    of a torch zip archive (a truncated or overwritten file has not)."""
+    """What is wrong with a published checkpoint's files, or None. run_state.json must parse and hold the
+    step. With a manifest (every save since it was added, so one that records its config must have it):
+    each file is there at its recorded size. Without one: each .pt file has the end record of a torch zip
+    archive (a truncated or overwritten file has not)."""
+    state = path / "run_state.json"
+    try:
+        run_state = json.loads(state.read_text())
+    except (OSError, ValueError):
+        return f"{state} is not valid JSON (truncated or overwritten)"
+    if not isinstance(run_state, dict) or not isinstance(run_state.get("step"), int):
+        return f"{state} has no step number"
     manifest = path / MANIFEST
+    if not manifest.exists() and "config" in run_state:  # saved by a version that always writes one
+        return f"{manifest} is missing, so the files cannot be checked"
     if manifest.exists():
         try:
             files = json.loads(manifest.read_text())

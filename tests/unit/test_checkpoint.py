@@ -87,3 +87,31 @@ def test_a_failed_write_keeps_the_previous_checkpoint_and_names_path_and_free_sp
     with pytest.raises(ValueError, match="not a disk"):  # other errors pass through unchanged
         with checkpoint.saving(tmp_path, 3):
             raise ValueError("not a disk problem")
+
+
+@pytest.mark.parametrize("harm, needle", [
+    (lambda p: (p / "run_state.json").write_text('{"step": 2, "conf'), "run_state.json is not valid JSON"),
+    (lambda p: (p / "run_state.json").write_text("[]"), "has no step number"),
+    (lambda p: (p / checkpoint.MANIFEST).unlink(), "manifest.json is missing"),
+    (lambda p: (p / "engine" / "model_states.pt").unlink(), "model_states.pt is missing"),
+])
+def test_damage_inside_a_step_is_one_line_naming_the_file(tmp_path, harm, needle):
+    model = tmp_path / "model"
+    model.mkdir()
+    path = _save(tmp_path / "run", 2, _cfg(tmp_path / "run", model))
+    harm(path)
+    with pytest.raises(checkpoint.CheckpointError, match=rf"checkpoint.resume={path}: damaged: .*{needle}"):
+        checkpoint.resolve_resume(str(path), tmp_path / "run")
+    assert checkpoint.resolve_resume("auto", tmp_path / "run") is None  # auto never takes it
+
+
+def test_a_folder_of_unrelated_files_or_a_file_is_not_a_checkpoint(tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("trainer_state.json", "pytorch_model.bin", "notes.txt"):
+        (other / name).write_text("x")
+    with pytest.raises(checkpoint.CheckpointError, match=r"is not a checkpoint of this project \(no run_state.json or "
+                       r"manifest.json; it holds notes.txt, pytorch_model.bin, trainer_state.json\)"):
+        checkpoint.resolve_resume(str(other), tmp_path / "run")
+    with pytest.raises(checkpoint.CheckpointError, match="is a file, not a checkpoint folder"):
+        checkpoint.resolve_resume(str(other / "notes.txt"), tmp_path / "run")
