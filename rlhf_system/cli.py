@@ -80,7 +80,13 @@ def cmd_make_tiny_model(args) -> int:
 def cmd_config(args) -> int:
     import yaml
 
-    cfg = load_config(args.config, args.overrides)
+    # describing needs no complete run (the defaults alone have no data), printing the resolved one does
+    cfg = load_config(args.config, args.overrides, check=args.describe is None)
+    if args.describe is not None:
+        from rlhf_system.config import describe
+
+        print("\n".join(describe(cfg, args.describe)))
+        return 0
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
     return 0
 
@@ -245,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved config after validation")
     _add_config_args(p)
+    p.add_argument("--describe", nargs="?", const="", metavar="PREFIX",
+                   help="print each setting (under PREFIX, e.g. algorithm.distill) with its value and what it does")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("prepare-data", help="tokenise and cache a run's datasets, print statistics")

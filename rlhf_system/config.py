@@ -41,11 +41,11 @@ class ModelConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on CUDA and on CPUs with bf16 matrix instructions (AMX, AVX-512 "
         "BF16), float32 on other CPUs (where bf16 is emulated, slower than fp32).")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="Run the model folder's own Python code (custom architectures); off: only transformers' classes.")
     allow_pickle: bool = Field(False, description="Load pickled weights (pytorch_model.bin); unpickling can run "
                                "code, so only safetensors load unless this is true.")
-    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
-    gradient_checkpointing: bool = False
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field("auto", description="Attention kernel for training forwards; auto: transformers' default (sdpa where supported).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, about a third more compute.")
     reward_path: str = Field("", description="Reward model (sequence classifier) for PPO / eval.")
     critic_path: str = Field("", description="Critic init; empty means the reward model, else the policy.")
     reference_path: str = Field("", description="Frozen reference for KL / DPO; empty means `path`.")
@@ -74,19 +74,19 @@ class ModelConfig(_Section):
 
 # ------------------------------------------------------------------------------------ peft/quant
 class LoraConfig(_Section):
-    enabled: bool = False
-    r: int = Field(16, ge=1)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    enabled: bool = Field(False, description="Train LoRA adapters instead of the full weights (merged for weight sync and export).")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch's input.")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], description="Module names (suffixes) that get adapters; checked against the model before start-up.")
 
 
 class QuantConfig(_Section):
     load_in: Literal["none", "4bit", "8bit"] = Field("none", description="bitsandbytes quantised loading.")
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="load_in=4bit: NF4 (normal-float, for weights) or FP4.")
+    double_quant: bool = Field(True, description="load_in=4bit: quantise the quantisation constants too (about 0.4 bit per weight less).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="dtype of the matmuls over quantised weights; auto: the model's training dtype.")
 
 
 class PeftConfig(_Section):
@@ -99,23 +99,23 @@ class DataSource(_Section):
     path: str = Field(..., description=".jsonl, .json, .parquet file or a `save_to_disk` folder.")
     weight: float = Field(1.0, gt=0, description="Mixing weight relative to the other sources.")
     split: str = Field("train", description="Split name inside a DatasetDict folder.")
-    max_samples: int | None = Field(None, ge=1)
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many rows of the source (the first ones); empty: all.")
 
 
 class DataKeys(_Section):
     """Column names. The format is detected from which of these a dataset has."""
 
-    prompt: str = "prompt"
-    response: str = "response"
-    instruction: str = "instruction"
-    input: str = "input"
-    output: str = "output"
-    messages: str = "messages"
-    chosen: str = "chosen"
-    rejected: str = "rejected"
-    responses: str = "responses"
-    ranks: str = "ranks"
-    answer: str = "answer"
+    prompt: str = Field("prompt", description="Column of a plain prompt (prompt / prompt_response / pairwise formats).")
+    response: str = Field("response", description="Column of the response to a prompt (prompt_response format).")
+    instruction: str = Field("instruction", description="Alpaca format: the instruction column.")
+    input: str = Field("input", description="Alpaca format: the optional input column, appended to the instruction.")
+    output: str = Field("output", description="Alpaca format: the response column.")
+    messages: str = Field("messages", description="Column of a chat as a list of {role, content} messages.")
+    chosen: str = Field("chosen", description="Preference pairs: the preferred response (or whole transcript).")
+    rejected: str = Field("rejected", description="Preference pairs: the dispreferred response (or whole transcript).")
+    responses: str = Field("responses", description="Ranking format: the list of responses to one prompt.")
+    ranks: str = Field("ranks", description="Ranking format: each response's rank (1 best); expanded into pairs.")
+    answer: str = Field("answer", description="Prompts: the reference answer rule rewards check (kept in the row's meta).")
 
 
 DataFormat = Literal[
@@ -125,24 +125,24 @@ DataFormat = Literal[
 
 
 class DataConfig(_Section):
-    train: list[DataSource] = Field(default_factory=list)
-    eval: list[DataSource] = Field(default_factory=list)
-    format: DataFormat = "auto"
+    train: list[DataSource] = Field(default_factory=list, description="Training sources, mixed by weight (each a DataSource).")
+    eval: list[DataSource] = Field(default_factory=list, description="Held-out sources, each evaluated and logged on its own.")
+    format: DataFormat = Field("auto", description="Row format; auto: detected from which data.keys columns a source has.")
     keys: DataKeys = Field(default_factory=DataKeys)
     template: Literal["chat", "plain"] = Field(
         "chat", description="chat: tokenizer.apply_chat_template; plain: prompt + response + eos.")
-    system_prompt: str = ""
-    max_len: int = Field(512, ge=8)
-    max_prompt_len: int = Field(256, ge=1)
+    system_prompt: str = Field("", description="A system message put before every conversation that has none.")
+    max_len: int = Field(512, ge=8, description="Tokens per sample (prompt and response) at most; longer ones follow data.truncation.")
+    max_prompt_len: int = Field(256, ge=1, description="Prompt tokens at most (PPO prompts, the prompt part of SFT / preference samples).")
     truncation: Literal["drop", "left", "right"] = Field(
         "left", description="drop: skip over-long samples; left: cut the prompt from its start; "
         "right: cut the end (may cut the response).")
-    packing: bool = False
+    packing: bool = Field(False, description="SFT: concatenate samples into rows of up to max_len tokens (position ids restart per sample).")
     streaming: bool = Field(False, description="Iterate sources lazily instead of building an Arrow cache; "
                             "each data-parallel rank reads its own share, and a run needs train.max_steps. "
                             "Held-out sets are read into memory (up to train.max_eval_samples).")
-    mix_stopping: Literal["first_exhausted", "all_exhausted"] = "all_exhausted"
-    num_proc: int = Field(1, ge=1)
+    mix_stopping: Literal["first_exhausted", "all_exhausted"] = Field("all_exhausted", description="Mixing several sources: stop when the first runs out, or when all have (repeating those that ran out).")
+    num_proc: int = Field(1, ge=1, description="Processes for tokenisation (in-memory sources only).")
     cache_dir: str = Field("", description="Tokenisation cache; empty means the datasets default.")
 
 
@@ -160,7 +160,7 @@ class TrainConfig(_Section):
         "kernel), off otherwise (sdpa/eager then attend through a dense block-diagonal mask).")
     balance_ranks: bool = Field(True, description="PPO: deal each step's sequences to data-parallel ranks so that "
                                 "every rank gets the same row count and near-equal tokens (Karmarkar-Karp).")
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1, description="Passes over data.train (unless train.max_steps ends the run first).")
     max_steps: int = Field(-1, ge=-1, description="-1: run the epochs.")
     eval_every: int = Field(0, ge=0, description="Steps between evaluations; 0: at the end only.")
     rollout_batch_size: int = Field(32, ge=1, description="PPO: prompts per step.")
@@ -183,32 +183,32 @@ class TrainConfig(_Section):
 
 
 class OptimConfig(_Section):
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate of the trained model (the actor in PPO).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warm-up.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of the run's optimiser steps with a linear warm-up from 0.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine / linear: the lr at the end, as a fraction of optim.lr.")
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping.")
-    critic_lr: float = Field(5e-6, gt=0)
+    critic_lr: float = Field(5e-6, gt=0, description="PPO: the critic's peak learning rate.")
 
 
 class DeepSpeedConfig(_Section):
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage of trained roles: 0 none, 1 optimizer states, 2 and gradients, 3 and parameters sharded.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer states in host memory (ZeRO 1-3): less GPU memory, slower steps.")
     offload_params: bool = Field(False, description="ZeRO-3 only.")
     frozen_zero_stage: Literal[0, 3] = Field(0, description="ZeRO stage for frozen roles (reference, reward).")
-    frozen_offload: bool = False
+    frozen_offload: bool = Field(False, description="frozen_zero_stage=3: keep the frozen roles' parameters in host memory.")
 
 
 # ----------------------------------------------------------------------------------- RL / losses
 class RolloutConfig(_Section):
-    num_engines: int = Field(1, ge=1)
-    tensor_parallel_size: int = Field(1, ge=1)
-    n_samples_per_prompt: int = Field(1, ge=1)
-    max_new_tokens: int = Field(128, ge=1)
-    temperature: float = Field(1.0, ge=0)
+    num_engines: int = Field(1, ge=1, description="vLLM engines (each with tensor_parallel_size devices); prompts are dealt between them.")
+    tensor_parallel_size: int = Field(1, ge=1, description="Devices per engine (CPU: processes).")
+    n_samples_per_prompt: int = Field(1, ge=1, description="Samples per prompt (a group, for the group estimators).")
+    max_new_tokens: int = Field(128, ge=1, description="Tokens per generated turn at most.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature of rollouts (the trainer's log-probs use it too); 0: greedy.")
     top_p: float = Field(1.0, gt=0, le=1, description="< 1 makes vLLM's sampling log-probs (after top-p) differ "
                          "from the trainer's, which only apply the temperature: mind algorithm.tis_cap.")
     env: str = Field("", description="Multi-turn environment: a registered name (tools) or 'file.py:Class'; "
@@ -249,9 +249,9 @@ class RolloutConfig(_Section):
                                               "the same fallback.")
     stop: list[str] = Field(default_factory=list, description="Extra stop strings (EOS always stops).")
     seed: int = Field(0, description="Sampling seed of the engines (engine i uses seed + i).")
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="Share of each engine GPU's memory vLLM may take (weights and KV cache).")
     cpu_kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
-    enforce_eager: bool = True
+    enforce_eager: bool = Field(True, description="No CUDA graphs in vLLM: slower decoding, less memory and start-up (always on CPU).")
     sync_bucket_mb: float = Field(64.0, gt=0, description="Weight sync moves the model in buckets of this size: "
                                   "the actor gathers, and each engine loads, one at a time. A larger tensor travels "
                                   "alone, unless this was set explicitly (then it is a hard bound).")
@@ -271,25 +271,25 @@ class RolloutConfig(_Section):
 
 class KLConfig(_Section):
     coef: float = Field(0.05, ge=0, description="0 disables the KL penalty and the reference role.")
-    estimator: Literal["k1", "k2", "k3"] = "k1"
+    estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimate (Schulman's k1 log-ratio, k2 half squared, k3 unbiased and positive).")
     in_reward: bool = Field(True, description="True: KL shapes the reward; False: KL is a loss term.")
-    adaptive: bool = False
-    target: float = Field(6.0, gt=0)
-    horizon: int = Field(10000, ge=1)
+    adaptive: bool = Field(False, description="Adapt the coefficient towards kl.target (Ziegler et al.'s controller).")
+    target: float = Field(6.0, gt=0, description="adaptive: the KL per sequence (nats) the controller aims at.")
+    horizon: int = Field(10000, ge=1, description="adaptive: samples over which the coefficient adapts.")
 
 
 class DPOConfig(_Section):
-    beta: float = Field(0.1, gt=0)
-    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL to the reference (DPO's beta).")
+    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid: DPO's logistic loss; ipo: IPO's squared loss.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO.")
-    nll_coef: float = Field(0.0, ge=0)
+    nll_coef: float = Field(0.0, ge=0, description="Weight of an NLL term on the chosen responses (RPO); 0: off.")
     precompute_reference: bool = Field(False, description="Compute reference log-probs once, then drop it. "
                                        "With data.streaming only for the held-out set: a stream has no end.")
 
 
 class RMConfig(_Section):
-    margin: float = Field(0.0, ge=0)
-    head: Literal["classifier", "value_head"] = "classifier"
+    margin: float = Field(0.0, ge=0, description="Bradley-Terry margin: the chosen score must beat the rejected by this much.")
+    head: Literal["classifier", "value_head"] = Field("classifier", description="classifier: a sequence-classification model; value_head: a scalar head on a causal LM.")
 
 
 class DistillConfig(_Section):
@@ -309,21 +309,21 @@ class AlgorithmConfig(_Section):
     policy_loss: Literal[POLICY_LOSSES] = Field(
         "ppo", description="ppo: clipped token ratios; gspo: one clipped ratio per sequence (set clip_eps=3e-4 "
         "clip_eps_high=4e-4); cispo: REINFORCE with a clipped IS weight (clip_eps=1 clip_eps_high=0.28).")
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    clip_eps: float = Field(0.2, gt=0)
-    value_clip: float = Field(0.2, ge=0)
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount of per-token estimators (gae, reinforce_pp).")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE's lambda: 1 Monte-Carlo returns, 0 one-step TD errors.")
+    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip (lower side; also the upper unless clip_eps_high).")
+    value_clip: float = Field(0.2, ge=0, description="Clip of the critic's value change per update (PPO value clipping); 0: off.")
     clip_eps_high: float = Field(0.0, ge=0, description="Upper clip (DAPO clip-higher); 0: same as clip_eps.")
     dual_clip: float = Field(0.0, ge=0, description="Dual-clip bound c > 1 for negative advantages; 0: off.")
-    ppo_epochs: int = Field(1, ge=1)
-    normalize_advantages: bool = True
+    ppo_epochs: int = Field(1, ge=1, description="Passes of updates over each rollout batch.")
+    normalize_advantages: bool = Field(True, description="Whiten advantages per batch (gae, rloo); the group estimators are normalised already.")
     loss_agg: Literal["token", "seq", "seq_sum_norm"] = Field(
         "token", description="token: mean over all kept tokens; seq: mean over sequences of per-sequence means; "
         "seq_sum_norm: per-sequence sums / rollout.max_new_tokens (Dr. GRPO).")
     overlong_filter: bool = Field(False, description="DAPO: responses cut at rollout.max_new_tokens are left out "
                                   "of the loss.")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight in the policy loss.")
-    vf_coef: float = Field(1.0, ge=0)
+    vf_coef: float = Field(1.0, ge=0, description="Weight of the critic's value loss.")
     tis_cap: float = Field(0.0, ge=0, description="Importance sampling for the rollout/trainer log-prob "
                            "mismatch: the truncation cap (or the band's top with is_mode=mask); 0: off.")
     is_mode: Literal["truncate", "mask"] = Field(
@@ -345,17 +345,17 @@ class AlgorithmConfig(_Section):
 class RewardsConfig(_Section):
     use_model: bool = Field(True, description="Score with the reward model (model.reward_path).")
     rules: list[str] = Field(default_factory=list, description="Rule-based reward functions by name.")
-    rule_weight: float = Field(1.0, ge=0)
-    model_weight: float = Field(1.0, ge=0)
+    rule_weight: float = Field(1.0, ge=0, description="Weight of the rule rewards in the sum.")
+    model_weight: float = Field(1.0, ge=0, description="Weight of the reward model's score in the sum.")
     remote_url: str = Field("", description="HTTP reward server; empty: none.")
-    remote_weight: float = Field(1.0, ge=0)
+    remote_weight: float = Field(1.0, ge=0, description="Weight of the remote server's score in the sum.")
     remote_token_env: str = Field("RLHF_REWARD_TOKEN", description="Env var holding the server's bearer token.")
-    retries: int = Field(3, ge=0)
-    timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(3, ge=0, description="Remote server: retries of a failed batch (with backoff) before the run fails.")
+    timeout_s: float = Field(60.0, gt=0, description="Remote server: deadline of one request.")
     clip: float = Field(0.0, ge=0, description="Clip the combined score to [-clip, clip]; 0: off.")
     overlong_buffer: int = Field(0, ge=0, description="DAPO soft overlong punishment: the last this-many tokens "
                                  "before rollout.max_new_tokens ramp a penalty from 0 to -overlong_penalty; 0: off.")
-    overlong_penalty: float = Field(1.0, ge=0)
+    overlong_penalty: float = Field(1.0, ge=0, description="The overlong punishment at the budget's end (see overlong_buffer).")
     normalize: bool = Field(False, description="Standardise the scores of each rollout batch (mean 0, std 1).")
 
 
@@ -366,15 +366,15 @@ Role = Literal["actor", "critic", "reward", "reference", "rollout"]
 class PlacementConfig(_Section):
     """Where the roles run. On CPU a "GPU" slot is a process slot (gpus_per_node is then 0)."""
 
-    nodes: int = Field(1, ge=1)
+    nodes: int = Field(1, ge=1, description="Nodes of the Ray cluster the run uses.")
     gpus_per_node: int = Field(0, ge=0, description="0: CPU-only cluster (one worker per process slot).")
     actor: int = Field(1, ge=1, description="Actor (policy / trained model) workers = data-parallel size.")
-    critic: int = Field(1, ge=1)
-    reward: int = Field(1, ge=1)
-    reference: int = Field(1, ge=1)
+    critic: int = Field(1, ge=1, description="Critic workers (data-parallel size); started only by gae.")
+    reward: int = Field(1, ge=1, description="Reward-model workers; started only with rewards.use_model.")
+    reference: int = Field(1, ge=1, description="Reference workers; started when a KL is used (or opd's teacher).")
     colocate: list[list[Role]] = Field(
         default_factory=list, description="Groups of roles that share the same GPUs, e.g. [[actor, reference]].")
-    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description="Ray placement-group strategy of each role's workers.")
     launcher: Literal["auto", "local", "ray"] = Field(
         "auto", description="local: one in-process worker; ray: a Ray WorkerGroup; auto: ray when more than "
         "one worker, more than one node, or RAY_ADDRESS is set.")
@@ -394,23 +394,23 @@ class PlacementConfig(_Section):
 
 # ------------------------------------------------------------------------------ logging/checkpoint
 class LoggingConfig(_Section):
-    log_every: int = Field(1, ge=1)
-    wandb: bool = False
-    wandb_project: str = "rlhf_system"
-    tensorboard: bool = False
-    console: bool = True
-    plots: bool = True
+    log_every: int = Field(1, ge=1, description="SFT, RM, DPO: steps between logged metrics (PPO logs every step).")
+    wandb: bool = Field(False, description="Log to Weights & Biases (WANDB_MODE=offline keeps it local).")
+    wandb_project: str = Field("rlhf_system", description="wandb project name.")
+    tensorboard: bool = Field(False, description="Write TensorBoard event files into run_dir.")
+    console: bool = Field(True, description="Print metric lines to the console.")
+    plots: bool = Field(True, description="Draw metric plots into run_dir/plots at the end.")
     rollouts: bool = Field(False, description="ppo: write what each step trains on (token ids, trained-token "
                            "mask, sampling log-probs, score, text) to run_dir/rollouts.jsonl.")
 
 
 class CheckpointConfig(_Section):
     save_every: int = Field(0, ge=0, description="Steps between checkpoints; 0: only at the end.")
-    keep_last: int = Field(2, ge=1)
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted once a new one is complete.")
     resume: str = Field("none", description="none, auto (latest in run_dir) or a checkpoint folder.")
     allow_config_change: bool = Field(False, description="Resume although the config differs from the "
                                       "checkpoint's in more than logging, saving, run length and deadlines.")
-    export_hf: bool = True
+    export_hf: bool = Field(True, description="At the end, write the trained model as a plain Hugging Face folder (run_dir/hf).")
     export_shard_mb: int = Field(2048, ge=1, description="Under ZeRO-3 the export gathers and writes one "
                                  "safetensors shard of at most this size at a time.")
 
@@ -420,10 +420,10 @@ Mode = Literal["sft", "rm", "dpo", "ppo"]
 
 
 class RunConfig(_Section):
-    mode: Mode = "sft"
-    name: str = "run"
+    mode: Mode = Field("sft", description="What to train: sft, rm (reward model), dpo or ppo (every RL estimator); `rlhf train MODE` must agree.")
+    name: str = Field("run", description="The run's name in logs and trackers (wandb, TensorBoard).")
     run_dir: str = Field("runs/run", description="Everything the run writes goes here.")
-    seed: int = 42
+    seed: int = Field(42, description="Seed of data order, initialisation and dropout (sampling has rollout.seed).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     peft: PeftConfig = Field(default_factory=PeftConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -594,8 +594,9 @@ def load_yaml(path: str | os.PathLike) -> dict:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                mode: str | None = None) -> RunConfig:
-    """YAML (optional) + dotted overrides -> validated RunConfig. `mode` comes from the CLI verb."""
+                mode: str | None = None, check: bool = True) -> RunConfig:
+    """YAML (optional) + dotted overrides -> validated RunConfig (`check=False`: typed and keyed, without
+    the cross-field checks). `mode` comes from the CLI verb."""
     raw = load_yaml(path) if path else {}
     if mode is not None:
         if raw.get("mode", mode) != mode:
@@ -604,8 +605,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raw["mode"] = mode
     apply_overrides(raw, overrides or [])
     cfg = _from_dict(raw, source=str(path) if path else "", overrides=list(overrides or []))
-    validate(cfg)
-    return cfg
+    return validate(cfg) if check else cfg
 
 
 # ------------------------------------------------------------------------------------- validate()
@@ -615,3 +615,26 @@ def validate(cfg: RunConfig) -> RunConfig:
     if errors:
         raise ConfigError("\n".join(errors))
     return cfg
+
+
+def describe(cfg: RunConfig, prefix: str = "") -> list[str]:
+    """`rlhf config --describe [PREFIX]`: one line per setting under `prefix`, "key = value  # what it
+    does", from the fields' descriptions."""
+
+    def walk(section: BaseModel, path: str):
+        for name, f in type(section).model_fields.items():
+            value, key = getattr(section, name), f"{path}{name}"
+            if isinstance(value, BaseModel):
+                yield from walk(value, key + ".")
+            elif key.startswith(prefix):
+                shown = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+                if isinstance(shown, list):
+                    shown = [v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in shown]
+                yield f"{key} = {shown!r}  # {f.description}"
+
+    lines = list(walk(cfg, ""))
+    if not lines:
+        raise ConfigError(f"--describe {prefix}: no setting starts with it. Fix: a section such as algorithm, "
+                          "rollout or data.keys")
+    return lines
+

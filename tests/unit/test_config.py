@@ -254,3 +254,33 @@ def test_grpo_family_variant_checks(tmp_path):
                                               "algorithm.policy_loss=gspo", "rollout.dynamic_sampling=true",
                                               "rewards.overlong_buffer=4", "algorithm.overlong_filter=true"])
     assert cfg.algorithm.estimator == "dr_grpo" and cfg.rollout.dynamic_sampling
+
+
+def test_every_config_field_is_described():
+    """`rlhf config --describe` prints these; a field without one is a setting nobody can find."""
+    from pydantic import BaseModel
+
+    def walk(model, prefix=""):
+        for name, f in model.model_fields.items():
+            sub = f.annotation if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel) else None
+            if sub is not None:
+                yield from walk(sub, f"{prefix}{name}.")
+            elif not (f.description or "").strip():
+                yield prefix + name
+
+    assert list(walk(RunConfig)) == []
+
+
+def test_describe_prints_each_setting_with_what_it_does(tmp_path, capsys):
+    from rlhf_system.cli import main
+
+    assert main(["config", "--config", str(write(tmp_path, PPO)), "algorithm.distill.coef=2", "--describe",
+                 "algorithm.distill"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [x.split(" = ")[0] for x in lines] == ["algorithm.distill.coef", "algorithm.distill.discount",
+                                                  "algorithm.distill.reward_coef"]
+    assert lines[0].startswith("algorithm.distill.coef = 2.0  # algorithm.estimator=opd: weight of")
+    with pytest.raises(ConfigError, match="no setting starts with it"):
+        from rlhf_system.config import describe
+
+        describe(RunConfig(), "algorithm.nope")
