@@ -74,6 +74,14 @@ class Ctx:
         shutil.copytree(self.checkpoint, dst)
         return dst
 
+    def unrelated(self) -> Path:
+        """A folder of another tool's files (a Hugging Face Trainer checkpoint's names)."""
+        dst = self.path("hf-trainer-checkpoint")
+        dst.mkdir(parents=True)
+        for name in ("trainer_state.json", "optimizer.pt", "scheduler.pt", "model.safetensors"):
+            (dst / name).write_bytes(b"{}")
+        return dst
+
     def train(self, mode: str, *over: str, train=None, evaluate=None) -> list[str]:
         files = {"sft": ("sft_train", "sft_test_seen"), "rm": ("pref_train", "pref_test"),
                  "dpo": ("pref_train", "pref_test"), "ppo": ("rl_train", "rl_test_seen")}[mode]
@@ -206,8 +214,14 @@ CASES = [
          "not a complete checkpoint"),
     Case("resume_truncated", lambda c: c.resume_args(f"checkpoint.resume={_truncate(c.ckpt_copy())}"),
          "were written (truncated"),
-    Case("resume_garbage_no_manifest", lambda c: c.resume_args(
-        f"checkpoint.resume={_garbage(_without(c.ckpt_copy(), 'manifest.json'))}"), "not a torch checkpoint file"),
+    Case("resume_no_manifest", lambda c: c.resume_args(f"checkpoint.resume={_without(c.ckpt_copy(), 'manifest.json')}"),
+         "manifest.json is missing"),
+    Case("resume_old_format_garbage", lambda c: c.resume_args(
+        f"checkpoint.resume={_garbage(_old_format(c.ckpt_copy()))}"), "not a torch checkpoint file"),
+    Case("resume_run_state_truncated", lambda c: c.resume_args(
+        f"checkpoint.resume={_truncate_file(c.ckpt_copy(), 'run_state.json')}"), "run_state.json is not valid JSON"),
+    Case("resume_unrelated_folder", lambda c: c.resume_args(f"checkpoint.resume={c.unrelated()}"),
+         "is not a checkpoint of this project"),
     Case("resume_other_shape", lambda c: c.resume_args(f"model.path={c.model['other_shape']}",
                                                        f"checkpoint.resume={c.checkpoint}"), "another shape"),
     Case("resume_other_model_path", lambda c: c.resume_args(f"model.path={c.model_copy('same')}",
@@ -244,6 +258,21 @@ def _without(ckpt: Path, name: str) -> Path:
 
 def _truncate(ckpt: Path) -> Path:
     f = max(ckpt.rglob("*.pt"), key=lambda p: p.stat().st_size)
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return ckpt
+
+
+def _old_format(ckpt: Path) -> Path:
+    """A checkpoint as saves wrote them before manifests: no manifest, and no config in its run state."""
+    (ckpt / "manifest.json").unlink()
+    state = json.loads((ckpt / "run_state.json").read_text())
+    state.pop("config", None)
+    (ckpt / "run_state.json").write_text(json.dumps(state))
+    return ckpt
+
+
+def _truncate_file(ckpt: Path, name: str) -> Path:
+    f = ckpt / name
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     return ckpt
 
