@@ -110,8 +110,8 @@ def preflight(points: list[Point]) -> None:
     """Each point against the cluster, before any starts: a ConfigError naming the point and the role."""
     import ray
 
-    from rlhf_system.workers.engine_placement import check_cluster, engine_plans
-    from rlhf_system.workers.group import bundles_for, check_resources
+    from rlhf_system.placement.engines import check_cluster, engine_plans
+    from rlhf_system.placement.group import bundles_for, check_resources
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     for p in points:
@@ -155,7 +155,7 @@ def with_efficiency(row: dict, first: dict | None) -> dict:
 
 def run(path: str, overrides: list[str], steps: int | None, run_dir: str | None, emit=print) -> list[dict]:
     """The sweep; `emit` gets each point's JSON line as it completes. Returns the rows."""
-    from rlhf_system.workers.group import ensure_ray
+    from rlhf_system.placement.group import ensure_ray
 
     scale = load_sweep(path)
     steps = steps or scale.steps

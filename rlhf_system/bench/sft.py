@@ -20,8 +20,8 @@ VARIANTS = [{"packing": p, "zero_stage": z} for z in (2, 3) for p in (False, Tru
 
 
 def bench_variant(cfg: RunConfig, steps: int) -> dict:
+    from rlhf_system.placement.group import WorkerGroup
     from rlhf_system.trainers import sft
-    from rlhf_system.workers.group import WorkerGroup
     from rlhf_system.workers.sft import SFTWorker
 
     sft.prepare(cfg)
@@ -50,7 +50,7 @@ def bench_variant(cfg: RunConfig, steps: int) -> dict:
 
 
 def run(cfg: RunConfig, steps: int) -> list[dict]:
-    from rlhf_system.workers.group import ensure_ray
+    from rlhf_system.placement.group import ensure_ray
 
     ensure_ray(int(cfg.placement.actor * cfg.placement.cpus_per_worker))
     results = []

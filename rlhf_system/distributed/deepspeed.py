@@ -6,7 +6,7 @@
 
 The DeepSpeed JSON is always derived from `RunConfig` (never hand-written), so batch arithmetic and
 precision come from one validated place. What this file is not: it does not start processes (Ray
-does, workers/group.py) and holds no training loop (trainers/).
+does, placement/group.py) and holds no training loop (trainers/).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Waiting on Ray calls under one deadline, and naming who failed: shared by the worker groups
-(workers/group.py, workers/rollout.py) and the weight sync (distributed/weight_sync.py).
+(placement/group.py, workers/rollout.py) and the weight sync (distributed/weight_sync.py).
 
 Every wait has a deadline (a hang is a bug), and when several calls fail, the one whose process
 died is named first: its peers in a collective fail *because* of it.

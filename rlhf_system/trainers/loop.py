@@ -86,7 +86,7 @@ def train_with_group(cfg: RunConfig, steps: int, role: str, worker_cls: type, nu
     """The controller's hand-over, the same for every trainer: write the resolved config, start the
     role's group of `worker_cls` ranks, set every rank up (`setup`), `fit` with `train_step` /
     `evaluate`, export to run_dir/hf, and always shut the group down."""
-    from rlhf_system.workers.group import make_group
+    from rlhf_system.placement.group import make_group
 
     resume = checkpoint.check_resume(cfg)  # a bad checkpoint fails here, before any worker starts
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)

@@ -118,10 +118,10 @@ def prepare(cfg: RunConfig) -> Prepared:
 def start(cfg: RunConfig, prep: Prepared):
     from rlhf_system.config_checks import roles_for
     from rlhf_system.distributed.weight_sync import WeightSync, colocated_engines, sync_backend
+    from rlhf_system.placement.group import ensure_ray
+    from rlhf_system.placement.roles import cpus_needed, start_roles
     from rlhf_system.workers.actor import ActorWorker
     from rlhf_system.workers.critic import CriticWorker
-    from rlhf_system.workers.group import ensure_ray
-    from rlhf_system.workers.placement import cpus_needed, start_roles
     from rlhf_system.workers.reference import ReferenceWorker
     from rlhf_system.workers.reward import RewardWorker
     from rlhf_system.workers.rollout import RolloutGroup
@@ -156,7 +156,7 @@ def start(cfg: RunConfig, prep: Prepared):
 
 
 def stop(groups: dict, shared: list, rollout, sync) -> None:
-    from rlhf_system.workers.placement import stop_roles
+    from rlhf_system.placement.roles import stop_roles
 
     if sync is not None:
         sync.close()

@@ -8,7 +8,7 @@ Each sample is {"response_ids", "logprobs" (the sampling distribution's, after t
 "finish_reason"}. Prompts go out in one chunk per engine, each to the least-loaded engine.
 Weight updates arrive through the WeightSyncExtension mixed into vLLM's worker (weight_sync.py).
 
-Placement (workers/engine_placement.py): on GPUs each engine gets a placement group of
+Placement (placement/engines.py): on GPUs each engine gets a placement group of
 `tensor_parallel_size` GPUs on one node (vLLM's Ray executor places its workers there when it is > 1). On
 CPU an engine reserves no Ray CPU: it shares the cores with the trainer workers, which are idle while it
 generates, and binds its OpenMP threads to its share of the node's cores (distributed/threads.py;
@@ -21,7 +21,7 @@ import os
 
 from rlhf_system.config import RunConfig
 from rlhf_system.distributed.devices import on_gpu
-from rlhf_system.workers.engine_placement import EnginePlan, actor_options, engine_plans, release, reserve
+from rlhf_system.placement.engines import EnginePlan, actor_options, engine_plans, release, reserve
 
 EXTENSION = "rlhf_system.distributed.vllm_ext.WeightSyncExtension"
 
@@ -205,7 +205,7 @@ class RolloutGroup:
         controller starts its trainers meanwhile: both are mostly imports, one core each)."""
         import ray
 
-        from rlhf_system.workers.group import ensure_ray
+        from rlhf_system.placement.group import ensure_ray
 
         ensure_ray()
         r = cfg.rollout
@@ -243,7 +243,7 @@ class RolloutGroup:
     def _wait(self, refs: list, what: str, engine_of: list[int] | None = None) -> list:
         """Wait for one ref per engine, or for refs whose engines are `engine_of` (generate's chunks)."""
         from rlhf_system.distributed.waits import wait_all
-        from rlhf_system.workers.group import GroupCallError
+        from rlhf_system.placement.group import GroupCallError
 
         names = [f"engine {i}" for i in (engine_of if engine_of is not None else range(len(refs)))]
         return wait_all(refs, names, self.timeout, f"rollout '{what}'", GroupCallError)

@@ -73,7 +73,7 @@ def sft_run(kit_model, synthetic_dir, tmp_path_factory):
 def ray_cluster():
     import ray
 
-    from rlhf_system.workers.group import NO_IDLE_WORKERS
+    from rlhf_system.placement.group import NO_IDLE_WORKERS
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _system_config=NO_IDLE_WORKERS)
     yield

@@ -16,8 +16,8 @@ import torch
 
 from rlhf_system.config import RunConfig, validate
 from rlhf_system.data.batching import global_batches
+from rlhf_system.placement.group import WorkerGroup
 from rlhf_system.workers.dpo import DPOWorker
-from rlhf_system.workers.group import WorkerGroup
 from tests.integration.conftest import rlhf, train_args
 
 pytestmark = pytest.mark.integration

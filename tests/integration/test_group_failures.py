@@ -10,8 +10,8 @@ import pytest
 
 from rlhf_system.config import PlacementConfig
 from rlhf_system.distributed.waits import wait_all
+from rlhf_system.placement.group import GroupCallError, WorkerGroup
 from rlhf_system.workers.base import BaseWorker
-from rlhf_system.workers.group import GroupCallError, WorkerGroup
 
 DEADLINE = 300.0  # far longer than any of these calls may take once a worker is dead
 

@@ -72,9 +72,9 @@ def main(config: str, report: str) -> None:
     import ray
 
     from rlhf_system.config import load_config
+    from rlhf_system.placement import roles as placement
+    from rlhf_system.placement.group import ensure_ray
     from rlhf_system.trainers import ppo
-    from rlhf_system.workers import placement
-    from rlhf_system.workers.group import ensure_ray
 
     ensure_ray()  # the controller's own way in: ray.init(address=$RAY_ADDRESS)
     _wait_for_nodes(2)

@@ -10,8 +10,8 @@ from tests.integration.conftest import ppo_config
 def test_colocated_roles_share_a_placement_group(ray_cluster, small_model, synthetic_dir, tmp_path):
     import ray
 
+    from rlhf_system.placement.roles import cpus_needed, start_roles, stop_roles
     from rlhf_system.workers.actor import ActorWorker
-    from rlhf_system.workers.placement import cpus_needed, start_roles, stop_roles
     from rlhf_system.workers.reference import ReferenceWorker
     from rlhf_system.workers.reward import RewardWorker
 
@@ -36,8 +36,8 @@ def test_colocated_roles_share_a_placement_group(ray_cluster, small_model, synth
 
 def test_unplaceable_request_fails_before_workers_start(ray_cluster, small_model, synthetic_dir, tmp_path):
     from rlhf_system.config import ConfigError
+    from rlhf_system.placement.roles import start_roles
     from rlhf_system.workers.actor import ActorWorker
-    from rlhf_system.workers.placement import start_roles
 
     cfg = ppo_config(small_model["policy"], synthetic_dir, tmp_path, placement__actor=8,
                      train__global_batch_size=64, train__rollout_batch_size=32, algorithm__estimator="rloo")
@@ -50,8 +50,8 @@ def test_strict_spread_over_too_few_nodes_fails_at_once(ray_cluster, small_model
     """The test cluster is one node with 4 CPUs: 2 CPUs fit in total, but STRICT_SPREAD wants 2 nodes.
     Ray alone would keep the placement group pending for placement.timeout_s (an hour here)."""
     from rlhf_system.config import ConfigError
+    from rlhf_system.placement.roles import start_roles
     from rlhf_system.workers.actor import ActorWorker
-    from rlhf_system.workers.placement import start_roles
     from rlhf_system.workers.reference import ReferenceWorker
 
     over = {"placement__colocate": [["actor", "reference"]], "placement__reference": 2} if colocate else {}
@@ -70,8 +70,8 @@ def test_trainer_workers_compute_with_the_cores_the_placement_gives(ray_cluster,
     """On a CPU-only node the roles take turns, so a role's ranks share all of the node's cores (Ray alone
     would leave each at one thread: it sets OMP_NUM_THREADS from num_cpus); the knob overrides."""
     from rlhf_system.distributed.threads import node_cores
+    from rlhf_system.placement.roles import start_roles, stop_roles
     from rlhf_system.workers.actor import ActorWorker
-    from rlhf_system.workers.placement import start_roles, stop_roles
 
     cfg = ppo_config(small_model["policy"], synthetic_dir, tmp_path, placement__actor=actors,
                      placement__threads_per_worker=override, algorithm__estimator="rloo")

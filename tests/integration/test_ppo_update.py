@@ -50,8 +50,8 @@ def test_response_positions_only_give_the_full_logits_log_probs(small_model):
 
 def _update(small_model, synthetic_dir, tmp_path, exp, *, ranks=1, micro=ROWS, feed_old=False, sampler_gap=0.0,
             **over):
+    from rlhf_system.placement.roles import start_roles, stop_roles
     from rlhf_system.workers.actor import ActorWorker
-    from rlhf_system.workers.placement import start_roles, stop_roles
 
     # Adam with eps=1 steps by about lr * g for these small gradients: an update linear in the gradient, so
     # float-summation differences stay small (Adam's sign-like first step would flip near-zero entries).
@@ -116,8 +116,8 @@ def test_grouped_micro_batches_and_ranks_give_the_same_update(plain, small_model
 def _critic_update(small_model, synthetic_dir, tmp_path, exp, *, ranks: int, zero: int, **over):
     """Values before, and the critic's weights after, one value update (the trained reward model as the
     critic: no freshly initialised head, so the runs start from the same weights)."""
+    from rlhf_system.placement.roles import start_roles, stop_roles
     from rlhf_system.workers.critic import CriticWorker
-    from rlhf_system.workers.placement import start_roles, stop_roles
 
     cfg = ppo_config(small_model["policy"], synthetic_dir, tmp_path, placement__critic=ranks,
                      deepspeed__zero_stage=zero, model__critic_path=str(small_model["reward"]), optim__critic_lr=0.5,

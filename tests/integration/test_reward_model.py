@@ -23,7 +23,7 @@ import torch
 
 from rlhf_system.config import ConfigError, load_config
 from rlhf_system.data.batching import global_batches
-from rlhf_system.workers.group import GroupCallError, WorkerGroup
+from rlhf_system.placement.group import GroupCallError, WorkerGroup
 from rlhf_system.workers.reward_model import RewardModelWorker
 from tests.integration.conftest import rlhf, train_args
 

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from rlhf_system.config import RunConfig
-from rlhf_system.workers.group import GroupCallError
+from rlhf_system.placement.group import GroupCallError
 from rlhf_system.workers.rollout import RolloutGroup
 
 

@@ -17,8 +17,8 @@ import torch
 
 from rlhf_system.config import ConfigError
 from rlhf_system.data.batching import global_batches
+from rlhf_system.placement.group import GroupCallError, WorkerGroup
 from rlhf_system.workers.base import BaseWorker
-from rlhf_system.workers.group import GroupCallError, WorkerGroup
 from rlhf_system.workers.sft import SFTWorker
 
 from .conftest import sft_config

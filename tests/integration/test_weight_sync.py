@@ -57,8 +57,8 @@ def test_sync_parity(engine, small_model, synthetic_dir, tmp_path, lora, ranks, 
     the two actor ranks mapping its buckets by shared memory (only handles cross the socket)."""
     from rlhf_system.distributed.weight_sync import WeightSync
     from rlhf_system.models.generate import hf_generate
+    from rlhf_system.placement.roles import start_roles, stop_roles
     from rlhf_system.workers.actor import ActorWorker
-    from rlhf_system.workers.placement import start_roles, stop_roles
 
     over = {"optim__lr": 3e-3, "rollout__temperature": 1.0, "placement__actor": ranks, "deepspeed__zero_stage": zero,
             "rollout__sync_bucket_mb": bucket_mb}  # 0.5 MB: the embedding (1024 x 128 fp32) just fits
@@ -127,8 +127,8 @@ def test_every_engine_and_tp_worker_gets_the_weights(ray_cluster, small_model, s
     Over the NCCL code path (fake_nccl): each worker joins on its own sync rank (the fake refuses two
     processes on one rank), 1 .. engines x tp."""
     from rlhf_system.distributed.weight_sync import WeightSync
+    from rlhf_system.placement.roles import start_roles, stop_roles
     from rlhf_system.workers.actor import ActorWorker
-    from rlhf_system.workers.placement import start_roles, stop_roles
     from rlhf_system.workers.rollout import RolloutGroup
 
     cfg = ppo_config(small_model["policy"], synthetic_dir, tmp_path, optim__lr=3e-3, rollout__temperature=1.0,

@@ -26,8 +26,8 @@ def big_model(tmp_path_factory):
 def test_two_ranks_each_hold_half_and_export_shard_by_shard(ray_cluster, big_model, synthetic_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from rlhf_system.placement.roles import start_roles, stop_roles
     from rlhf_system.workers.actor import ActorWorker
-    from rlhf_system.workers.placement import start_roles, stop_roles
 
     cfg = ppo_config(big_model["policy"], synthetic_dir, tmp_path, placement__actor=2, deepspeed__zero_stage=3,
                      checkpoint__export_shard_mb=100)

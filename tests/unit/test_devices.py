@@ -90,7 +90,7 @@ def test_dtype_and_backend_follow_the_placement_not_the_host(eight_gpus):
 
 
 def test_cpu_placement_starts_workers_and_engines_with_gpus_hidden(eight_gpus):
-    from rlhf_system.workers.engine_placement import actor_options, engine_plans
+    from rlhf_system.placement.engines import actor_options, engine_plans
 
     cfg = RunConfig(mode="ppo")
     assert devices.worker_env(cfg.placement) == {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
@@ -104,8 +104,8 @@ def test_cpu_placement_starts_workers_and_engines_with_gpus_hidden(eight_gpus):
 def test_in_process_worker_of_a_cpu_placement_joins_gloo_on_a_gpu_host(eight_gpus, monkeypatch):
     """LocalGroup on a host that reports 8 GPUs: before the fix the worker chose NCCL (from
     torch.cuda.is_available()) and failed to join; now the placement decides, and the GPUs are hidden."""
+    from rlhf_system.placement.group import LocalGroup
     from rlhf_system.workers.base import BaseWorker
-    from rlhf_system.workers.group import LocalGroup
 
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")

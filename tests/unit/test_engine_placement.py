@@ -4,7 +4,7 @@ tensor-parallel size, and the one-line errors when a cluster cannot hold them.""
 import pytest
 
 from rlhf_system.config import ConfigError, RunConfig
-from rlhf_system.workers.engine_placement import actor_options, check_cluster, engine_plans
+from rlhf_system.placement.engines import actor_options, check_cluster, engine_plans
 
 
 def cfg(gpus_per_node=0, engines=1, tp=1):

@@ -6,7 +6,7 @@ import pytest
 from rlhf_system import errors
 from rlhf_system.cli import main
 from rlhf_system.config import ConfigError
-from rlhf_system.workers.group import GroupCallError
+from rlhf_system.placement.group import GroupCallError
 
 
 def _raised(e: BaseException) -> BaseException:

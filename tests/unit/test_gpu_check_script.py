@@ -33,7 +33,7 @@ def test_a_package_missing_on_the_run_path_is_named_with_its_import_site():
     """A run that failed for a package this machine lacks is a skip naming where our code imports it;
     a module of ours that is missing is a bug, not a skip."""
     log = f'''Traceback (most recent call last):
-  File "{REPO}/rlhf_system/workers/group.py", line 244, in __init__
+  File "{REPO}/rlhf_system/placement/group.py", line 244, in __init__
     self.workers[0].init_dist(0, 1, "127.0.0.1", None, on_gpu(p))
   File "{REPO}/rlhf_system/distributed/net.py", line 30, in pin_gloo_interface
     import ray

@@ -10,7 +10,7 @@ def test_driver_inside_a_ray_job_leaves_the_jobs_env_vars_to_the_job(monkeypatch
     import ray
     from ray.runtime_env.runtime_env import _merge_runtime_env
 
-    from rlhf_system.workers import group
+    from rlhf_system.placement import group
 
     calls: list[dict] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)

@@ -9,7 +9,7 @@ import pytest
 
 from rlhf_system.config import ConfigError, RunConfig, validate
 from rlhf_system.distributed.weight_sync import colocated_engines, sync_backend
-from rlhf_system.workers.engine_placement import actor_options, colocated_share, engine_plans
+from rlhf_system.placement.engines import actor_options, colocated_share, engine_plans
 
 
 def _ppo(**placement) -> RunConfig:

@@ -115,7 +115,7 @@ def check_resources(role: str, bundles: list[dict[str, float]], strategy: str = 
 class WorkerGroup:
     def __init__(self, role: str, worker_cls: type, num_workers: int, placement: PlacementConfig,
                  placement_group=None, bundle_offset: int = 0, share: int = 1, engine_share: float | None = None):
-        """`placement_group` (with `share` roles per bundle, see workers/placement.py) colocates this
+        """`placement_group` (with `share` roles per bundle, see placement/roles.py) colocates this
         group with others: each worker then takes 1/share of its bundle's GPU and CPUs. `engine_share`:
         the workers leave that share of their node's cores to the rollout engines (cpu_split=disjoint)."""
         import ray

@@ -10,7 +10,7 @@ that take turns (reference inference, then actor training) then share memory ins
 needing its own device.
 
 The hybrid engine: with rollout in the actor's colocate group (e.g. [[actor, rollout]]) the engines take
-a share of the actor group's bundles (workers/engine_placement.py) and sleep while the trainers run
+a share of the actor group's bundles (placement/engines.py) and sleep while the trainers run
 (distributed/weight_sync.py). Otherwise the rollout engines get their own GPUs (or, on CPU, no
 reserved slot at all).
 """
@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from rlhf_system.config import RunConfig
 from rlhf_system.config_checks import role_slots, roles_for
-from rlhf_system.workers.group import GroupCallError, WorkerGroup, bundles_for, check_resources, ensure_ray
+from rlhf_system.placement.group import GroupCallError, WorkerGroup, bundles_for, check_resources, ensure_ray
 
 
 def cpus_needed(cfg: RunConfig, roles: list[str]) -> int:

@@ -126,7 +126,7 @@ def reserve(plans: list[EnginePlan], placement) -> list:
     import ray
     from ray.util.placement_group import placement_group
 
-    from rlhf_system.workers.group import GroupCallError
+    from rlhf_system.placement.group import GroupCallError
 
     check_cluster(plans, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
     pgs: list = []
