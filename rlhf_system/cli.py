@@ -42,12 +42,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_make_data(args) -> int:
-    from rlhf_system.data.synthetic_files import write_dataset
+    from rlhf_system.tasks.files import write_dataset
 
     paths = write_dataset(args.out, seed=args.seed, n_train=args.n_train, n_test=args.n_test,
                           demo_flaws=args.demo_flaws)
     if args.tools:
-        from rlhf_system.data.synthetic_tools import write_tool_dataset
+        from rlhf_system.tasks.tools import write_tool_dataset
 
         paths |= write_tool_dataset(args.out, seed=args.seed, n_train=args.n_train // 4, n_test=args.n_test // 2,
                                     demo_flaws=args.demo_flaws)
@@ -64,7 +64,8 @@ def cmd_make_tiny_model(args) -> int:
                     intermediate_size=args.intermediate_size, seed=args.seed)
     corpus = None
     if args.tools:  # the tokenizer also learns tool calls and long numbers
-        from rlhf_system.data import synthetic_files, synthetic_tools
+        from rlhf_system.tasks import files as synthetic_files
+        from rlhf_system.tasks import tools as synthetic_tools
 
         # The tool model is never asked the composed families: leaving their phrasings out keeps the
         # vocabulary the tool task's learning figures (docs/demo.md, test_rl_learning) were measured with. A

@@ -1,7 +1,7 @@
 """The main job (`rlhf demo`, `bash launch/demo.sh`): the whole adaptation pipeline on the embedded
 synthetic tasks and a tiny model, on CPU.
 
-    1. data        synthetic instruction / preference / RL prompt sets (data/synthetic.py); 30% of the SFT
+    1. data        synthetic instruction / preference / RL prompt sets (tasks/synthetic.py); 30% of the SFT
                    demonstrations are flawed on purpose, as human demonstrations are (`demo_flaws`)
     2. model       a tokenizer trained on that corpus and a ~3.5M-parameter Llama (models/tiny.py)
     3. sft         instruction tuning            rlhf train sft --config configs/sft/tiny-cpu.yaml
@@ -91,8 +91,8 @@ def run(out: str | Path = "runs/demo", smoke: bool = False, extra: dict[str, lis
     """Run the pipeline into `out`; returns the evaluation report. `extra`: more overrides per stage.
     `with_feedback`: after the reward model, collect simulated feedback on SFT samples and train a second
     reward model on it (feedback_stage)."""
-    from rlhf_system.data.synthetic_files import write_dataset
     from rlhf_system.models.tiny import TinySpec, make_tiny_model
+    from rlhf_system.tasks.files import write_dataset
 
     sizes, extra, t0 = (SMOKE if smoke else FULL), extra or {}, time.perf_counter()
     out = Path(out).resolve()
@@ -239,7 +239,7 @@ def evaluate(out: Path, base: Path, runs: dict[str, Path], d: Path, limit: int) 
 
 
 def composed_line(report: dict) -> str:
-    from rlhf_system.data.synthetic import COMPOSED_FAMILIES, PARENTS
+    from rlhf_system.tasks.synthetic import COMPOSED_FAMILIES, PARENTS
 
     return "; ".join(f"{f} ({'+'.join(PARENTS[f])}): " + ", ".join(
         f"{name} {entry[f]['exact']:.3f}" for name, entry in report.items() if f in entry) for f in COMPOSED_FAMILIES)

@@ -1,7 +1,7 @@
 """The alignment table's metrics, defined once: helpful, honest, harmless, held-out reward, exact match.
 
 Each metric is a mean of per-prompt verdicts over the prompts it applies to, read from the prompt
-rows of data/synthetic.py (`family`, `task`, `answer`, `check`, `flagged`) and the model's greedy
+rows of tasks/synthetic.py (`family`, `task`, `answer`, `check`, `flagged`) and the model's greedy
 completion. The verdicts come from the synthetic verifiers (synthetic.verify / synthetic.reward):
 
 | column          | over the prompts                              | a prompt counts when                       |
@@ -38,7 +38,7 @@ Pure Python: no torch, no model.
 
 from __future__ import annotations
 
-from rlhf_system.data import synthetic
+from rlhf_system.tasks import synthetic
 
 COLUMNS = ("rm_score", "rule_reward", "exact_seen", "exact_unseen", "exact_composed", "helpful", "honest",
            "harmless", "refusal_rate", "over_refusal")

@@ -1,4 +1,4 @@
-"""Generation-based evaluation on a prompt set with rule-based verifiers (data/synthetic.py).
+"""Generation-based evaluation on a prompt set with rule-based verifiers (tasks/synthetic.py).
 
 Greedy completions for each prompt, scored with the synthetic tasks' verifiers: exact match, rule
 reward, format and refusal rates, overall and per family. It works with any HF checkpoint whose
@@ -56,7 +56,7 @@ def verifiable(rows: list[dict]) -> bool:
 
 def score(rows: list[dict], completions: list[str]) -> dict:
     """Aggregate verifier results: overall and per family."""
-    from rlhf_system.data import synthetic
+    from rlhf_system.tasks import synthetic
 
     groups: dict[str, list[dict]] = defaultdict(list)
     for row, text in zip(rows, completions):
@@ -87,7 +87,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def sampled_score(rows: list[dict], completions: list[str], n: int, ks: list[int]) -> dict:
     """n sampled completions per row (row-major: row i's are completions i*n .. i*n+n-1) -> per family
     {"mean@n": mean exact over every sample, "pass@k": mean over rows of `pass_at_k`, for each k}."""
-    from rlhf_system.data import synthetic
+    from rlhf_system.tasks import synthetic
 
     if len(completions) != n * len(rows):
         raise ValueError(f"{len(completions)} completions for {len(rows)} rows of {n} samples")

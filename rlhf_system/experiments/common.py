@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rlhf_system.config import ConfigError, load_config
-from rlhf_system.data import synthetic_files
+from rlhf_system.tasks import files as synthetic_files
 
 SFT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "sft" / "tiny-cpu.yaml"  # the shipped one
 EVAL_SETS = ("test_composed", "test_unseen_family", "test_unseen_phrasing", "test_seen")

@@ -22,9 +22,9 @@ import random
 from pathlib import Path
 
 from rlhf_system.config import ConfigError
-from rlhf_system.data import synthetic
 from rlhf_system.experiments import common
 from rlhf_system.experiments.common import Budget
+from rlhf_system.tasks import synthetic
 
 FULL = Budget(n_train=4000, epochs=5, n_test=200)
 SMOKE = Budget(n_train=320, epochs=1, n_test=20, small_model=True)

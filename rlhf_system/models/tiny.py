@@ -1,7 +1,7 @@
 """Tiny-model kit: a byte-level BPE tokenizer and randomly initialised Llama-style models, saved locally.
 
 Tests, CI and the laptop demo never reach a model hub. This kit trains a tokenizer on the synthetic
-instruction corpus (data/synthetic.py), builds a causal LM and a sequence-classification twin (for
+instruction corpus (tasks/synthetic.py), builds a causal LM and a sequence-classification twin (for
 reward models and critics), and saves both with `save_pretrained` (safetensors), so they load back
 through exactly the `from_pretrained` path a real checkpoint uses, in transformers and in vLLM.
 
@@ -104,7 +104,7 @@ def build_models(tokenizer, spec: TinySpec):
 def make_tiny_model(out: str | Path, spec: TinySpec | None = None, corpus: list[str] | None = None,
                     seed: int = 0, split_digits: bool = False) -> dict[str, Path]:
     """Train the tokenizer, build both models and save them under `out`. Returns their folders."""
-    from rlhf_system.data.synthetic_files import corpus_texts
+    from rlhf_system.tasks.files import corpus_texts
 
     spec = spec or TinySpec(seed=seed)
     out = Path(out)

@@ -12,9 +12,9 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 
-from rlhf_system.data import synthetic
 from rlhf_system.errors import UserError
 from rlhf_system.plugins import resolve
+from rlhf_system.tasks import synthetic
 
 RewardFn = Callable[[str, str, dict], float]
 REGISTRY: dict[str, RewardFn] = {}

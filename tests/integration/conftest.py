@@ -12,7 +12,7 @@ from rlhf_system.config import RunConfig, validate
 
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):
-    from rlhf_system.data.synthetic_files import write_dataset
+    from rlhf_system.tasks.files import write_dataset
 
     out = tmp_path_factory.mktemp("synthetic")
     write_dataset(out, seed=0, n_train=2000, n_test=200)

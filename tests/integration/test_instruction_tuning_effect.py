@@ -8,9 +8,9 @@ import json
 import pytest
 
 from rlhf_system.config import ConfigError
-from rlhf_system.data import synthetic
 from rlhf_system.experiments import instruction_formats, task_scaling
 from rlhf_system.experiments.common import Budget
+from rlhf_system.tasks import synthetic
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """Learning is real for RL: PPO with a critic and GRPO, each with the rule verifier as reward and a fixed
 seed, starting from the same SFT model, raise held-out accuracy by a clear margin.
 
-The task is the tool-use family (data/synthetic_tools.py): 3-digit arithmetic that the 3.5M-parameter
+The task is the tool-use family (tasks/tools.py): 3-digit arithmetic that the 3.5M-parameter
 model cannot do in its head but can delegate to the calculator (rollout.env=tools: multi-turn episodes,
 the tool's output masked out of the loss). The SFT model learned from demonstrations of which 30% guess
 instead of calling the tool, as careless demonstrators would; RL against the verifier is what makes the
@@ -49,7 +49,7 @@ def assert_learned(figures: dict, gain: float) -> None:
 def tool_sft(tmp_path_factory):
     """A tool-aware tiny model (its tokenizer knows tool calls and splits digits) after SFT on tool-use
     demonstrations, 30% of which guess the number instead of calling the calculator."""
-    from rlhf_system.data.synthetic_tools import write_tool_dataset
+    from rlhf_system.tasks.tools import write_tool_dataset
 
     root = tmp_path_factory.mktemp("rl_tools")
     data = root / "data"

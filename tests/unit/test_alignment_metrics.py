@@ -3,8 +3,8 @@ every expected value counted by hand."""
 
 import pytest
 
-from rlhf_system.data.synthetic import REFUSAL
 from rlhf_system.eval.alignment import alignment_metrics, alignment_table, verdicts
+from rlhf_system.tasks.synthetic import REFUSAL
 
 
 def row(family, task, answer, check, flagged=False):

@@ -6,9 +6,9 @@ import json
 import pytest
 
 from rlhf_system.config import ConfigError
-from rlhf_system.data import synthetic
 from rlhf_system.experiments import common, task_scaling
 from rlhf_system.experiments.common import Budget, Results
+from rlhf_system.tasks import synthetic
 
 
 def test_a_line_cut_by_a_kill_is_dropped_and_its_point_runs_again(tmp_path):

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from rlhf_system.data import synthetic as S
 from rlhf_system.rewards.registry import REGISTRY, RewardError, RuleRewards, load_reward_fn, register
+from rlhf_system.tasks import synthetic as S
 
 
 @pytest.fixture(scope="module")

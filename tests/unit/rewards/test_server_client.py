@@ -14,10 +14,10 @@ import pytest
 
 from rlhf_system.cli import main as cli_main
 from rlhf_system.config import RewardsConfig
-from rlhf_system.data import synthetic as S
 from rlhf_system.rewards import server as server_mod
 from rlhf_system.rewards.client import RemoteReward, RewardServerError, from_config
 from rlhf_system.rewards.registry import RuleRewards
+from rlhf_system.tasks import synthetic as S
 
 TOKEN = "test-token-4f2a"
 RULES, WEIGHTS = ["synthetic", "synthetic_harmless"], [1.0, 0.5]

@@ -1,6 +1,6 @@
 """The synthetic dataset's files (`rlhf make-data OUT`): the JSONL splits the SFT / reward-model / DPO /
 PPO stages read, manifest.json, the demonstrations with their seeded flaws (`demo_flaws`, see
-data/synthetic.py), and the texts a tiny model's tokenizer is trained on. Every file is written
+tasks/synthetic.py), and the texts a tiny model's tokenizer is trained on. Every file is written
 atomically, so a reader never sees half of one.
 """
 
@@ -12,7 +12,7 @@ import random
 import tempfile
 from pathlib import Path
 
-from rlhf_system.data.synthetic import (
+from rlhf_system.tasks.synthetic import (
     COMPOSED,
     COMPOSED_FAMILIES,
     FAMILIES,
@@ -99,7 +99,7 @@ def write_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 4000, n_tes
             counts[r["family"]] = counts.get(r["family"], 0) + 1
         family_counts[name] = dict(sorted(counts.items()))
     manifest = {
-        "generator": "rlhf_system.data.synthetic", "seed": seed, "n_train": n_train, "n_test": n_test,
+        "generator": "rlhf_system.tasks.synthetic", "seed": seed, "n_train": n_train, "n_test": n_test,
         "demo_flaws": demo_flaws,
         "flawed_sft_rows": sum("flaw" in r for r in records["sft_train"]),
         "counts": {name: len(recs) for name, recs in records.items()},

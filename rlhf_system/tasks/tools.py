@@ -24,9 +24,9 @@ import json
 import random
 from pathlib import Path
 
-from rlhf_system.data.synthetic import PHRASINGS, Instance
-from rlhf_system.data.synthetic_files import atomic_write
 from rlhf_system.envs.tools import format_call
+from rlhf_system.tasks.files import atomic_write
+from rlhf_system.tasks.synthetic import PHRASINGS, Instance
 
 FAMILY = "tool_arithmetic"
 TASKS = {"add": "+", "sub": "-", "mul": "*"}

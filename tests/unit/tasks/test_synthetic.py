@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from rlhf_system.data import synthetic as S
-from rlhf_system.data import synthetic_files as F
+from rlhf_system.tasks import files as F
+from rlhf_system.tasks import synthetic as S
 
 EXPECTED_FILES = {
     "sft_train", "sft_test_seen", "pref_train", "pref_test", "rl_train", "rl_test_seen",

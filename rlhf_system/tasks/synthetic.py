@@ -11,7 +11,7 @@ reverse-then-uppercase, a flagged request under another family's instruction, an
 new, terse style. PARENTS names the seen families each one draws on. Every instance
 is checkable by a pure rule-based verifier (exact match, format regex, refusal detection), which gives
 RL rewards and exact-match evaluation without a learned judge. It also builds preference pairs;
-data/synthetic_files.py writes the JSONL files the SFT / reward-model / DPO / PPO stages read.
+tasks/files.py writes the JSONL files the SFT / reward-model / DPO / PPO stages read.
 
 Imperfect demonstrations (`demo_flaws`). Human demonstrations are not perfect, and SFT imitates their
 flaws along with everything else; that gap is what alignment tuning with a reward closes (InstructGPT,
