@@ -14,7 +14,7 @@ import torch.distributed as dist
 from rlhf_system.config import ConfigError, RunConfig, load_config
 from rlhf_system.distributed import devices
 
-PKG = Path(__file__).resolve().parents[2] / "rlhf_system"
+PKG = Path(__file__).resolve().parents[3] / "rlhf_system"
 COLLECTIVES = {"all_reduce", "all_gather", "reduce", "broadcast", "reduce_scatter", "all_gather_into_tensor",
                "reduce_scatter_tensor", "all_to_all"}
 
