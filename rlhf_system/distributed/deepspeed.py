@@ -213,17 +213,15 @@ def _export_zero3_sharded(model: torch.nn.Module, out, shard_bytes: int) -> None
     import torch.distributed as dist
     from safetensors.torch import save_file
 
+    from rlhf_system.distributed.weight_sync import TensorMeta, plan_buckets
+
     persistent = set(model.state_dict().keys())  # drops non-persistent buffers (rotary caches)
-    named = [(n, t) for n, t in list(model.named_parameters()) + list(model.named_buffers()) if n in persistent]
-    shards: list[list] = [[]]
-    size = 0
-    for n, t in named:
-        nbytes = getattr(t, "ds_numel", t.numel()) * t.element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((n, t))
-        size += nbytes
+    named = dict((n, t) for n, t in list(model.named_parameters()) + list(model.named_buffers()) if n in persistent)
+    # The weight sync's grouping (whole decoder layers per shard where one fits, a tensor over the limit
+    # alone): one greedy by-size grouping for both. A partitioned parameter's full shape is its ds_shape.
+    metas = [TensorMeta(n, str(t.dtype).removeprefix("torch."), tuple(getattr(t, "ds_shape", t.shape)))
+             for n, t in named.items()]
+    shards = [[(m.name, named[m.name]) for m in bucket] for bucket in plan_buckets(metas, shard_bytes)]
     rank0 = dist.get_rank() == 0
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
