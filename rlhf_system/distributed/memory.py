@@ -9,6 +9,11 @@ mark (VmHWM), reset at the start by writing 5 to /proc/self/clear_refs (Linux). 
 leaves out what the process already held (an engine's own weights and KV cache): what is left is the
 extra memory the block needed. Where the counter cannot be reset (not Linux, a locked-down /proc),
 `rise` is None: unmeasured, never a guess.
+
+    process_peak_bytes(device)                # this process's peak so far (workers' peak_memory_mb)
+
+Both read the same counters, and a block's reset would otherwise erase the process's earlier peak:
+`PeakMemory` remembers the counter before resetting it, and `process_peak_bytes` reports the larger.
 """
 
 from __future__ import annotations
@@ -35,6 +40,22 @@ def _reset_hwm() -> bool:
         return False
 
 
+_BEFORE_RESET = {"cuda": 0, "cpu": 0}  # the highest peak a PeakMemory reset erased, per kind
+
+
+def process_peak_bytes(device: torch.device | str = "cpu") -> int:
+    """This process's peak memory so far: the CUDA allocator's peak on a GPU, else the resident set's
+    high-water mark; peaks from before a PeakMemory block reset the counter included."""
+    if torch.device(device).type == "cuda":
+        return max(torch.cuda.max_memory_allocated(), _BEFORE_RESET["cuda"])
+    hwm = _status_bytes("VmHWM")
+    if hwm is None:  # not Linux: the rusage maximum (KiB on Linux, bytes on macOS: only reached off Linux)
+        import resource
+
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max(hwm, _BEFORE_RESET["cpu"])
+
+
 class PeakMemory:
     def __init__(self, device: torch.device | str = "cpu"):
         self.cuda = torch.device(device).type == "cuda"
@@ -43,6 +64,8 @@ class PeakMemory:
         self.rise: int | None = None
 
     def __enter__(self) -> PeakMemory:
+        kind = "cuda" if self.cuda else "cpu"
+        _BEFORE_RESET[kind] = process_peak_bytes(kind)
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -64,13 +64,11 @@ class BaseWorker:
 
     def peak_memory_mb(self) -> float:
         """Peak GPU memory allocated (CUDA) or peak resident memory of this worker process (CPU)."""
-        import resource
-
         import torch
 
-        if torch.cuda.is_available():
-            return torch.cuda.max_memory_allocated() / 2**20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        from rlhf_system.distributed.memory import process_peak_bytes
+
+        return process_peak_bytes("cuda" if torch.cuda.is_available() else "cpu") / 2**20
 
     def release_memory(self) -> None:
         """Hand this process's cached device blocks back to the driver, so an engine colocated on the same

@@ -97,3 +97,24 @@ def test_buckets_hold_whole_decoder_layers_where_one_fits():
     # a layer bigger than a bucket is split between its tensors
     split = plan_buckets(metas, MB // 2)
     assert all(sum(m.nbytes for m in b) <= MB // 2 for b in split) and len(split) == 5
+
+
+def test_a_measured_block_does_not_erase_the_process_peak():
+    """PeakMemory resets the kernel's high-water mark; the workers' peak_memory_mb reads the same counter,
+    so the peak from before the block must survive it."""
+    import os
+
+    from rlhf_system.distributed.memory import PeakMemory, _status_bytes, process_peak_bytes
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc")
+    big = torch.ones(64 * 2**20 // 4 * 4)  # 256 MiB, touched
+    big += 1
+    before = process_peak_bytes()
+    del big
+    with PeakMemory() as peak:
+        pass
+    assert peak.rise is not None and peak.rise < 64 * 2**20  # the block itself needed little
+    assert _status_bytes("VmHWM") < before - 128 * 2**20  # the kernel's counter was reset: the case at hand
+    # the kernel's RSS counters are cached per thread, so two readings may differ by a few pages
+    assert before >= 256 * 2**20 and process_peak_bytes() >= before - 4 * 2**20
