@@ -237,6 +237,11 @@ class RolloutConfig(_Section):
                                        "running episode is already waiting.")
 
     @property
+    def sync_bucket_bytes(self) -> int:
+        """rollout.sync_bucket_mb in bytes (MiB: 2**20), the one conversion the sync and its checks use."""
+        return int(self.sync_bucket_mb * 2**20)
+
+    @property
     def episode_tokens(self) -> int:
         """Response tokens an episode may hold: the policy's turns and the environment's observations."""
         return self.max_episode_tokens or self.max_new_tokens * self.max_turns

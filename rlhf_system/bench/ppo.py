@@ -108,7 +108,7 @@ def run(cfg: RunConfig, steps: int, compare_hf: bool = True) -> dict:
                     "hf_generate": hf},
         "weight_sync": {"bytes": sync_bytes, "seconds": round(sync_s, 4),
                         "bytes_per_s": round(sync_bytes / sync_s, 1) if sync_s > 0 else None,
-                        "buckets": len(sync.plan), "bucket_bytes": int(cfg.rollout.sync_bucket_mb * 2**20),
+                        "buckets": len(sync.plan), "bucket_bytes": cfg.rollout.sync_bucket_bytes,
                         **sync_memory, "engine_peak_over_model": _over(sync_memory["engine_peak_rise_bytes"], sync_bytes)},
         "ranks": ranks,  # per role: each rank's peak memory (MB: CUDA max allocated, or peak RSS) and node
     }

@@ -252,7 +252,7 @@ class ActorSender:
     def open(self, module: torch.nn.Module, world: int, backend: str, addr: str) -> tuple[str, int, Plan]:
         from rlhf_system.distributed.sync_transport import Sender
 
-        plan = plan_buckets([s.meta for s in sources(module)], int(self.cfg.rollout.sync_bucket_mb * 2**20))
+        plan = plan_buckets([s.meta for s in sources(module)], self.cfg.rollout.sync_bucket_bytes)
         self._listening = Sender.listen(backend, addr, world, self.cfg.rollout.sync_timeout_s)
         return addr, self._listening.port, plan
 

@@ -92,4 +92,4 @@ def check_sync_bucket(cfg: RunConfig) -> None:
 
     if "sync_bucket_mb" not in cfg.rollout.model_fields_set:
         return
-    check_bucket_size(cfg.model.path, int(cfg.rollout.sync_bucket_mb * 2**20), DTYPES[cfg.train_dtype()].itemsize)
+    check_bucket_size(cfg.model.path, cfg.rollout.sync_bucket_bytes, DTYPES[cfg.train_dtype()].itemsize)
