@@ -47,6 +47,13 @@ from rlhf_system.distributed.devices import all_reduce_sum
 from rlhf_system.models.export import export_model
 from rlhf_system.models.load import load_causal_lm, load_tokenizer
 from rlhf_system.workers.base import BaseWorker
+from rlhf_system.workers.supervised import (
+    eval_size,
+    grad_norm_of,
+    optimizer_step,
+    strided_shares,
+    strided_sums,
+)
 
 UNIT = "preference pairs"
 SUM_KEYS = ("loss", "reward_accuracy", "reward_margin", "logp_margin", "chosen_logp")  # pair_losses' sums
@@ -96,7 +103,7 @@ class DPOWorker(BaseWorker):
         if cfg.algorithm.dpo.precompute_reference:
             # Before the policy exists: the two models are never in memory together.
             if self.data.eval is not None:
-                self.ref_eval = self.reference_table(self.data.eval, self.eval_size())
+                self.ref_eval = self.reference_table(self.data.eval, eval_size(self.cfg, len(self.data.eval)))
             if self.data.stream is None:  # a stream has no end to score up to: its pairs are scored per step
                 self.ref_train = self.reference_table(self.data.train, self.data.n_train)
                 self.ref_engine = None
@@ -113,21 +120,9 @@ class DPOWorker(BaseWorker):
         tok, mask = forward_logps(self.ref_engine, batch)
         return split_pairs(sequence_logps(tok, mask)).float().cpu()
 
-    def eval_size(self) -> int:
-        n = len(self.data.eval)
-        return min(n, self.cfg.train.max_eval_samples) if self.cfg.train.max_eval_samples else n
-
-    def strided_shares(self, n: int) -> list[list[int]]:
-        """This rank's micro-batches of indices [0, n), strided over ranks; the same count on every rank.
-
-        Under ZeRO-3 every forward is a collective (parameters are gathered layer by layer), so a rank
-        with fewer micro-batches than its peers would hang them: it runs empty lists, which callers turn
-        into a throw-away forward on pair 0.
-        """
-        mb, world = self.cfg.train.micro_batch_size, self.world_size
-        rounds = -(-n // (mb * world))
-        starts = [(k * world + self.rank) * mb for k in range(rounds)]
-        return [list(range(s, min(s + mb, n))) for s in starts]
+    def shares(self, n: int) -> list[list[int]]:
+        """This rank's strided micro-batches of [0, n) (supervised.strided_shares)."""
+        return strided_shares(n, self.cfg.train.micro_batch_size, self.rank, self.world_size)
 
     def reference_table(self, ds, n: int) -> torch.Tensor:
         """(n, 2) reference log-probs of pairs [0, n) of `ds`, on every rank.
@@ -137,7 +132,7 @@ class DPOWorker(BaseWorker):
         """
         table = torch.zeros(n, 2, dtype=torch.float64)
         pad = self.tokenizer.pad_token_id
-        for idx in self.strided_shares(n):
+        for idx in self.shares(n):
             logps = self.reference_logps(collate_pairs([ds[i] for i in idx or [0]], pad))
             if idx:
                 table[idx] = logps.double()
@@ -169,39 +164,25 @@ class DPOWorker(BaseWorker):
 
     def train_step(self, batch_idx: list[int] | None, step: int) -> dict:
         """One optimiser step on the global batch `batch_idx` (dataset indices; None: the next from the stream)."""
-        cfg = self.cfg
-        shares = self.data.micro_batches(batch_idx)
         pad = self.tokenizer.pad_token_id
-        # DeepSpeed divides each micro loss by the accumulation steps and averages gradients over ranks;
-        # scaling by gas * world undoes both, leaving sum(pair losses) / pairs of the global batch.
-        pairs = cfg.train.global_batch_size
-        scale = grad_accum_steps(cfg, self.world_size) * self.world_size / pairs
-        sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
-        tokens = torch.zeros((), dtype=torch.float64)  # chosen + rejected tokens, padding excluded (throughput)
-        for micro in shares:
-            batch = collate_pairs(micro.rows, pad)
-            tokens += batch["attention_mask"].sum()
-            ref = self.ref_train[micro.indices] if self.ref_train is not None else self.reference_logps(batch)
-            loss, micro_sums = self.pair_losses(batch, ref)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite DPO loss at step {step}, rank {self.rank}, {micro.where}: "
-                                         f"{loss.item()}. Fix: lower optim.lr or check the data")
-            self.engine.backward(loss * scale)
-            self.engine.step()
-            sums += micro_sums
-        sums = all_reduce_sum(sums, self.engine.device)
-        tokens = all_reduce_sum(tokens, self.engine.device)
-        mean = (sums / pairs).tolist()
-        metrics = {"loss": mean[0], "reward_accuracy": mean[1], "reward_margin": mean[2],
-                   "lr": self.engine.get_lr()[0], "pairs": pairs, "tokens": int(tokens)}
-        grad_norm = self.engine.get_global_grad_norm()  # before clipping; ZeRO 1-3 report it, stage 0 does not
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
-        return metrics
+        pairs = self.cfg.train.global_batch_size
+        scale = grad_accum_steps(self.cfg, self.world_size) * self.world_size / pairs
 
-    @torch.no_grad()
+        def loss_of(micro):
+            batch = collate_pairs(micro.rows, pad)
+            ref = self.ref_train[micro.indices] if self.ref_train is not None else self.reference_logps(batch)
+            loss, sums = self.pair_losses(batch, ref)
+            # SUM_KEYS, then the chosen + rejected tokens, padding excluded (throughput)
+            return loss, torch.cat([sums, batch["attention_mask"].sum().double().reshape(1)])
+
+        shares = self.data.micro_batches(batch_idx)
+        sums = optimizer_step(self.engine, [(m.where, m) for m in shares], loss_of, scale, "DPO", step, self.rank)
+        mean = (sums / pairs).tolist()
+        return {"loss": mean[0], "reward_accuracy": mean[1], "reward_margin": mean[2], "lr": self.engine.get_lr()[0],
+                "pairs": pairs, "tokens": int(sums[len(SUM_KEYS)])} | grad_norm_of(self.engine)
+
     def evaluate(self) -> dict:
-        """Held-out pairs, reduced over ranks (each rank scores a strided share).
+        """Held-out pairs, each rank a strided share (supervised.py).
 
         eval_logp_margin: the policy's chosen-minus-rejected summed response log-prob, mean over pairs;
         eval_reward_accuracy / eval_reward_margin: DPO's implicit reward beta * (policy - reference) of
@@ -212,16 +193,15 @@ class DPOWorker(BaseWorker):
         if self.data.eval is None:
             return {}
         self.engine.eval()
-        n = self.eval_size()
+        n = eval_size(self.cfg, len(self.data.eval))
         pad = self.tokenizer.pad_token_id
-        sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
-        for idx in self.strided_shares(n):
-            batch = collate_pairs([self.data.eval[i] for i in idx or [0]], pad)
-            ref = self.ref_eval[idx or [0]] if self.ref_eval is not None else self.reference_logps(batch)
-            _, micro_sums = self.pair_losses(batch, ref)
-            if idx:
-                sums += micro_sums
-        sums = all_reduce_sum(sums, self.engine.device)
+
+        def score(idx: list[int]) -> torch.Tensor:
+            batch = collate_pairs([self.data.eval[i] for i in idx], pad)
+            ref = self.ref_eval[idx] if self.ref_eval is not None else self.reference_logps(batch)
+            return self.pair_losses(batch, ref)[1]
+
+        sums = strided_sums(self.engine, self.shares(n), score, len(SUM_KEYS))
         self.engine.train()
         mean = (sums / max(n, 1)).tolist()
         return {"eval_loss": mean[0], "eval_reward_accuracy": mean[1], "eval_reward_margin": mean[2],

@@ -23,10 +23,16 @@ from rlhf_system.data.batching import checked_total_steps
 from rlhf_system.data.collate import pad_to
 from rlhf_system.data.rank_data import RankData
 from rlhf_system.distributed.deepspeed import grad_accum_steps, train_engine
-from rlhf_system.distributed.devices import all_reduce_sum
 from rlhf_system.models.export import export_model
 from rlhf_system.models.load import load_reward_model, load_tokenizer
 from rlhf_system.workers.base import BaseWorker
+from rlhf_system.workers.supervised import (
+    eval_size,
+    grad_norm_of,
+    optimizer_step,
+    strided_shares,
+    strided_sums,
+)
 
 UNIT = "preference pairs"
 
@@ -67,54 +73,35 @@ class RewardModelWorker(BaseWorker):
 
     def train_step(self, batch_idx: list[int] | None, step: int) -> dict:
         """One optimiser step on the global batch `batch_idx` (dataset indices; None: the next from the stream)."""
-        cfg = self.cfg
-        shares = self.data.micro_batches(batch_idx)
-        # DeepSpeed divides each micro loss by the accumulation steps and averages gradients over
-        # ranks; scaling by gas * world undoes both, leaving sum(pair losses) / pairs of the global batch.
-        pairs = cfg.train.global_batch_size
-        scale = grad_accum_steps(cfg, self.world_size) * self.world_size / pairs
-        sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct pairs, tokens (chosen + rejected, no padding)
-        for micro in shares:
-            batch = self.collate(micro.rows)
-            loss_sum, metrics = self.pair_loss_sum(batch)
-            if not torch.isfinite(loss_sum):
-                raise FloatingPointError(f"non-finite RM loss at step {step}, rank {self.rank}, {micro.where}: "
-                                         f"{loss_sum.item()}. Fix: lower optim.lr or check the data")
-            self.engine.backward(loss_sum * scale)
-            self.engine.step()
-            sums += torch.stack([loss_sum.detach().float().cpu(), metrics["accuracy"],
-                                 batch["attention_mask"].sum().float()])
-        sums = all_reduce_sum(sums, self.engine.device)
-        out = {"loss": (sums[0] / pairs).item(), "accuracy": (sums[1] / pairs).item(),
-               "lr": self.engine.get_lr()[0], "pairs": pairs, "tokens": int(sums[2])}
-        grad_norm = self.engine.get_global_grad_norm()  # before clipping; ZeRO 1-3 report it, stage 0 does not
-        if grad_norm is not None:
-            out["grad_norm"] = float(grad_norm)
-        return out
+        pairs = self.cfg.train.global_batch_size
+        scale = grad_accum_steps(self.cfg, self.world_size) * self.world_size / pairs
 
-    @torch.no_grad()
+        def loss_of(rows):
+            batch = self.collate(rows)
+            loss_sum, metrics = self.pair_loss_sum(batch)
+            # loss sum, correct pairs, tokens (chosen + rejected, no padding)
+            return loss_sum, torch.stack([loss_sum.detach().double().cpu(), metrics["accuracy"].double().cpu(),
+                                          batch["attention_mask"].sum().double()])
+
+        shares = self.data.micro_batches(batch_idx)
+        sums = optimizer_step(self.engine, [(m.where, m.rows) for m in shares], loss_of, scale, "RM", step, self.rank)
+        return {"loss": (sums[0] / pairs).item(), "accuracy": (sums[1] / pairs).item(),
+                "lr": self.engine.get_lr()[0], "pairs": pairs, "tokens": int(sums[2])} | grad_norm_of(self.engine)
+
     def evaluate(self) -> dict:
         """Held-out pair accuracy (ties count as wrong), mean reward margin r_c - r_r and loss, each rank
-        a strided share, reduced over ranks.
-
-        Every rank runs the same number of forwards (a rank past the end scores pair 0 and discards it):
-        under ZeRO-3 each forward is a collective, and unequal counts would hang.
-        """
+        a strided share (supervised.py)."""
         if self.data.eval is None:
             return {}
         self.engine.eval()
-        n = len(self.data.eval)
-        if self.cfg.train.max_eval_samples:
-            n = min(n, self.cfg.train.max_eval_samples)
-        sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct pairs, margin sum
-        mb = self.cfg.train.micro_batch_size
-        for k in range(-(-n // (mb * self.world_size))):
-            start = (k * self.world_size + self.rank) * mb
-            idx = list(range(start, min(start + mb, n)))
-            loss_sum, metrics = self.pair_loss_sum(self.collate([self.data.eval[i] for i in idx or [0]]))
-            if idx:
-                sums += torch.stack([loss_sum.float().cpu(), metrics["accuracy"], metrics["margin_mean"]])
-        sums = all_reduce_sum(sums, self.engine.device)
+        n = eval_size(self.cfg, len(self.data.eval))
+
+        def score(idx: list[int]) -> torch.Tensor:  # loss sum, correct pairs, margin sum
+            loss_sum, metrics = self.pair_loss_sum(self.collate([self.data.eval[i] for i in idx]))
+            return torch.stack([loss_sum.float().cpu(), metrics["accuracy"], metrics["margin_mean"]])
+
+        sums = strided_sums(self.engine, strided_shares(n, self.cfg.train.micro_batch_size, self.rank,
+                                                        self.world_size), score, 3)
         self.engine.train()
         mean = (sums / max(n, 1)).tolist()
         return {"eval_loss": mean[0], "eval_accuracy": mean[1], "eval_margin": mean[2]}

@@ -24,6 +24,7 @@ from rlhf_system.distributed.devices import all_reduce_sum
 from rlhf_system.models.export import export_model
 from rlhf_system.models.load import load_causal_lm, load_tokenizer
 from rlhf_system.workers.base import BaseWorker
+from rlhf_system.workers.supervised import eval_size, optimizer_step, strided_shares, strided_sums
 
 UNIT = "samples (packs)"  # what data.train counts, for the too-small-for-one-batch error
 
@@ -60,7 +61,6 @@ class SFTWorker(BaseWorker):
 
     def train_step(self, batch_idx: list[int] | None, step: int) -> dict:
         """One optimiser step on the global batch `batch_idx` (dataset indices; None: the next from the stream)."""
-        cfg = self.cfg
         shares = self.data.micro_batches(batch_idx)
         micros = [self.collate(m.rows) for m in shares]
         # Trained tokens of the whole global batch, over all ranks: the loss denominator.
@@ -68,45 +68,30 @@ class SFTWorker(BaseWorker):
         # Real (non-padding) tokens processed, for throughput: packs count their samples' lengths.
         real = all_reduce_sum(torch.tensor(float(sum(sum(r.get("seq_lens") or [len(r["input_ids"])])
                                                      for m in shares for r in m.rows))), self.engine.device)
-        # DeepSpeed divides each micro loss by the accumulation steps and averages gradients over
-        # ranks; scaling by gas * world undoes both, leaving sum(NLL) / global tokens.
-        scale = grad_accum_steps(cfg, self.world_size) * self.world_size / tokens.clamp(min=1)
-        total = torch.zeros(())
-        for micro, m in zip(shares, micros):
-            nll_sum, _ = self.forward_sum(m)
-            if not torch.isfinite(nll_sum):
-                raise FloatingPointError(f"non-finite SFT loss at step {step}, rank {self.rank}, {micro.where}: "
-                                         f"{nll_sum.item()}. Fix: lower optim.lr or check the data")
-            self.engine.backward(nll_sum * scale)
-            self.engine.step()
-            total += nll_sum.detach().float().cpu()
-        total = all_reduce_sum(total, self.engine.device)
-        loss = (total / tokens.clamp(min=1)).item()
+        scale = grad_accum_steps(self.cfg, self.world_size) * self.world_size / tokens.clamp(min=1)
+
+        def loss_of(batch):
+            nll_sum, _ = self.forward_sum(batch)
+            return nll_sum, nll_sum.detach()
+
+        total = optimizer_step(self.engine, [(m.where, b) for m, b in zip(shares, micros)], loss_of, scale, "SFT",
+                               step, self.rank)
+        loss = (total[0] / tokens.clamp(min=1).double()).item()
         return {"loss": loss, "lr": self.engine.get_lr()[0], "tokens": int(tokens), "input_tokens": int(real)}
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out token-level loss and perplexity, each rank a strided share, reduced over ranks.
-
-        Every rank runs the same number of forwards (a rank past the end repeats sample 0 and discards
-        it): under ZeRO-3 each forward is a collective, and unequal counts would hang.
-        """
+        """Held-out token-level loss and perplexity, each rank a strided share (supervised.py)."""
         if self.data.eval is None:
             return {}
         self.engine.eval()
-        n = len(self.data.eval)
-        if self.cfg.train.max_eval_samples:
-            n = min(n, self.cfg.train.max_eval_samples)
-        sums = torch.zeros(2)
-        mb = self.cfg.train.micro_batch_size
-        rounds = -(-n // (mb * self.world_size))
-        for k in range(rounds):
-            start = (k * self.world_size + self.rank) * mb
-            idx = list(range(start, min(start + mb, n))) or [0]
+        n = eval_size(self.cfg, len(self.data.eval))
+
+        def score(idx: list[int]) -> torch.Tensor:
             nll_sum, count = self.forward_sum(self.collate([self.data.eval[i] for i in idx]))
-            if start < n:
-                sums += torch.stack([nll_sum.float().cpu(), count.float().cpu()])
-        sums = all_reduce_sum(sums, self.engine.device)
+            return torch.stack([nll_sum.float().cpu(), count.float().cpu()])
+
+        sums = strided_sums(self.engine, strided_shares(n, self.cfg.train.micro_batch_size, self.rank,
+                                                        self.world_size), score, 2)
         self.engine.train()
         loss = (sums[0] / sums[1].clamp(min=1)).item()
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
