@@ -1,6 +1,6 @@
 """A watchdog that stops a controller's processes when the controller dies without cleaning up.
 
-    python -m rlhf_system.distributed.reaper CONTROLLER_PID      (started by workers/group.ensure_ray)
+    python -m rlhf_system.distributed.reaper CONTROLLER_PID      (started by placement/group.ensure_ray)
 
 When the controller starts a local Ray cluster and is then SIGKILLed (the OOM killer, `kill -9`, a
 crashed node agent), nothing runs its shutdown: Ray's dashboard and runtime-env agents outlive the
