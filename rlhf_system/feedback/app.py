@@ -31,7 +31,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from rlhf_system.feedback.store import Store, VoteConflict
-from rlhf_system.feedback.tasks import Task
+from rlhf_system.feedback.tasks import Task, Vote
 
 WEB = Path(__file__).parent / "web"
 CRITERIA = ("helpful", "honest", "harmless")
@@ -93,23 +93,22 @@ class VoteIn(BaseModel):
     seconds: float | None = Field(None, ge=0, le=86400)
 
 
-def normalise(vote: VoteIn, task: Task, shown: list[int]) -> dict:
+def normalise(vote: VoteIn, task: Task, shown: list[int]) -> Vote:
     """The stored form, in response indices of the task (not display positions); 422 when the vote does
     not fit the task."""
     if vote.shown != shown:
         raise HTTPException(422, f"task {task.id}: the order shown differs from the order served ({shown})")
-    out = {"vote_id": vote.vote_id, "task_id": task.id, "kind": task.kind, "shown": shown, "rationale": vote.rationale,
-           "unsafe": vote.unsafe, "seconds": vote.seconds, "choice": None, "strength": None, "winner": None,
-           "ranks": None, "criteria": {}}
+    out = Vote(vote.vote_id, task.id, task.kind, shown, rationale=vote.rationale, unsafe=vote.unsafe,
+               seconds=vote.seconds)
     pick = {"A": 0, "B": 1}
     if task.kind == "pairwise":
         if vote.choice is None or vote.ranking is not None:
             raise HTTPException(422, f"task {task.id} is pairwise: send choice (A, B, tie or both_bad)")
         if (vote.choice in pick) != (vote.strength is not None):
             raise HTTPException(422, "strength (slightly or clearly) goes with a choice of A or B, and only then")
-        out |= {"choice": vote.choice, "strength": vote.strength,
-                "winner": shown[pick[vote.choice]] if vote.choice in pick else None}
-        out["criteria"] = {c: (shown[pick[v]] if v in pick else "tie") for c, v in vote.criteria.items()}
+        out.choice, out.strength = vote.choice, vote.strength
+        out.winner = shown[pick[vote.choice]] if vote.choice in pick else None
+        out.criteria = {c: (shown[pick[v]] if v in pick else "tie") for c, v in vote.criteria.items()}
     else:
         k = len(task.responses)
         if vote.ranking is None or sorted(vote.ranking) != list(range(k)) or vote.choice is not None:
@@ -117,7 +116,7 @@ def normalise(vote: VoteIn, task: Task, shown: list[int]) -> dict:
         ranks = [0] * k
         for place, position in enumerate(vote.ranking):
             ranks[shown[position]] = place + 1
-        out["ranks"] = ranks
+        out.ranks = ranks
         if vote.criteria:
             raise HTTPException(422, "per-criterion judgements are pairwise only")
     return out

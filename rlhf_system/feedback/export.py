@@ -24,39 +24,39 @@ from pathlib import Path
 
 from rlhf_system.data.sources import DataError
 from rlhf_system.feedback.store import Store
-from rlhf_system.feedback.tasks import Task
+from rlhf_system.feedback.tasks import Task, Vote
 
 MARGIN = {"clearly": 2.0, "slightly": 1.0}
 
 
-def label(vote: dict, criterion: str) -> object:
+def label(vote: Vote, criterion: str) -> object:
     """What a vote says on one criterion: a response index, "tie", "both_bad", or None (not judged)."""
     if criterion != "overall":
-        return vote["criteria"].get(criterion)
-    if vote["kind"] == "ranking":
-        return vote["ranks"].index(1)
-    return vote["winner"] if vote["winner"] is not None else vote["choice"]
+        return vote.criteria.get(criterion)
+    if vote.kind == "ranking":
+        return vote.ranks.index(1)
+    return vote.winner if vote.winner is not None else vote.choice
 
 
-def agreement(votes: list[dict], criterion: str) -> float:
+def agreement(votes: list[Vote], criterion: str) -> float:
     labels = [x for x in (label(v, criterion) for v in votes) if x is not None]
     if not labels:
         return 0.0
     return Counter(map(str, labels)).most_common(1)[0][1] / len(labels)
 
 
-def _pair(task: Task, vote: dict, win: int, lose: int, margin: float, criterion: str, **flags) -> dict:
+def _pair(task: Task, vote: Vote, win: int, lose: int, margin: float, criterion: str, **flags) -> dict:
     r = task.responses
     return {"prompt": task.prompt, "chosen": r[win].text, "rejected": r[lose].text, "margin": margin,
-            "annotator": vote["annotator"], "criterion": criterion, "task_id": task.id,
+            "annotator": vote.annotator, "criterion": criterion, "task_id": task.id,
             "chosen_model": r[win].model, "rejected_model": r[lose].model, **flags}
 
 
-def pairwise_rows(task: Task, vote: dict, criterion: str, keep_ties: bool, keep_both_bad: bool) -> list[dict]:
-    if vote["kind"] == "ranking":
+def pairwise_rows(task: Task, vote: Vote, criterion: str, keep_ties: bool, keep_both_bad: bool) -> list[dict]:
+    if vote.kind == "ranking":
         if criterion != "overall":
             return []
-        ranks = vote["ranks"]
+        ranks = vote.ranks
         return [_pair(task, vote, i, j, float(ranks[j] - ranks[i]), criterion)
                 for i in range(len(ranks)) for j in range(len(ranks)) if ranks[i] < ranks[j]]
     said = label(vote, criterion)
@@ -65,21 +65,21 @@ def pairwise_rows(task: Task, vote: dict, criterion: str, keep_ties: bool, keep_
     if said in ("tie", "both_bad"):
         keep = keep_ties if said == "tie" else keep_both_bad
         return [_pair(task, vote, 0, 1, 0.0, criterion, **{said: True})] if keep else []
-    margin = MARGIN[vote["strength"]] if criterion == "overall" else 1.0
+    margin = MARGIN[vote.strength] if criterion == "overall" else 1.0
     return [_pair(task, vote, said, 1 - said, margin, criterion)]
 
 
-def ranking_row(task: Task, vote: dict) -> dict | None:
-    if vote["kind"] == "ranking":
-        ranks = vote["ranks"]
-    elif vote["winner"] is not None:
-        ranks = [1 if i == vote["winner"] else 2 for i in range(2)]
-    elif vote["choice"] == "tie":
+def ranking_row(task: Task, vote: Vote) -> dict | None:
+    if vote.kind == "ranking":
+        ranks = vote.ranks
+    elif vote.winner is not None:
+        ranks = [1 if i == vote.winner else 2 for i in range(2)]
+    elif vote.choice == "tie":
         ranks = [1, 1]
     else:
         return None  # both bad: no order to give
     return {"prompt": task.prompt, "responses": [r.text for r in task.responses], "ranks": ranks,
-            "annotator": vote["annotator"], "task_id": task.id}
+            "annotator": vote.annotator, "task_id": task.id}
 
 
 def export_rows(store: Store, fmt: str = "pairwise", criterion: str = "overall", keep_ties: bool = False,
@@ -90,7 +90,7 @@ def export_rows(store: Store, fmt: str = "pairwise", criterion: str = "overall",
         raise DataError(f"{store.path}: no votes to export yet")
     by_task: dict[str, list[dict]] = defaultdict(list)
     for v in votes:
-        by_task[v["task_id"]].append(v)
+        by_task[v.task_id].append(v)
     rows, dropped = [], 0
     for task_id, task_votes in by_task.items():
         if min_agreement > 0 and agreement(task_votes, criterion) < min_agreement:

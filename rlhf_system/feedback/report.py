@@ -25,6 +25,7 @@ from pathlib import Path
 from statistics import median
 
 from rlhf_system.data.sources import DataError
+from rlhf_system.feedback.tasks import Vote
 
 
 # ----------------------------------------------------------------------------------- agreement
@@ -118,24 +119,18 @@ def binomial_p(k: int, n: int) -> float:
 
 
 # -------------------------------------------------------------------------------------- votes
-def vote_label(v: dict) -> str:
-    if v["kind"] == "ranking":
-        return str(v["ranks"].index(1))
-    return str(v["winner"]) if v["winner"] is not None else v["choice"]
-
-
-def outcomes_of(votes: list[dict], tasks: dict) -> list[tuple[str, str, float]]:
+def outcomes_of(votes: list[Vote], tasks: dict) -> list[tuple[str, str, float]]:
     """(model, model, score of the first) for every judged pair; both-bad pairs say nothing about order."""
     out = []
     for v in votes:
-        models = [r.model for r in tasks[v["task_id"]].responses]
-        if v["kind"] == "ranking":
-            ranks = v["ranks"]
+        models = [r.model for r in tasks[v.task_id].responses]
+        if v.kind == "ranking":
+            ranks = v.ranks
             for i, j in itertools.combinations(range(len(ranks)), 2):
                 out.append((models[i], models[j], 1.0 if ranks[i] < ranks[j] else 0.0 if ranks[i] > ranks[j] else 0.5))
-        elif v["winner"] is not None:
-            out.append((models[v["winner"]], models[1 - v["winner"]], 1.0))
-        elif v["choice"] == "tie":
+        elif v.winner is not None:
+            out.append((models[v.winner], models[1 - v.winner], 1.0))
+        elif v.choice == "tie":
             out.append((models[0], models[1], 0.5))
     return [o for o in out if o[0] != o[1]]  # a model against itself ranks nothing
 
@@ -144,11 +139,11 @@ def make_report(store, bootstrap_rounds: int = 200, seed: int = 0, fast_s: float
     votes = store.votes()
     if not votes:
         raise DataError(f"{store.path}: no votes to report on yet")
-    tasks = {tid: store.task(tid) for tid in {v["task_id"] for v in votes}}
+    tasks = {tid: store.task(tid) for tid in {v.task_id for v in votes}}
     by_task: dict[str, dict[str, str]] = defaultdict(dict)
     for v in votes:
-        by_task[v["task_id"]][v["annotator"]] = vote_label(v)
-    annotators = sorted({v["annotator"] for v in votes})
+        by_task[v.task_id][v.annotator] = v.label
+    annotators = sorted({v.annotator for v in votes})
     kappas = {}
     for a, b in itertools.combinations(annotators, 2):
         shared = [t for t, labels in by_task.items() if a in labels and b in labels]
@@ -171,13 +166,13 @@ def make_report(store, bootstrap_rounds: int = 200, seed: int = 0, fast_s: float
                       "bradley_terry": bt[m], "bradley_terry_ci": bt_ci.get(m), "elo": el[m], "elo_ci": el_ci.get(m)}
                   for m in sorted(played, key=lambda m: -bt[m])}
 
-    decisive = [v for v in votes if v["kind"] == "pairwise" and v["winner"] is not None]
-    left = sum(v["winner"] == v["shown"][0] for v in decisive)
+    decisive = [v for v in votes if v.kind == "pairwise" and v.winner is not None]
+    left = sum(v.winner == v.shown[0] for v in decisive)
     speed = {}
     for a in annotators:
-        secs = [v["seconds"] for v in votes if v["annotator"] == a and v["seconds"] is not None]
+        secs = [v.seconds for v in votes if v.annotator == a and v.seconds is not None]
         med = median(secs) if secs else None
-        speed[a] = {"votes": sum(v["annotator"] == a for v in votes), "median_seconds": med,
+        speed[a] = {"votes": sum(v.annotator == a for v in votes), "median_seconds": med,
                     "too_fast": med is not None and med < fast_s}
     return {"votes": len(votes), "tasks": len(by_task), "annotators": annotators,
             "agreement": {"krippendorff_alpha": alpha, "cohen_kappa": kappas,

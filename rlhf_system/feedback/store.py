@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from rlhf_system.data.sources import DataError
-from rlhf_system.feedback.tasks import Task, parse_task
+from rlhf_system.feedback.tasks import Task, Vote, parse_task
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, body TEXT NOT NULL);
@@ -124,7 +124,7 @@ class Store:
         return None if row is None else parse_task(json.loads(row[1]), str(self.path))
 
     # ------------------------------------------------------------------------------------ votes
-    def record(self, annotator: str, vote: dict) -> bool:
+    def record(self, annotator: str, vote: Vote) -> bool:
         """Store one vote (already checked against its task); True if stored now, False if this vote_id
         was stored before (a retried request). Another vote by the same annotator on the same task is a
         VoteConflict."""
@@ -132,17 +132,17 @@ class Store:
         con.execute("BEGIN IMMEDIATE")
         try:
             seen = con.execute("SELECT task_id FROM votes WHERE annotator = ? AND vote_id = ?",
-                               (annotator, vote["vote_id"])).fetchone()
+                               (annotator, vote.vote_id)).fetchone()
             if seen is not None:
                 con.execute("ROLLBACK")
                 return False
             try:
                 con.execute("INSERT INTO votes (annotator, vote_id, task_id, body, created) VALUES (?, ?, ?, ?, ?)",
-                            (annotator, vote["vote_id"], vote["task_id"], json.dumps(vote, sort_keys=True),
+                            (annotator, vote.vote_id, vote.task_id, json.dumps(vote.body(), sort_keys=True),
                              time.time()))
             except sqlite3.IntegrityError:
-                raise VoteConflict(f"{annotator} already voted on task {vote['task_id']}") from None
-            con.execute("DELETE FROM leases WHERE annotator = ? AND task_id = ?", (annotator, vote["task_id"]))
+                raise VoteConflict(f"{annotator} already voted on task {vote.task_id}") from None
+            con.execute("DELETE FROM leases WHERE annotator = ? AND task_id = ?", (annotator, vote.task_id))
             con.execute("COMMIT")
         except BaseException:
             if con.in_transaction:
@@ -150,10 +150,10 @@ class Store:
             raise
         return True
 
-    def votes(self) -> list[dict]:
-        """Every vote, oldest first: {annotator, task_id, created, **body}."""
+    def votes(self) -> list[Vote]:
+        """Every vote, oldest first."""
         rows = self._con().execute("SELECT annotator, task_id, created, body FROM votes ORDER BY created, rowid")
-        return [{**json.loads(body), "annotator": a, "task_id": t, "created": c} for a, t, c, body in rows]
+        return [Vote(**{**json.loads(body), "task_id": t}, annotator=a, created=c) for a, t, c, body in rows]
 
     def progress(self) -> dict[str, int]:
         """Votes per annotator."""

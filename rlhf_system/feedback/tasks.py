@@ -49,6 +49,39 @@ class Task:
         return asdict(self)
 
 
+@dataclass
+class Vote:
+    """One annotator's judgement of one task, in the task's response indices (never display positions):
+    what the app checks and stores, and export and the report read."""
+    vote_id: str                       # the client's id: a retried request stores nothing twice
+    task_id: str
+    kind: str                          # "pairwise" or "ranking"
+    shown: list[int]                   # the display order: shown[p] is the response at position p
+    choice: str | None = None          # pairwise: "A", "B", "tie" or "both_bad"
+    strength: str | None = None        # "slightly" or "clearly", with A or B only
+    winner: int | None = None          # pairwise: the preferred response's index (None: tie, both bad)
+    ranks: list[int] | None = None     # ranking: each response's rank, 1 best
+    criteria: dict = field(default_factory=dict)  # helpful / honest / harmless -> index or "tie"
+    rationale: str = ""
+    unsafe: bool = False
+    seconds: float | None = None       # time on the task, as the page measured it
+    annotator: str = ""                # from the store (not part of the stored body)
+    created: float = 0.0               # from the store: when it was committed
+
+    STORE_ONLY = ("annotator", "created")
+
+    def body(self) -> dict:
+        """The stored JSON body (the annotator and time are columns of their own)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.STORE_ONLY}
+
+    @property
+    def label(self) -> str:
+        """The outcome as one comparable label: the top response's index, or the pairwise choice."""
+        if self.kind == "ranking":
+            return str(self.ranks.index(1))
+        return str(self.winner) if self.winner is not None else self.choice
+
+
 def parse_task(obj, where: str) -> Task:
     """One task from its JSON object; `where` (file:line) names it in every error."""
     if not isinstance(obj, dict):

@@ -115,10 +115,10 @@ def test_twenty_annotators_cast_a_thousand_votes_each_exported_once(tasks_file, 
         with httpx.Client(base_url=server.url, timeout=30) as c:
             store = Store(server.db)
             for v in random.Random(0).sample(store.votes(), 25):
-                name = v["annotator"]
-                body = {"vote_id": v["vote_id"], "task_id": v["task_id"], "shown": v["shown"], "choice": v["choice"]}
-                if v["strength"]:
-                    body["strength"] = v["strength"]
+                name = v.annotator
+                body = {"vote_id": v.vote_id, "task_id": v.task_id, "shown": v.shown, "choice": v.choice}
+                if v.strength:
+                    body["strength"] = v.strength
                 r = c.post(f"/api/{name}/vote", json=body, headers={"Authorization": f"Bearer {access[name]}"})
                 assert r.status_code == 200 and r.json()["stored"] is False, r.text
     finally:
@@ -130,7 +130,7 @@ def test_twenty_annotators_cast_a_thousand_votes_each_exported_once(tasks_file, 
     assert stats["votes"] == 1000 and len(rows) == 1000
     assert len({r["task_id"] for r in rows}) == 1000  # every task once: no vote lost, none duplicated
     acked = {(n, v) for n, r in results.items() for v in r["acked"]}
-    assert acked == {(v["annotator"], v["vote_id"]) for v in Store(server.db).votes()}
+    assert acked == {(v.annotator, v.vote_id) for v in Store(server.db).votes()}
     print(f"1000 votes by 20 annotators in {seconds:.1f}s")
 
 
@@ -156,7 +156,7 @@ def test_votes_survive_a_sigkill_under_load(tasks_file, tmp_path):
     finally:
         server.stop()
     assert sum(r["votes"] for r in results.values()) == 8 * 60, results
-    stored = {(v["annotator"], v["vote_id"]) for v in Store(server.db).votes()}
+    stored = {(v.annotator, v.vote_id) for v in Store(server.db).votes()}
     acked = {(n, v) for n, r in results.items() for v in r["acked"]}
     assert acked <= stored and len(stored) == 8 * 60  # every acknowledged vote survived; nothing twice
     assert 0 < killed_at < 8 * 60

@@ -108,14 +108,14 @@ def test_an_annotator_in_chromium(tmp_path, small_model):
     finally:
         server.stop()
 
-    votes = {v["task_id"]: v for v in Store(server.db).votes()}
+    votes = {v.task_id: v for v in Store(server.db).votes()}
     assert sorted(votes) == ["t0", "t1", "t2", "t3", "t4", "t5"]
-    assert votes["t0"]["choice"] == "A" and votes["t0"]["strength"] == "clearly"
-    assert votes["t1"]["choice"] == "B" and votes["t1"]["strength"] == "slightly"
-    assert votes["t1"]["criteria"] == {"helpful": votes["t1"]["shown"][1]}
-    assert votes["t2"]["choice"] == "tie" and votes["t4"]["choice"] == "both_bad"
-    shown = votes["t3"]["shown"]  # keys 2, 3, 1: display positions 1, 2, 0, best first
-    assert [votes["t3"]["ranks"][shown[p]] for p in (1, 2, 0)] == [1, 2, 3]
+    assert votes["t0"].choice == "A" and votes["t0"].strength == "clearly"
+    assert votes["t1"].choice == "B" and votes["t1"].strength == "slightly"
+    assert votes["t1"].criteria == {"helpful": votes["t1"].shown[1]}
+    assert votes["t2"].choice == "tie" and votes["t4"].choice == "both_bad"
+    shown = votes["t3"].shown  # keys 2, 3, 1: display positions 1, 2, 0, best first
+    assert [votes["t3"].ranks[shown[p]] for p in (1, 2, 0)] == [1, 2, 3]
     assert all(v["seconds"] is not None and v["seconds"] >= 0 for v in votes.values())
 
     out = tmp_path / "prefs.jsonl"

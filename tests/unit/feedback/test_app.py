@@ -42,7 +42,7 @@ def test_vote_is_stored_once_and_maps_positions_to_responses(client, store):
     again = client.post("/api/alice/vote", json=body, headers=ALICE)  # a retry of the same request
     assert first.json()["stored"] is True and again.json()["stored"] is False
     [vote] = store.votes()
-    assert vote["winner"] == data["shown"][1] and vote["criteria"] == {"helpful": data["shown"][1], "harmless": "tie"}
+    assert vote.winner == data["shown"][1] and vote.criteria == {"helpful": data["shown"][1], "harmless": "tie"}
     other = dict(body, vote_id=uuid.uuid4().hex, choice="A")
     assert client.post("/api/alice/vote", json=other, headers=ALICE).status_code == 409  # one vote per task
     assert next_task(client)["task"]["id"] != data["task"]["id"]
@@ -59,8 +59,8 @@ def test_ranking_vote_and_bad_votes_are_refused(client, store):
     assert client.post("/api/alice/vote", json={**base, "shown": [0, 1, 2][::-1] if data["shown"] != [2, 1, 0]
                                                 else [0, 1, 2], "ranking": [0, 1, 2]}, headers=ALICE).status_code == 422
     assert client.post("/api/alice/vote", json={**base, "ranking": [2, 0, 1]}, headers=ALICE).json()["stored"]
-    vote = [v for v in store.votes() if v["kind"] == "ranking"][0]
-    ranks = vote["ranks"]
+    vote = [v for v in store.votes() if v.kind == "ranking"][0]
+    ranks = vote.ranks
     assert ranks[data["shown"][2]] == 1 and ranks[data["shown"][0]] == 2 and ranks[data["shown"][1]] == 3
 
 

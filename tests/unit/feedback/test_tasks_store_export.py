@@ -1,6 +1,7 @@
 """Tasks files (one-line errors), the SQLite store (resume, idempotency, a changed task refused) and the
 export into our preference formats, which the data pipeline then reads as pairwise / ranking sources."""
 
+import dataclasses
 import json
 
 import pytest
@@ -62,7 +63,7 @@ def test_store_resumes_where_each_annotator_was_and_keeps_what_it_has(tmp_path):
     assert reopened.count_tasks() == 3 and len(reopened.votes()) == 1  # nothing written, nothing lost
     assert vote(reopened, "alice", tasks[0], choice="tie") is False  # the same vote_id again
     with pytest.raises(VoteConflict):
-        reopened.record("alice", {**reopened.votes()[0], "vote_id": "another"})
+        reopened.record("alice", dataclasses.replace(reopened.votes()[0], vote_id="another"))
 
 
 def test_export_pairwise_and_ranking_read_by_the_data_pipeline(tmp_path, bpe_tokenizer):
