@@ -150,10 +150,19 @@ class WorkerGroup:
             ).remote()
             for i in range(num_workers)
         ]
-        addr, port = self._get([self.workers[0].master_endpoint.remote()], "master_endpoint")[0]
-        self._get([w.init_dist.remote(r, num_workers, addr, port, on_gpu(placement))
-                   for r, w in enumerate(self.workers)], "init_dist")
-        self.threads = self._set_threads(placement, share)
+        try:
+            addr, port = self._get([self.workers[0].master_endpoint.remote()], "master_endpoint")[0]
+            self._get([w.init_dist.remote(r, num_workers, addr, port, on_gpu(placement))
+                       for r, w in enumerate(self.workers)], "init_dist")
+            self.threads = self._set_threads(placement, share)
+        except BaseException:
+            # A group that failed to start leaves nothing behind: its workers, and its placement group,
+            # whose name (role-pid) the next group of this role in this process would otherwise collide with.
+            for w in self.workers:
+                ray.kill(w)
+            if self._own_pg:
+                remove_placement_group(placement_group)
+            raise
 
     def _set_threads(self, placement: PlacementConfig, share: int) -> list[int]:
         """Each rank's torch threads, from the placement (distributed/threads.py): Ray would leave them at

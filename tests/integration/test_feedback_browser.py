@@ -116,7 +116,7 @@ def test_an_annotator_in_chromium(tmp_path, small_model):
     assert votes["t2"].choice == "tie" and votes["t4"].choice == "both_bad"
     shown = votes["t3"].shown  # keys 2, 3, 1: display positions 1, 2, 0, best first
     assert [votes["t3"].ranks[shown[p]] for p in (1, 2, 0)] == [1, 2, 3]
-    assert all(v["seconds"] is not None and v["seconds"] >= 0 for v in votes.values())
+    assert all(v.seconds is not None and v.seconds >= 0 for v in votes.values())
 
     out = tmp_path / "prefs.jsonl"
     rlhf("feedback", "export", "--db", str(server.db), "--out", str(out))

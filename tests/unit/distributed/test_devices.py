@@ -33,7 +33,7 @@ def _collective_calls(tree: ast.AST) -> list[str]:
 def test_every_default_group_collective_goes_through_the_device_helper():
     """Under NCCL a CPU tensor cannot be reduced. Workers reduce loss sums and counts built on the CPU, so
     each reduction must go through devices.all_reduce_sum, which moves it to the engine's device. Before
-    the fix sft.py, reward_model.py, dpo.py and update.py called dist.all_reduce on CPU tensors."""
+    the fix sft.py, reward_model.py, dpo.py and update.py (now supervised.py for the first three) called dist.all_reduce on CPU tensors."""
     offenders = {}
     for path in PKG.rglob("*.py"):
         if path.name == "devices.py":
@@ -63,7 +63,7 @@ def test_all_reduce_sum_reduces_on_the_engine_device_and_returns_to_the_caller()
 
 def test_workers_reduce_with_their_engine_device():
     """Each worker's reductions name its engine's device (not a fixed "cuda" or the tensor's own)."""
-    for rel in ("workers/sft.py", "workers/reward_model.py", "workers/dpo.py", "workers/update.py"):
+    for rel in ("workers/sft.py", "workers/supervised.py", "workers/dpo.py", "workers/update.py"):
         tree = ast.parse((PKG / rel).read_text())
         calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == "all_reduce_sum"]
         assert calls, rel
