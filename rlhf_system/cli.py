@@ -84,7 +84,7 @@ def cmd_config(args) -> int:
     # describing needs no complete run (the defaults alone have no data), printing the resolved one does
     cfg = load_config(args.config, args.overrides, check=args.describe is None)
     if args.describe is not None:
-        from rlhf_system.config import describe
+        from rlhf_system.config_files import describe
 
         print("\n".join(describe(cfg, args.describe)))
         return 0

@@ -121,7 +121,7 @@ class Endpoint:
     """The server in a thread of this process. `open(session, seed)` returns an episode's api_key."""
 
     def __init__(self, batcher: Batcher, host: str, call_timeout_s: float, model_name: str):
-        from rlhf_system.rewards.server import bind, uvicorn_server
+        from rlhf_system.rewards.server import bind, serve_in_thread, uvicorn_server
 
         self.batcher, self.call_timeout_s, self.model_name = batcher, call_timeout_s, model_name
         self.sessions: dict[str, _Live] = {}
@@ -133,14 +133,7 @@ class Endpoint:
         # Idle connections stay open for the whole run: a client's pooled connection that the server closed
         # as it was reused came back as a connection error (seen once in a 10-step run, 30 s keep-alive).
         self._server = uvicorn_server(self.app, max_concurrency=4096, keep_alive_s=24 * 3600)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self.sock]}, daemon=True,
-                                        name="agent-endpoint")
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"agent endpoint on {self.base_url} did not start")
-            time.sleep(0.01)
+        self._thread = serve_in_thread(self._server, self.sock, f"agent endpoint on {self.base_url}")
 
     def open(self, session: Session, seed: int | None) -> str:
         import secrets

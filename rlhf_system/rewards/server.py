@@ -181,6 +181,21 @@ def uvicorn_server(app, max_concurrency: int, keep_alive_s: float = 30):
                                          timeout_keep_alive=keep_alive_s, log_level="warning", access_log=False))
 
 
+def serve_in_thread(server, sock: socket.socket, what: str, deadline_s: float = 30) -> threading.Thread:
+    """Run a uvicorn server on `sock` in a daemon thread of this process; returns once it serves, or raises
+    naming `what` when it died or did not start within `deadline_s`."""
+    import time
+
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=what)
+    thread.start()
+    deadline = time.monotonic() + deadline_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.01)
+    return thread
+
+
 class RewardServer:
     """The server in a thread of this process (tests, notebooks):
 
@@ -199,15 +214,7 @@ class RewardServer:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> RewardServer:
-        import time
-
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"reward server on {self.url} did not start")
-            time.sleep(0.01)
+        self._thread = serve_in_thread(self._server, self.sock, f"reward server on {self.url}")
         return self
 
     def __exit__(self, *exc) -> None:

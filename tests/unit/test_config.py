@@ -281,6 +281,6 @@ def test_describe_prints_each_setting_with_what_it_does(tmp_path, capsys):
                                                   "algorithm.distill.reward_coef"]
     assert lines[0].startswith("algorithm.distill.coef = 2.0  # algorithm.estimator=opd: weight of")
     with pytest.raises(ConfigError, match="no setting starts with it"):
-        from rlhf_system.config import describe
+        from rlhf_system.config_files import describe
 
         describe(RunConfig(), "algorithm.nope")
