@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 
 from rlhf_system.agents.session import AgentCallError, Session
+from rlhf_system.data.samples import Generation
 
 log = logging.getLogger(__name__)
 CALL_SEED = 7_368_787  # seed offset of each later call of an episode (as trainers/episodes.TURN_SEED)
@@ -173,7 +174,7 @@ class Endpoint:
             raise AgentCallError(410, "this episode is over (its deadline passed or its agent returned)")
         return live
 
-    async def _call(self, live: _Live, begin) -> tuple[dict, list[int], str]:
+    async def _call(self, live: _Live, begin) -> tuple[Generation, list[int], str]:
         """`begin(session) -> (ids, limit)`: a chat or a text call's start (session.py). The request waits on
         the event loop, not in a thread: hundreds of episodes can wait for one batched engine call."""
         loop = asyncio.get_running_loop()
@@ -186,21 +187,21 @@ class Endpoint:
                 s.restore(before)  # a failed call leaves the episode as it was: the client may retry it
                 raise
 
-    async def _generate(self, loop, live: _Live, s: Session, begin) -> tuple[dict, list[int], str]:
+    async def _generate(self, loop, live: _Live, s: Session, begin) -> tuple[Generation, list[int], str]:
         ids, limit = begin(s)
         seed = None if live.seed is None else live.seed + CALL_SEED * s.calls
         got: asyncio.Future = loop.create_future()
 
-        def done(sample, error) -> None:
+        def done(gen, error) -> None:
             loop.call_soon_threadsafe(lambda: got.done() or (got.set_exception(error) if error is not None
-                                                             else got.set_result(sample)))
+                                                             else got.set_result(gen)))
 
         self.batcher.submit(ids, limit, seed, done)
         try:
-            sample = await asyncio.wait_for(got, self.call_timeout_s)
+            gen = await asyncio.wait_for(got, self.call_timeout_s)
         except TimeoutError:
             raise AgentCallError(504, f"no engine answer within {self.call_timeout_s:g} s") from None
-        return sample, ids, s.end_call(sample)
+        return gen, ids, s.end_call(gen)
 
     def _make_app(self):
         from starlette.applications import Starlette
@@ -225,8 +226,8 @@ class Endpoint:
                 raise AgentCallError(400, "n must be 1: an episode's calls are one trajectory")
             return body
 
-        def usage(prompt: list[int], sample: dict) -> dict:
-            k = len(sample["response_ids"])
+        def usage(prompt: list[int], gen: Generation) -> dict:
+            k = len(gen.response_ids)
             return {"prompt_tokens": len(prompt), "completion_tokens": k, "total_tokens": len(prompt) + k}
 
         async def chat(request):
@@ -234,34 +235,34 @@ class Endpoint:
                 live = self._live(request)
                 body = await body_of(request)
                 max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-                sample, ids, text = await self._call(
+                gen, ids, text = await self._call(
                     live, lambda s: s.begin_call(body.get("messages"), body.get("tools"), max_tokens))
             except AgentCallError as e:
                 return error(e.status, str(e))
             except Exception as e:  # the engines failed: the run will report it too
                 return error(500, f"generation failed: {type(e).__name__}: {e}")
             return JSONResponse({
-                "id": f"chatcmpl-{id(sample):x}", "object": "chat.completion", "created": int(time.time()),
+                "id": f"chatcmpl-{id(gen):x}", "object": "chat.completion", "created": int(time.time()),
                 "model": body.get("model") or self.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": sample["finish_reason"], "token_ids": sample["response_ids"]}],
-                "prompt_token_ids": ids, "usage": usage(ids, sample)})
+                             "finish_reason": gen.finish_reason, "token_ids": gen.response_ids}],
+                "prompt_token_ids": ids, "usage": usage(ids, gen)})
 
         async def completions(request):
             try:
                 live = self._live(request)
                 body = await body_of(request)
-                sample, ids, text = await self._call(live, lambda s: s.begin_text(body.get("prompt"), body.get("max_tokens")))
+                gen, ids, text = await self._call(live, lambda s: s.begin_text(body.get("prompt"), body.get("max_tokens")))
             except AgentCallError as e:
                 return error(e.status, str(e))
             except Exception as e:
                 return error(500, f"generation failed: {type(e).__name__}: {e}")
             return JSONResponse({
-                "id": f"cmpl-{id(sample):x}", "object": "text_completion", "created": int(time.time()),
+                "id": f"cmpl-{id(gen):x}", "object": "text_completion", "created": int(time.time()),
                 "model": body.get("model") or self.model_name,
-                "choices": [{"index": 0, "text": text, "finish_reason": sample["finish_reason"],
-                             "token_ids": sample["response_ids"]}],
-                "prompt_token_ids": ids, "usage": usage(ids, sample)})
+                "choices": [{"index": 0, "text": text, "finish_reason": gen.finish_reason,
+                             "token_ids": gen.response_ids}],
+                "prompt_token_ids": ids, "usage": usage(ids, gen)})
 
         async def models(request):
             return JSONResponse({"object": "list", "data": [{"id": self.model_name, "object": "model",

@@ -170,7 +170,7 @@ class AgentRunner:
                 if r.env_errors == "fail":
                     raise
                 failed = s.sample(None, failed=True)
-                failed["info"] = failed["info"] + Counter(env_errors=1)
+                failed.info = failed.info + Counter(env_errors=1)
                 samples.append(failed)
             self.endpoint.forget(keys[b])
         b = self.batcher

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from rlhf_system.data.samples import Generation, Sample
+
 
 class AgentCallError(Exception):
     """A request the endpoint refuses, with its HTTP status; the message is the one-line reason."""
@@ -137,12 +139,12 @@ class Session:
             raise AgentCallError(400, f"max_tokens must be a positive integer, got {max_tokens!r}")
         return self.prompt_ids + self.ids, min(room, self.max_new_tokens, max_tokens or self.max_new_tokens)
 
-    def end_call(self, sample: dict) -> str:
-        """Record the engine's sample (response_ids, logprobs, finish_reason); returns the completion text."""
-        ids = list(sample["response_ids"])
-        self._append(ids, list(sample["logprobs"]))
+    def end_call(self, gen: Generation) -> str:
+        """Record the engine's completion; returns its text."""
+        ids = list(gen.response_ids)
+        self._append(ids, list(gen.logprobs))
         self.calls += 1
-        self.finish = sample["finish_reason"]
+        self.finish = gen.finish_reason
         self.text = self.tok.decode(ids, skip_special_tokens=True)
         self.history = self.history + [("assistant", self.text)]
         self.text_so_far += self.text
@@ -163,13 +165,12 @@ class Session:
         self.mask += [0 if logprobs is None else 1] * len(ids)
         self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
 
-    def sample(self, reward: float | None, failed: bool) -> dict:
+    def sample(self, reward: float | None, failed: bool) -> Sample:
         """trainers/episodes.py's sample, with the episode's own prompt ids (its first call's, which the agent
         chose) and the agent's reward as the environment reward."""
         if self.calls and self.mask[-1] == 0:  # rendered messages after the last completion: never consumed
             last = len(self.mask) - self.mask[::-1].index(1)
             self.ids, self.mask, self.logprobs = self.ids[:last], self.mask[:last], self.logprobs[:last]
-        return {"prompt_ids": self.prompt_ids, "response_ids": self.ids, "logprobs": self.logprobs,
-                "finish_reason": self.finish, "action_mask": self.mask, "text": self.text,
-                "env_reward": float(reward or 0.0), "env_failed": failed, "turns": self.calls,
-                "info": self.info | Counter(agent_calls=self.calls)}
+        return Sample(self.prompt_ids, self.ids, self.logprobs, self.finish, self.text, action_mask=self.mask,
+                      env_reward=float(reward or 0.0), env_failed=failed, turns=self.calls,
+                      info=self.info | Counter(agent_calls=self.calls))

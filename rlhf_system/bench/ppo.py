@@ -81,7 +81,7 @@ def run(cfg: RunConfig, steps: int, compare_hf: bool = True) -> dict:
         t = time.perf_counter()
         gen = rollout.generate(prompt_ids, seed=cfg.rollout.seed)
         v_seconds = time.perf_counter() - t
-        v_tokens = sum(len(g["response_ids"]) for g in gen)
+        v_tokens = sum(len(g.response_ids) for g in gen)
         sync_bytes = plan_bytes(sync.plan)
         sync_memory = dict(sync.memory)  # the last timed sync's
         ranks = {role: {"peak_memory_mb": [round(m, 1) for m in g.call("peak_memory_mb")],

@@ -11,12 +11,10 @@ and the episodes still running generate their next turn from exactly those token
 produced is ever decoded and re-encoded, so the trainer sees the very ids the engine sampled and
 consumed, and chat templates cannot drift between rollout and training.
 
-Each sample: "prompt_ids" (what turn 1 continued: the dataset's prompt, or the environment's first
-observation), "response_ids" (every token after the prompt: the policy's turns and the environment's
-observations in between), "logprobs" (the engine's, 0 on observation tokens), "action_mask" (1 on the
-policy's tokens; None for a one-turn episode, i.e. all of them), "finish_reason" (of the last turn, or
-"length" when the episode's budget ran out), "text" (the last assistant turn: what the reward sources
-score), "env_reward" (the sum of the turns' rewards), "env_failed", "turns" and "info" (counters).
+Each sample is a data/samples.Sample: the prompt ids turn 1 continued (the dataset's prompt, or the
+environment's first observation), every token after them (the policy's turns and the observations in
+between) with the engine's log-probs (0 on observation tokens) and the action mask, the last turn's
+finish reason and text, the turns' summed reward, whether the environment failed, and its counters.
 
 Budgets: each turn gets at most rollout.max_new_tokens, the episode at most rollout.max_episode_tokens
 response tokens, observations included; a turn or an observation that does not fit ends the episode.
@@ -29,6 +27,7 @@ import time
 from collections import Counter
 
 from rlhf_system.config import RunConfig
+from rlhf_system.data.samples import Sample
 from rlhf_system.envs.base import EnvError, check_observation
 from rlhf_system.envs.metrics import episode_metrics
 
@@ -72,10 +71,10 @@ class _Episode:
         self.reward, self.failed, self.done = 0.0, False, False
         self.info: Counter = Counter()
 
-    def sample(self, one_turn: bool) -> dict:
-        return {"response_ids": self.ids, "logprobs": self.logprobs, "finish_reason": self.finish,
-                "action_mask": None if one_turn else self.mask, "text": self.text, "env_reward": self.reward,
-                "env_failed": self.failed, "turns": self.turns, "info": self.info}
+    def sample(self, prompt_ids: list[int], one_turn: bool) -> Sample:
+        return Sample(prompt_ids, self.ids, self.logprobs, self.finish, self.text,
+                      action_mask=None if one_turn else self.mask, env_reward=self.reward, env_failed=self.failed,
+                      turns=self.turns, info=self.info)
 
 
 def _call(fn, timeout_s: float, eps: list[_Episode], what: str) -> list:
@@ -101,7 +100,7 @@ def _call(fn, timeout_s: float, eps: list[_Episode], what: str) -> list:
 
 
 def run_episodes(cfg: RunConfig, tokenizer, rollout, prompts: list[dict], seed: int | None, make_env=None,
-                 n: int | None = None, temperature: float | None = None, agent=None) -> tuple[list[dict], dict]:
+                 n: int | None = None, temperature: float | None = None, agent=None) -> tuple[list[Sample], dict]:
     """Samples in prompt-major order (prompt i's n samples are rows i*n .. i*n+n-1) and the episodes'
     metrics (empty without an environment). n and temperature default to the rollout's (evaluation
     passes its own); seed None samples unseeded. `agent` (agents/runner.AgentRunner, rollout.agent): an
@@ -148,7 +147,7 @@ def run_episodes(cfg: RunConfig, tokenizer, rollout, prompts: list[dict], seed: 
                                        seed=None if seed is None else seed + TURN_SEED * (turn - 1))
             for b, g in zip(active, gen):
                 e = eps[b]
-                ids, lps, finish = list(g["response_ids"]), list(g["logprobs"]), g["finish_reason"]
+                ids, lps, finish = list(g.response_ids), list(g.logprobs), g.finish_reason
                 room = budget - len(e.ids)
                 if len(ids) > room:
                     ids, lps, finish = ids[:room], lps[:room], "length"
@@ -191,7 +190,7 @@ def run_episodes(cfg: RunConfig, tokenizer, rollout, prompts: list[dict], seed: 
                     e.env.close()
                 except Exception:  # a close that fails must not hide the episode's own result or error
                     pass
-    samples = [e.sample(make_env is None) | {"prompt_ids": prompt_ids[b // n]} for b, e in enumerate(eps)]
+    samples = [e.sample(prompt_ids[b // n], make_env is None) for b, e in enumerate(eps)]
     return samples, episode_metrics(samples) if make_env is not None else {}
 
 

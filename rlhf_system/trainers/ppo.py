@@ -182,7 +182,7 @@ def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, got, kl_coef:
     gen, scores, metrics = got.samples, got.scores, dict(got.metrics)
     exp = experience_of([p["prompt_ids"] for p in got.prompts], gen, prep.tokenizer.pad_token_id)
     if cfg.algorithm.overlong_filter:  # DAPO: a response cut at the budget is left out of the loss
-        keep = torch.tensor([g["finish_reason"] != "length" for g in gen], dtype=torch.float32)[:, None]
+        keep = torch.tensor([g.finish_reason != "length" for g in gen], dtype=torch.float32)[:, None]
         exp.action_mask = keep.expand(len(gen), exp.T) * (exp.action_mask if exp.action_mask is not None else 1)
 
     t = time.perf_counter()
@@ -214,7 +214,7 @@ def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, got, kl_coef:
     metrics |= {
         "tokens": int(exp.prompt_lens.sum() + exp.response_lens.sum()),  # prompts + samples
         "response_length": exp.response_lens.float().mean().item(),
-        "truncated": sum(g["finish_reason"] == "length" for g in gen) / len(gen),
+        "truncated": sum(g.finish_reason == "length" for g in gen) / len(gen),
         "advantage_mean": masked_mean(adv, mask).item(),
     }
     if old is not None:
@@ -261,7 +261,7 @@ def dump_rollouts(path: Path, step: int, exp: Experience, scored: Scored) -> Non
             f.write(json.dumps({"step": step + 1, "row": b, "prompt_ids": seq[:p], "response_ids": seq[p:],
                                 "trained_mask": mask[b, :r].int().tolist(),
                                 "logprobs": exp.rollout_logprobs[b, :r].tolist(), "score": float(scored.scores[b]),
-                                "text": scored.samples[b]["text"]}) + "\n")
+                                "text": scored.samples[b].text}) + "\n")
 
 
 def learn(cfg: RunConfig, prep: Prepared, groups: dict, sync, pipe, batch, step: int, kl_coef: float) -> dict:

@@ -27,7 +27,7 @@ def evaluate(cfg: RunConfig, prep, groups: dict, rollout) -> dict:
         # episodes, as in training: with an environment the policy may call its tools here too
         gen, env_metrics = run_episodes(cfg, prep.tokenizer, rollout, rows, None, prep.env, n=1, temperature=0.0,
                                         agent=prep.agent)
-        texts = [g["text"] for g in gen]
+        texts = [g.text for g in gen]
         out |= {f"eval/{name}/{k}": v for k, v in env_metrics.items()}
         per_family = rule_score([r["meta"] for r in rows], texts)
         for fam, m in per_family.items():
@@ -38,7 +38,7 @@ def evaluate(cfg: RunConfig, prep, groups: dict, rollout) -> dict:
             sampled, env_metrics = run_episodes(cfg, prep.tokenizer, rollout, rows, cfg.seed + 12345, prep.env, n=k_n,
                                                 agent=prep.agent)
             out |= {f"eval/{name}/sampled/{k}": v for k, v in env_metrics.items()}
-            s_texts = [g["text"] for g in sampled]
+            s_texts = [g.text for g in sampled]
             s_rows = [rows[i // k_n]["meta"] for i in range(len(sampled))]
             for fam, m in rule_score(s_rows, s_texts).items():
                 for k in ("exact", "reward"):

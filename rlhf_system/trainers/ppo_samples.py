@@ -24,6 +24,7 @@ import torch
 
 from rlhf_system.algorithms.grpo_family import informative_groups, overlong_penalty
 from rlhf_system.config import RunConfig
+from rlhf_system.data.samples import Sample
 from rlhf_system.envs.metrics import episode_metrics
 from rlhf_system.trainers.episodes import run_episodes
 
@@ -33,29 +34,24 @@ ROUND_SEED = 1_000_003  # seed offset of each dynamic-sampling round: disjoint f
 @dataclass
 class Scored:
     prompts: list[dict]          # per sample: its prompt row (prompt_ids, messages, meta)
-    samples: list[dict]          # per sample: response_ids, logprobs, finish_reason, action_mask, text, ...
-    #                              (trainers/episodes.py)
+    samples: list[Sample]        # per sample: the episode (data/samples.py)
     scores: torch.Tensor         # (B,) final scores
     metrics: dict
 
     def to_json(self) -> dict:
         """For a checkpoint's batches in flight (trainers/pipeline.py); float32 scores survive exactly."""
-        samples = [{**s, "info": dict(s.get("info", {}))} for s in self.samples]
-        return {"prompts": self.prompts, "samples": samples, "scores": self.scores.tolist(), "metrics": self.metrics}
+        return {"prompts": self.prompts, "samples": [s.to_json() for s in self.samples], "scores": self.scores.tolist(), "metrics": self.metrics}
 
     @classmethod
     def from_json(cls, d: dict) -> Scored:
-        from collections import Counter
-
-        samples = [{**s, "info": Counter(s.get("info", {}))} for s in d["samples"]]
-        return cls(d["prompts"], samples, torch.tensor(d["scores"], dtype=torch.float32), d["metrics"])
+        return cls(d["prompts"], [Sample.from_json(s) for s in d["samples"]], torch.tensor(d["scores"], dtype=torch.float32), d["metrics"])
 
 
-def reward_parts(cfg: RunConfig, prep, groups: dict, prompts: list[dict], samples: list[dict]) -> dict[str, torch.Tensor]:
+def reward_parts(cfg: RunConfig, prep, groups: dict, prompts: list[dict], samples: list[Sample]) -> dict[str, torch.Tensor]:
     """Each reward source's (B,) scores, unweighted, by metric name (`weighted_sum` has their weights),
     on each sample's last assistant turn. An episode whose environment failed (rollout.env_errors=
     end_episode) scores 0 from every source."""
-    texts = [s["text"] for s in samples]
+    texts = [s.text for s in samples]
     items = [{"messages": p["messages"], "meta": p["meta"], "response": t} for p, t in zip(prompts, texts)]
     parts = {}
     rm_wait = groups["reward"].submit_sharded("score", items) if cfg.rewards.use_model else None
@@ -70,13 +66,13 @@ def reward_parts(cfg: RunConfig, prep, groups: dict, prompts: list[dict], sample
     if rm_wait is not None:
         parts["reward/model"] = rm_wait()
     if cfg.rewards.overlong_buffer > 0:
-        lengths = torch.tensor([len(s["response_ids"]) for s in samples])
+        lengths = torch.tensor([len(s.response_ids) for s in samples])
         parts["reward/overlong"] = overlong_penalty(lengths, cfg.rollout.episode_tokens, cfg.rewards.overlong_buffer,
                                                     cfg.rewards.overlong_penalty)
     if cfg.rollout.env or cfg.rollout.agent:  # the turns' own rewards (an agent's: what it returned)
         parts["reward/agent" if cfg.rollout.agent else "reward/env"] = torch.tensor(
-            [float(s["env_reward"]) for s in samples])
-        failed = torch.tensor([bool(s["env_failed"]) for s in samples])
+            [float(s.env_reward) for s in samples])
+        failed = torch.tensor([bool(s.env_failed) for s in samples])
         parts = {k: v.float().masked_fill(failed, 0.0) for k, v in parts.items()}
     return parts
 

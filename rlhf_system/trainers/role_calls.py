@@ -55,8 +55,8 @@ def experience_of(prompt_ids: list[list[int]], samples: list[dict], pad_id: int)
     episode are in the sequence but out of the action mask (not trained, not scored). An episode's own
     prompt ids (an environment's first observation, an agent's first call) come before its row's."""
     prompt_ids = [g.get("prompt_ids") or p for p, g in zip(prompt_ids, samples)]
-    exp = Experience.from_rollout(prompt_ids, [g["response_ids"] for g in samples], pad_id,
-                                  [g["logprobs"] for g in samples])
-    if any(g["action_mask"] is not None for g in samples):
-        exp.action_mask = exp.pad_responses([g["action_mask"] or [1] * len(g["response_ids"]) for g in samples])
+    exp = Experience.from_rollout(prompt_ids, [g.response_ids for g in samples], pad_id,
+                                  [g.logprobs for g in samples])
+    if any(g.action_mask is not None for g in samples):
+        exp.action_mask = exp.pad_responses([g.action_mask or [1] * len(g.response_ids) for g in samples])
     return exp

@@ -4,8 +4,8 @@
     samples = rollout.generate(prompt_ids)              # n samples per prompt, prompt-major order
     rollout.shutdown()
 
-Each sample is {"response_ids", "logprobs" (the sampling distribution's, after temperature),
-"finish_reason"}. Prompts go out in one chunk per engine, each to the least-loaded engine.
+Each sample is a data/samples.Generation (response ids, the sampling distribution's log-probs after
+temperature, finish reason). Prompts go out in one chunk per engine, each to the least-loaded engine.
 Weight updates arrive through the WeightSyncExtension mixed into vLLM's worker (weight_sync.py).
 
 Placement (placement/engines.py): on GPUs each engine gets a placement group of
@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 
 from rlhf_system.config import RunConfig
+from rlhf_system.data.samples import Generation
 from rlhf_system.distributed.devices import on_gpu
 from rlhf_system.placement.engines import EnginePlan, actor_options, engine_plans, release, reserve
 
@@ -87,7 +88,7 @@ class RolloutWorker:
                                "before a sync restored them")
 
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, seed: int | None = None,
-                 max_new_tokens: int | None = None, seeds: list[int] | None = None) -> list[dict]:
+                 max_new_tokens: int | None = None, seeds: list[int] | None = None) -> list[Generation]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -110,7 +111,7 @@ class RolloutWorker:
                 ids = list(c.token_ids)
                 lps = ([lp[t].logprob for lp, t in zip(c.logprobs, ids)] if c.logprobs is not None
                        else [0.0] * len(ids))
-                samples.append({"response_ids": ids, "logprobs": lps, "finish_reason": c.finish_reason})
+                samples.append(Generation(ids, lps, c.finish_reason))
         return samples
 
     def score_sequences(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:

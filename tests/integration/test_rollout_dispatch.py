@@ -6,6 +6,7 @@ import time
 import pytest
 
 from rlhf_system.config import RunConfig
+from rlhf_system.data.samples import Generation
 from rlhf_system.placement.group import GroupCallError
 from rlhf_system.workers.rollout import RolloutGroup
 
@@ -29,8 +30,7 @@ class EchoEngine:
         self.calls += 1
         if self.index in self.BROKEN and self.calls > 1:
             raise RuntimeError(f"engine {self.index} is broken")
-        return [{"response_ids": [p[0], self.index, k], "logprobs": [0.0] * 3, "finish_reason": "stop"}
-                for p in prompts for k in range(n)]
+        return [Generation([p[0], self.index, k], [0.0] * 3, "stop") for p in prompts for k in range(n)]
 
     def shutdown(self) -> None:
         pass
@@ -48,8 +48,8 @@ def test_samples_come_back_prompt_major_from_both_engines(ray_cluster):
         out = group.generate([[p] for p in range(10)], n=3)
     finally:
         group.shutdown()
-    assert [(s["response_ids"][0], s["response_ids"][2]) for s in out] == [(p, k) for p in range(10) for k in range(3)]
-    assert {s["response_ids"][1] for s in out} == {0, 1}  # both engines got work
+    assert [(s.response_ids[0], s.response_ids[2]) for s in out] == [(p, k) for p in range(10) for k in range(3)]
+    assert {s.response_ids[1] for s in out} == {0, 1}  # both engines got work
     assert group.load == [0, 0]  # nothing left counted as in flight
 
 

@@ -77,7 +77,7 @@ def test_sync_parity(engine, small_model, synthetic_dir, tmp_path, lora, ranks, 
         sync.sync()  # the engine may hold another test's weights: start from the actor's
         gen = engine.generate(prompt_ids, n=2, temperature=1.0, seed=1)
         prompts = [prompt_ids[i // 2] for i in range(len(gen))]
-        responses = [g["response_ids"] for g in gen]
+        responses = [g.response_ids for g in gen]
         samples = Experience.from_rollout(prompts, responses, tok.pad_token_id)
         g = torch.Generator().manual_seed(0)
         for step in range(2):  # real PPO updates with arbitrary advantages: the weights move
@@ -103,7 +103,7 @@ def test_sync_parity(engine, small_model, synthetic_dir, tmp_path, lora, ranks, 
 
         model = AutoModelForCausalLM.from_pretrained(out).eval()
         hf = hf_generate(model, tok, prompt_ids, max_new_tokens=12)
-        vl = [g["response_ids"] for g in engine.generate(prompt_ids, n=1, temperature=0.0, max_new_tokens=12)]
+        vl = [g.response_ids for g in engine.generate(prompt_ids, n=1, temperature=0.0, max_new_tokens=12)]
         assert vl == hf
     finally:
         if sync is not None:
@@ -147,7 +147,7 @@ def test_every_engine_and_tp_worker_gets_the_weights(ray_cluster, small_model, s
         gen = rollout.generate(prompt_ids, n=2, temperature=1.0, seed=1)
         assert len(gen) == 2 * len(prompt_ids)
         prompts = [prompt_ids[i // 2] for i in range(len(gen))]
-        responses = [g["response_ids"] for g in gen]
+        responses = [g.response_ids for g in gen]
         samples = Experience.from_rollout(prompts, responses, tok.pad_token_id)
         old = actor.call_sharded("logprobs", samples)
         signs = torch.randint(0, 2, (len(samples), 1), generator=torch.Generator().manual_seed(0)).float() * 2 - 1

@@ -51,7 +51,7 @@ def check(work: Path) -> dict:
         prompt_ids = [p["prompt_ids"] for p in prep.train.next()]
         gen = rollout.generate(prompt_ids, n=2, temperature=1.0, seed=1)
         prompts = [prompt_ids[i // 2] for i in range(len(gen))]
-        responses = [g["response_ids"] for g in gen]
+        responses = [g.response_ids for g in gen]
         samples = Experience.from_rollout(prompts, responses, prep.tokenizer.pad_token_id)
         g = torch.Generator().manual_seed(0)
         for step in range(2):  # real PPO updates with arbitrary advantages: the weights move

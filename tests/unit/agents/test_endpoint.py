@@ -15,6 +15,7 @@ from openai import OpenAI
 from rlhf_system.agents.runner import AgentError, AgentRunner, load_agent
 from rlhf_system.agents.session import Session
 from rlhf_system.config import RunConfig
+from rlhf_system.data.samples import Generation
 from rlhf_system.data.tokenize import render_observation, render_prompt
 
 PROGRAMS = "tests.unit.agents.programs"
@@ -37,8 +38,7 @@ class Engines:
         out = []
         for p in prompt_ids:
             ids = (p[-3:][::-1] + [self.eos])[:max_new_tokens]
-            out.append({"response_ids": ids, "logprobs": [-0.25] * len(ids),
-                        "finish_reason": "stop" if ids[-1] == self.eos else "length"})
+            out.append(Generation(ids, [-0.25] * len(ids), "stop" if ids[-1] == self.eos else "length"))
         return out
 
 
@@ -74,12 +74,12 @@ def test_samples_are_the_engines_tokens_and_the_rendered_new_messages(bpe_tokeni
               add_special_tokens=False)["input_ids"]
     context = prompt + first + obs
     second = context[-3:][::-1] + [tok.eos_token_id]
-    assert s["prompt_ids"] == prompt
-    assert s["response_ids"] == first + obs + second
-    assert s["action_mask"] == [1] * len(first) + [0] * len(obs) + [1] * len(second)
-    assert s["logprobs"] == [-0.25] * len(first) + [0.0] * len(obs) + [-0.25] * len(second)
-    assert s["env_reward"] == 0.5 and s["turns"] == 2 and not s["env_failed"]
-    assert s["text"] == tok.decode(second, skip_special_tokens=True) and text
+    assert s.prompt_ids == prompt
+    assert s.response_ids == first + obs + second
+    assert s.action_mask == [1] * len(first) + [0] * len(obs) + [1] * len(second)
+    assert s.logprobs == [-0.25] * len(first) + [0.0] * len(obs) + [-0.25] * len(second)
+    assert s.env_reward == 0.5 and s.turns == 2 and not s.env_failed
+    assert s.text == tok.decode(second, skip_special_tokens=True) and text
     # the engine continued exactly those ids, each call with its own seed, at the run's temperature
     assert [c["prompts"] for c in engines.calls] == [[prompt], [context]]
     assert [c["seeds"] for c in engines.calls] == [[100], [100 + 7_368_787]]
@@ -154,7 +154,7 @@ def test_concurrent_episodes_share_one_engine_call(bpe_tokenizer):
     assert [len(c["prompts"]) for c in engines.calls] == [8, 8]
     assert sorted(c for call in engines.calls for c in call["seeds"]) == sorted(
         [b for b in range(8)] + [b + 7_368_787 for b in range(8)])
-    assert [s["turns"] for s in samples] == [2] * 8
+    assert [s.turns for s in samples] == [2] * 8
 
 
 def test_failures_name_the_episode_or_end_it(bpe_tokenizer):
@@ -169,7 +169,7 @@ def test_failures_name_the_episode_or_end_it(bpe_tokenizer):
     runner = AgentRunner(config(f"{PROGRAMS}:raises", env_errors="end_episode"), tok)
     try:
         samples, metrics = runner.run(Engines(tok.eos_token_id), [ROW], seed=0)
-        assert samples[0]["env_failed"] and metrics["env/errors"] == 1
+        assert samples[0].env_failed and metrics["env/errors"] == 1
     finally:
         runner.close()
     runner = AgentRunner(config(f"{PROGRAMS}:two_calls"), tok)  # a dead engine is the run's error
@@ -203,8 +203,8 @@ def test_a_command_agent_uses_the_environment_and_prints_its_reward(bpe_tokenize
         runner.close()
     prompt = tok(ROW["messages"][0]["content"], add_special_tokens=False)["input_ids"]  # raw text, no template
     (s,) = samples
-    assert s["prompt_ids"] == prompt and s["response_ids"] == prompt[-3:][::-1] + [tok.eos_token_id]
-    assert s["env_reward"] == len(s["text"])
+    assert s.prompt_ids == prompt and s.response_ids == prompt[-3:][::-1] + [tok.eos_token_id]
+    assert s.env_reward == len(s.text)
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -224,4 +224,4 @@ def test_an_agent_stopped_by_the_budget_ends_its_episode(bpe_tokenizer):
     finally:
         runner.close()
     (s,) = samples
-    assert s["turns"] == 1 and not s["env_failed"] and s["action_mask"] == [1] * 4  # the follow-up is not kept
+    assert s.turns == 1 and not s.env_failed and s.action_mask == [1] * 4  # the follow-up is not kept

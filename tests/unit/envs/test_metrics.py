@@ -2,11 +2,13 @@
 
 from collections import Counter
 
+from rlhf_system.data.samples import Sample
 from rlhf_system.envs.metrics import episode_metrics
 
 
 def sample(turns, reward, mask, **info):
-    return {"turns": turns, "env_reward": reward, "action_mask": mask, "info": Counter(info)}
+    return Sample([0], [1] * len(mask), [0.0] * len(mask), "stop", "", action_mask=mask, env_reward=reward,
+                  turns=turns, info=Counter(info))
 
 
 def test_rates_per_episode_and_per_call():

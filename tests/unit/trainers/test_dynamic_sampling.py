@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from rlhf_system.config import load_config
+from rlhf_system.data.samples import Generation
 from rlhf_system.rewards.registry import RuleRewards
 from rlhf_system.trainers.ppo_samples import ROUND_SEED, sample_and_score
 
@@ -28,8 +29,7 @@ class Engine:
             mixed = chr(ids[0]) == "m"
             for j in range(N):
                 text = "right" if mixed and j % 2 == 0 else "wrong"
-                out.append({"response_ids": [ord(ch) for ch in text], "logprobs": [0.0] * len(text),
-                            "finish_reason": "stop"})
+                out.append(Generation([ord(ch) for ch in text], [0.0] * len(text), "stop"))
         return out
 
 

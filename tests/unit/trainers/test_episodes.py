@@ -10,6 +10,7 @@ import torch
 
 from rlhf_system.config import ConfigError, load_config
 from rlhf_system.data.experience import Experience
+from rlhf_system.data.samples import Generation, Sample
 from rlhf_system.data.tokenize import check_tool_template, render_observation, render_prompt
 from rlhf_system.envs.base import EnvError
 from rlhf_system.envs.tools import format_call
@@ -30,8 +31,7 @@ class Scripted:
         self.calls.append({"prompts": [list(p) for p in prompt_ids], "n": n, "seed": seed, "temperature": temperature})
         text = self.script[len(self.calls) - 1]
         ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
-        return [{"response_ids": list(ids), "logprobs": [-0.5] * len(ids), "finish_reason": "stop"}
-                for _ in range(len(prompt_ids) * n)]
+        return [Generation(list(ids), [-0.5] * len(ids), "stop") for _ in range(len(prompt_ids) * n)]
 
 
 def prompts(tok, k=2):
@@ -58,12 +58,12 @@ def test_one_turn_episodes_are_the_single_turn_rollout(bpe_tokenizer):
     assert plain_engine.calls == env_engine.calls  # the same engine call: prompts, n and seed
     assert m0 == {} and m1["env/turns"] == 1 and m1["tool/call_rate"] == 0
     for a, b in zip(plain, multi):
-        assert a["action_mask"] is None and b["action_mask"] == [1] * len(b["response_ids"])
-        assert {k: a[k] for k in ("response_ids", "logprobs", "finish_reason", "text")} == \
-               {k: b[k] for k in ("response_ids", "logprobs", "finish_reason", "text")}
+        assert a.action_mask is None and b.action_mask == [1] * len(b.response_ids)
+        assert (a.response_ids, a.logprobs, a.finish_reason, a.text) == \
+               (b.response_ids, b.logprobs, b.finish_reason, b.text)
     exps = [Experience.from_rollout([p["prompt_ids"] for p in prompts(tok) for _ in range(N)],
-                                    [s["response_ids"] for s in out], tok.pad_token_id) for out in (plain, multi)]
-    exps[1].action_mask = exps[1].pad_responses([s["action_mask"] for s in multi])
+                                    [s.response_ids for s in out], tok.pad_token_id) for out in (plain, multi)]
+    exps[1].action_mask = exps[1].pad_responses([s.action_mask for s in multi])
     assert torch.equal(exps[0].policy_mask, exps[1].policy_mask)
 
 
@@ -81,10 +81,10 @@ def test_tool_call_turn_then_answer_token_in_token_out(bpe_tokenizer):
     for b, s in enumerate(samples):
         # the second turn was generated from exactly the first turn's tokens and the observation's
         assert second["prompts"][b] == prompts(tok)[b // N]["prompt_ids"] + turn1 + obs
-        assert s["response_ids"] == turn1 + obs + turn2
-        assert s["action_mask"] == [1] * len(turn1) + [0] * len(obs) + [1] * len(turn2)
-        assert s["logprobs"] == [-0.5] * len(turn1) + [0.0] * len(obs) + [-0.5] * len(turn2)
-        assert s["text"] == "56088" and s["turns"] == 2 and s["finish_reason"] == "stop"
+        assert s.response_ids == turn1 + obs + turn2
+        assert s.action_mask == [1] * len(turn1) + [0] * len(obs) + [1] * len(turn2)
+        assert s.logprobs == [-0.5] * len(turn1) + [0.0] * len(obs) + [-0.5] * len(turn2)
+        assert s.text == "56088" and s.turns == 2 and s.finish_reason == "stop"
     # the observation renders as the template's tool turn and ends with the next generation prompt
     assert tok.decode(obs) == "\n<|im_start|>tool\n56088<|im_end|>\n<|im_start|>assistant\n"
     assert metrics == {"env/turns": 2.0, "env/reward": 0.0, "env/errors": 0, "env/observation_tokens": len(obs),
@@ -97,15 +97,15 @@ def test_turn_and_episode_budgets_end_episodes(bpe_tokenizer):
     # room for the first turn but not for the observation and another turn
     cfg = config("rollout.env=tools", "rollout.max_turns=3", f"rollout.max_episode_tokens={turn1 + 5}")
     samples, _ = run_episodes(cfg, tok, Scripted(tok, ["I will compute. " + CALL]), prompts(tok), 5, make_env_factory(cfg))
-    assert all(s["finish_reason"] == "length" and s["turns"] == 1 and len(s["response_ids"]) == turn1 for s in samples)
+    assert all(s.finish_reason == "length" and s.turns == 1 and len(s.response_ids) == turn1 for s in samples)
     # a turn longer than what is left is cut there
     cfg = config("rollout.env=tools", "rollout.max_turns=3", "rollout.max_episode_tokens=4")
     samples, _ = run_episodes(cfg, tok, Scripted(tok, ["I will compute. " + CALL]), prompts(tok), 5, make_env_factory(cfg))
-    assert all(s["finish_reason"] == "length" and len(s["response_ids"]) == 4 for s in samples)
+    assert all(s.finish_reason == "length" and len(s.response_ids) == 4 for s in samples)
     # the last allowed turn still calling a tool ends the episode; its text is what gets scored
     cfg = config("rollout.env=tools", "rollout.max_turns=1", "rollout.max_episode_tokens=200")
     samples, m = run_episodes(cfg, tok, Scripted(tok, [CALL]), prompts(tok), 5, make_env_factory(cfg))
-    assert all(s["turns"] == 1 and s["text"] == CALL for s in samples) and m["tool/calls"] == 1
+    assert all(s.turns == 1 and s.text == CALL for s in samples) and m["tool/calls"] == 1
 
 
 ENV_FILE = """
@@ -139,7 +139,7 @@ def test_failing_environment_names_env_sample_and_turn_or_ends_the_episode(bpe_t
         run_episodes(cfg, tok, Scripted(tok, ["hello"]), prompts(tok), 5, make_env_factory(cfg))
     cfg = config(f"rollout.env={spec}", "rollout.max_turns=2", "rollout.env_timeout_s=0.5", "rollout.env_errors=end_episode")
     samples, m = run_episodes(cfg, tok, Scripted(tok, ["hello"]), prompts(tok), 5, make_env_factory(cfg))
-    assert m["env/errors"] == len(samples) == 2 * N and all(s["env_failed"] and s["turns"] == 1 for s in samples)
+    assert m["env/errors"] == len(samples) == 2 * N and all(s.env_failed and s.turns == 1 for s in samples)
 
 
 def test_failed_episode_scores_zero(bpe_tokenizer, tmp_path):
@@ -148,7 +148,7 @@ def test_failed_episode_scores_zero(bpe_tokenizer, tmp_path):
     from rlhf_system.rewards.registry import RuleRewards
     from rlhf_system.trainers.ppo_samples import reward_parts
 
-    samples = [{"text": "56088", "env_reward": 0.5, "env_failed": failed, "response_ids": [1]} for failed in (False, True)]
+    samples = [Sample([0], [1], [0.0], "stop", "56088", env_reward=0.5, env_failed=failed) for failed in (False, True)]
     prep = SimpleNamespace(rules=RuleRewards(["synthetic_correct"]), remote=None)
     rows = [{"messages": [], "meta": {"answer": "56088", "task": "mul", "family": "arithmetic"}}] * 2
     parts = reward_parts(config("rollout.env=tools", "rewards.use_model=false"), prep, {}, rows, samples)
