@@ -248,6 +248,12 @@ class RolloutConfig(_Section):
                                              "refilling; then the batch is completed with dropped groups (counted).")
     dynamic_sampling_timeout_s: float = Field(600.0, gt=0, description="Seconds of refilling per step at most, "
                                               "the same fallback.")
+    partial_tokens: int = Field(0, ge=0, description="Partial rollouts (trainers/partial.py): generate in slices "
+                                "of at most this many tokens; the groups unfinished when the step's batch is "
+                                "full stay in flight and continue under the next weights, each token recording its "
+                                "policy version. Needs train.max_staleness >= 1 (stale_batches=wait). 0: off.")
+    partial_pool: int = Field(2, ge=2, description="Partial rollouts: prompt batches (train.rollout_batch_size "
+                              "groups each) in flight; the step takes the first rollout_batch_size groups to finish.")
     stop: list[str] = Field(default_factory=list, description="Extra stop strings (EOS always stops).")
     seed: int = Field(0, description="Sampling seed of the engines (engine i uses seed + i).")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="Share of each engine GPU's memory vLLM may take (weights and KV cache).")

@@ -116,6 +116,7 @@ def problems(cfg) -> list[str]:
             errors.append(f"rollout.dynamic_sampling=true drops groups whose samples score the same, which only a "
                           f"group estimator ignores; algorithm.estimator={a.estimator} is not one. Fix: "
                           f"algorithm.estimator=grpo (or dynamic_sampling=false)")
+        errors.extend(_partial_problems(cfg))
         if cfg.rollout.agent and cfg.rollout.env:
             errors.append(f"rollout.agent={cfg.rollout.agent!r} and rollout.env={cfg.rollout.env!r}: an episode is "
                           "driven by an agent program or by an environment, not both. Fix: empty one of them")
@@ -238,3 +239,28 @@ def _check_placement(cfg, roles: list[str]) -> list[str]:
                       f"placement.nodes x placement.gpus_per_node = {have}. Fix: add nodes, colocate roles "
                       f"(e.g. placement.colocate=[[actor,reference]]) or shrink the groups")
     return errors
+
+
+def _partial_problems(cfg) -> list[str]:
+    """rollout.partial_tokens: what partial rollouts (trainers/partial.py) cannot be combined with."""
+    r, t = cfg.rollout, cfg.train
+    if not r.partial_tokens:
+        return []
+    where = f"rollout.partial_tokens={r.partial_tokens}"
+    out = []
+    if t.max_staleness < 1 or t.stale_batches != "wait":
+        out.append(f"{where} lets generations continue under newer weights, which needs rollouts beside training "
+                   f"(train.max_staleness={t.max_staleness}, train.stale_batches={t.stale_batches}). Fix: "
+                   "train.max_staleness=1 train.stale_batches=wait (or rollout.partial_tokens=0)")
+    if r.partial_tokens >= r.max_new_tokens:
+        out.append(f"{where} is not below rollout.max_new_tokens={r.max_new_tokens}: every sample would finish "
+                   f"in one slice. Fix: rollout.partial_tokens={max(1, r.max_new_tokens // 4)}")
+    for name, on in (("rollout.env", r.env), ("rollout.agent", r.agent), ("rollout.dynamic_sampling", r.dynamic_sampling)):
+        if on:
+            out.append(f"{where} continues single-turn generations across steps; {name}={on!r} is not supported "
+                       f"with it (an episode's environment or agent cannot wait between steps). Fix: "
+                       f"rollout.partial_tokens=0 or {name} off")
+    if r.stop:
+        out.append(f"{where}: rollout.stop={r.stop} could be missed across a slice boundary. Fix: rely on EOS "
+                   "(rollout.stop=[]) or rollout.partial_tokens=0")
+    return out

@@ -38,6 +38,8 @@ class Sample:
     env_failed: bool = False     # the environment or the agent failed (rollout.env_errors=end_episode)
     turns: int = 1
     info: Counter = field(default_factory=Counter)  # the environment's counters (tool calls, errors, ...)
+    versions: list[int] | None = None  # per response token, the policy version that sampled it (partial
+    #                                   rollouts, trainers/partial.py); None: the batch's one version
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {"info": dict(self.info)}

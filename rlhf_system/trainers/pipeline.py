@@ -6,7 +6,8 @@
         ... train on it, sync the engines ...
         pipe.synced(step + 1)            # the engines now hold version step + 1
 
-A producer thread samples and scores batches (`produce(i)`: trainers/ppo_samples.py) while the main
+A producer thread samples and scores batches (`produce(i, version)`: trainers/ppo_samples.py, or
+trainers/partial.py for partial rollouts, whose groups in flight are `carry`) while the main
 thread trains. Version v is the weights after v updates; the engines hold the version last synced. The
 batch for step i is sampled by some version v <= i and trained at version i: its staleness is i - v.
 
@@ -21,8 +22,8 @@ and the trainer takes it to sync weights or evaluate, so a weight update reaches
 two generations, when an update finishes.
 
 Checkpoints keep the batches in flight: `snapshot()` waits for a generation in progress to finish,
-then returns the batches made and not yet trained with their versions, the next batch number and the
-prompt position after them; the checkpoint saves them (pipeline.pt), and a resumed run `restore`s them
+then returns the batches made and not yet trained with their versions, the next batch number, the
+prompt position after them and the carried state (partial rollouts' groups in flight); the checkpoint saves them (pipeline.pt), and a resumed run `restore`s them
 and trains on them as the uninterrupted run would have. So a resumed asynchronous run follows the
 uninterrupted one exactly (tests/integration/test_resume.py), as a synchronous one does.
 
@@ -55,10 +56,11 @@ class PipelineError(RuntimeError):
 
 class RolloutPipeline:
     def __init__(self, produce, k: int, mode: str, first: int, last: int, version: int, prompts_state,
-                 deadline_s: float):
-        """produce(i) -> (scored, timer) for batches first .. last - 1; prompts_state() -> the prompt position
-        now. `deadline_s` bounds every wait on the producer."""
-        self.produce, self.k, self.mode, self.last = produce, k, mode, last
+                 deadline_s: float, carry=None):
+        """produce(i, version) -> (scored, timer) for batches first .. last - 1, sampled by the engines holding
+        `version`; prompts_state() -> the prompt position now; `carry` (state_dict / load_state_dict): what
+        the producer keeps between batches, kept in a snapshot. `deadline_s` bounds every wait on the producer."""
+        self.produce, self.k, self.mode, self.last, self.carry = produce, k, mode, last, carry
         self.prompts_state, self.deadline_s = prompts_state, deadline_s
         self.engines = threading.Lock()
         self._cv = threading.Condition()
@@ -90,7 +92,7 @@ class RolloutPipeline:
                 with self.engines:
                     version = self._version  # what the engines hold: syncs take this lock too
                     start = self._busy_since = time.perf_counter()
-                    scored, timer = self.produce(i)
+                    scored, timer = self.produce(i, version)
                     self._intervals.append((start, time.perf_counter()))
                     self._busy_since = None
                     with self._cv:  # queued before the engines are let go: a snapshot sees it
@@ -169,15 +171,19 @@ class RolloutPipeline:
 
     def snapshot(self) -> dict:
         """What a checkpoint keeps: {"batches": made and not yet trained, "next": the next batch number,
-        "prompts": the prompt position after them}. Waits for a generation in progress to finish."""
+        "prompts": the prompt position after them, "carry": the carried state or None}. Waits for a
+        generation in progress to finish."""
         with self.engines, self._cv:
-            return {"batches": list(self._queue), "next": self._next, "prompts": self.prompts_state()}
+            return {"batches": list(self._queue), "next": self._next, "prompts": self.prompts_state(),
+                    "carry": self.carry.state_dict() if self.carry is not None else None}
 
     def restore(self, snapshot: dict) -> None:
         """Before `__enter__`: take back a checkpoint's batches in flight (its prompt position is restored
         by the caller)."""
         self._queue.extend(snapshot["batches"])
         self._next = snapshot["next"]
+        if snapshot.get("carry") is not None:
+            self.carry.load_state_dict(snapshot["carry"])
 
     def overlap(self, start: float, end: float) -> float:
         """Seconds of generation inside [start, end], the one in progress included."""

@@ -52,9 +52,10 @@ from rlhf_system.models.load import load_tokenizer
 from rlhf_system.preemption import StopOnSignal
 from rlhf_system.tracking import Tracker
 from rlhf_system.trainers.episodes import make_env_factory
+from rlhf_system.trainers.partial import PartialRollouts
 from rlhf_system.trainers.pipeline import Batch, RolloutPipeline
 from rlhf_system.trainers.ppo_eval import evaluate
-from rlhf_system.trainers.ppo_samples import Scored, sample_and_score
+from rlhf_system.trainers.ppo_samples import Scored, sample_and_score, score
 from rlhf_system.trainers.role_calls import experience_of, in_turn_or_together, sharded
 from rlhf_system.workers.update import one_optimizer_step
 
@@ -252,7 +253,7 @@ def train(cfg: RunConfig, groups: dict, exp: Experience, step: int, kl_coef: flo
 def dump_rollouts(path: Path, step: int, exp: Experience, scored: Scored) -> None:
     """What this step trains on, one JSON line per sample: the prompt and response token ids as they sit
     in the Experience the workers get, the mask of the tokens the loss uses, the sampling log-probs, the
-    score and the scored text (logging.rollouts)."""
+    score, the scored text and, with partial rollouts, each token's policy version (logging.rollouts)."""
     mask = exp.policy_mask
     with open(path, "a") as f:
         for b in range(len(exp)):
@@ -261,7 +262,7 @@ def dump_rollouts(path: Path, step: int, exp: Experience, scored: Scored) -> Non
             f.write(json.dumps({"step": step + 1, "row": b, "prompt_ids": seq[:p], "response_ids": seq[p:],
                                 "trained_mask": mask[b, :r].int().tolist(),
                                 "logprobs": exp.rollout_logprobs[b, :r].tolist(), "score": float(scored.scores[b]),
-                                "text": scored.samples[b].text}) + "\n")
+                                "text": scored.samples[b].text, "versions": scored.samples[b].versions}) + "\n")
 
 
 def learn(cfg: RunConfig, prep: Prepared, groups: dict, sync, pipe, batch, step: int, kl_coef: float) -> dict:
@@ -275,6 +276,10 @@ def learn(cfg: RunConfig, prep: Prepared, groups: dict, sync, pipe, batch, step:
             sync.sleep_engines()
         timer["time/sleep"] = time.perf_counter() - t
     exp, metrics = make_experiences(cfg, prep, groups, batch.scored, kl_coef, timer)
+    versions = [v for s in batch.scored.samples for v in (s.versions or ())]
+    if versions:  # partial rollouts: how old each trained token's policy is
+        metrics |= {"partial/token_staleness": sum(step - v for v in versions) / len(versions),
+                    "partial/token_staleness_max": step - min(versions)}
     if cfg.logging.rollouts:
         dump_rollouts(Path(cfg.run_dir) / "rollouts.jsonl", step, exp, batch.scored)
     t_train = time.perf_counter()
@@ -300,8 +305,8 @@ def save(cfg: RunConfig, groups: dict, step: int, pipe: RolloutPipeline, kl_ctl,
         snap = pipe.snapshot()  # batches sampled ahead are kept, so resume trains on them as this run would
         for w in waits:
             w()
-        if snap["batches"]:
-            (tmp / PIPELINE_FILE).write_text(json.dumps({"next": snap["next"], "batches": [
+        if snap["batches"] or snap["carry"]:
+            (tmp / PIPELINE_FILE).write_text(json.dumps({"next": snap["next"], "carry": snap["carry"], "batches": [
                 {"index": b.index, "version": b.version, "timer": b.timer, "scored": b.scored.to_json()}
                 for b in snap["batches"]]}))
         # The prompts' place: (epoch, position) in the shuffled batch order, or the stream's position.
@@ -313,7 +318,7 @@ def restore_pipeline(pipe: RolloutPipeline, ckpt: Path) -> None:
     path = ckpt / PIPELINE_FILE
     if path.exists():
         doc = json.loads(path.read_text())
-        pipe.restore({"next": doc["next"], "batches": [
+        pipe.restore({"next": doc["next"], "carry": doc.get("carry"), "batches": [
             Batch(b["index"], b["version"], Scored.from_json(b["scored"]), b["timer"]) for b in doc["batches"]]})
 
 
@@ -321,16 +326,23 @@ def pipeline(cfg: RunConfig, prep: Prepared, groups: dict, rollout, step: int, l
     """The rollout side of the loop (trainers/pipeline.py): batch i is sampled for step i (steps step ..
     last - 1), beside the training of earlier steps when train.max_staleness > 0."""
     r = cfg.rollout
+    partial = PartialRollouts(cfg, prep.tokenizer) if r.partial_tokens else None
 
-    def produce(i: int):
+    def produce(i: int, version: int):
         timer: dict = {}
-        return sample_and_score(cfg, prep, groups, rollout, prep.train.next(), i, prep.train.next, timer), timer
+        if partial is None:
+            return sample_and_score(cfg, prep, groups, rollout, prep.train.next(), i, prep.train.next, timer), timer
+        t = time.perf_counter()
+        rows, samples, metrics = partial.produce(rollout, prep.train.next, version)
+        timer["time/generate"] = time.perf_counter() - t
+        return score(cfg, prep, groups, rows, samples, metrics, timer), timer
 
     # A backstop only: every engine, reward and environment call the producer makes has its own deadline.
     rounds = r.dynamic_sampling_max_rounds if r.dynamic_sampling else 1
-    deadline = 4 * rounds * r.max_turns * cfg.placement.call_timeout_s
+    calls = -(-r.max_new_tokens // r.partial_tokens) + 1 if partial else r.max_turns  # engine calls per round
+    deadline = 4 * rounds * calls * cfg.placement.call_timeout_s
     return RolloutPipeline(produce, cfg.train.max_staleness, cfg.train.stale_batches, first=step, last=last, version=step,
-                           prompts_state=prep.train.state_dict, deadline_s=deadline)
+                           prompts_state=prep.train.state_dict, deadline_s=deadline, carry=partial)
 
 
 def run(cfg: RunConfig) -> dict:

@@ -95,6 +95,15 @@ def finish(cfg: RunConfig, parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     return total, metrics
 
 
+def score(cfg: RunConfig, prep, groups: dict, rows: list[dict], samples: list[Sample], metrics: dict,
+          timer: dict) -> Scored:
+    """Samples generated elsewhere (partial rollouts: trainers/partial.py) -> the Scored batch."""
+    t = time.perf_counter()
+    scores, more = finish(cfg, reward_parts(cfg, prep, groups, rows, samples))
+    timer["time/reward"] = time.perf_counter() - t
+    return Scored(rows, samples, scores, more | metrics)
+
+
 def sample_and_score(cfg: RunConfig, prep, groups: dict, rollout, prompts: list[dict], step: int,
                      more_prompts, timer: dict) -> Scored:
     """`more_prompts()` gives the next batch of prompt rows (dynamic sampling's refills)."""

@@ -16,7 +16,7 @@ class Producer:
     def __init__(self, seconds=0.0, fail_at=None):
         self.position, self.log, self.seconds, self.fail_at = 0, [], seconds, fail_at
 
-    def __call__(self, i):
+    def __call__(self, i, version):
         if i == self.fail_at:
             raise RuntimeError("engine 0 died")
         self.position += 1
@@ -103,7 +103,7 @@ def test_producer_error_reaches_the_trainer_and_nothing_hangs():
 
 def test_take_has_a_deadline():
     gate = threading.Event()
-    pipe = RolloutPipeline(lambda i: (gate.wait(5), {}), 0, "wait", first=0, last=2, version=0,
+    pipe = RolloutPipeline(lambda i, version: (gate.wait(5), {}), 0, "wait", first=0, last=2, version=0,
                            prompts_state=dict, deadline_s=0.3)
     t = time.monotonic()
     with pytest.raises(PipelineError, match="no rollout batch for step 0 within"):
@@ -111,3 +111,36 @@ def test_take_has_a_deadline():
             pipe.take(0)
     gate.set()
     assert time.monotonic() - t < 15
+
+
+class Carry:
+    """What a partial-rollout producer keeps between batches (trainers/partial.py's pool)."""
+
+    def __init__(self):
+        self.made = []
+
+    def __call__(self, i, version):
+        self.made.append((i, version))
+        return f"batch-{i}", {}
+
+    def state_dict(self):
+        return {"made": list(self.made)}
+
+    def load_state_dict(self, state):
+        self.made = [tuple(x) for x in state["made"]]
+
+
+def test_snapshot_keeps_the_carried_state_and_restore_puts_it_back():
+    carry = Carry()
+    pipe = RolloutPipeline(carry, 1, "wait", first=0, last=4, version=0, prompts_state=dict, deadline_s=10, carry=carry)
+    snaps = []
+    drive(pipe, 4, on_step=lambda step, p: snaps.append(p.snapshot()) if step == 1 else None)
+    snap = snaps[0]
+    assert snap["carry"]["made"] == [(i, v) for i, v in carry.made[:snap["next"]]]  # made under the engines' lock
+    assert [(i, v) for i, v in carry.made] == [(0, 0), (1, 0), (2, 1), (3, 2)]  # batch i by version i - k
+    again = Carry()
+    resumed = RolloutPipeline(again, 1, "wait", first=2, last=4, version=2, prompts_state=dict, deadline_s=10, carry=again)
+    resumed.restore(snap)
+    assert again.made[:snap["next"]] == carry.made[:snap["next"]]
+    assert RolloutPipeline(again, 0, "wait", first=0, last=1, version=0, prompts_state=dict,
+                           deadline_s=1).snapshot()["carry"] is None
