@@ -2,6 +2,8 @@
 
     rlhf make-data OUT                      synthetic instruction / preference / RL prompt sets
     rlhf make-tiny-model OUT                tokenizer + tiny Llama policy and reward model (local)
+                                            (--family llama3|qwen2.5|qwen3|gemma2|gemma3|mistral|phi3|qwen2_moe)
+    rlhf check-model PATH                   what works with a model: template, masks, LoRA, vLLM, sync parity
     rlhf config --config X.yaml [k=v ...]   print the resolved, validated config
     rlhf prepare-data MODE --config X [k=v] tokenise (and cache) a run's datasets, print statistics
     rlhf train sft|rm|dpo|ppo --config X    SFT, reward model, DPO or PPO/GRPO/RLOO/REINFORCE++ (Ray + vLLM)
@@ -72,10 +74,24 @@ def cmd_make_tiny_model(args) -> int:
         # tokenizer that also learned them cut the tool SFT model's greedy accuracy from 0.75 to 0.27.
         corpus = (synthetic_files.corpus_texts(seed=args.seed, composed=False)
                   + synthetic_tools.corpus_texts(seed=args.seed))
-    paths = make_tiny_model(args.out, spec, corpus=corpus, seed=args.seed, split_digits=args.tools)
+    paths = make_tiny_model(args.out, spec, corpus=corpus, seed=args.seed, split_digits=args.tools, family=args.family)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
+
+
+def cmd_check_model(args) -> int:
+    """JSON report on stdout, one line per check on stderr; exit 1 when a check the trainers need fails."""
+    from rlhf_system.models.check import check_model
+    from rlhf_system.models.load import check_model_path
+
+    path = check_model_path(args.path, "PATH")
+    report = check_model(path, vllm=not args.no_vllm)
+    for c in report["checks"]:
+        mark = "ok  " if c["ok"] else ("note" if c["name"] in ("reasoning", "tools") else "FAIL")
+        print(f"[check-model] {mark} {c['name']:<9} {c['detail']}", file=sys.stderr)
+    print(json.dumps(report))
+    return 0 if report["ok"] else 1
 
 
 def cmd_config(args) -> int:
@@ -248,7 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tools", action="store_true", help="train the tokenizer on tool-call demonstrations too, "
                    "one token per digit")
+    p.add_argument("--family", default="tiny", help="tiny (Llama with ChatML) or a family's architecture and chat "
+                   "template: llama3, qwen2.5, qwen3, gemma2, gemma3, mistral, phi3, qwen2_moe (models/families.py)")
     p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("check-model", help="check a model before a long run: template, masks, LoRA, vLLM, sync")
+    p.add_argument("path", help="a Hugging Face model folder")
+    p.add_argument("--no-vllm", action="store_true", help="skip the engine checks (vllm, parity, sync, export)")
+    p.set_defaults(func=cmd_check_model)
 
     p = sub.add_parser("config", help="print the resolved config after validation")
     _add_config_args(p)

@@ -213,7 +213,7 @@ def _export_zero3_sharded(model: torch.nn.Module, out, shard_bytes: int) -> None
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from rlhf_system.distributed.weight_sync import TensorMeta, plan_buckets
+    from rlhf_system.distributed.weight_sync import TensorMeta, checkpoint_tensors, plan_buckets
 
     persistent = set(model.state_dict().keys())  # drops non-persistent buffers (rotary caches)
     named = dict((n, t) for n, t in list(model.named_parameters()) + list(model.named_buffers()) if n in persistent)
@@ -231,7 +231,9 @@ def _export_zero3_sharded(model: torch.nn.Module, out, shard_bytes: int) -> None
         params = [t for _, t in shard if hasattr(t, "ds_id")]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None), torch.no_grad():
             if rank0:
-                tensors = {n: t.detach().cpu().contiguous().clone() for n, t in shard}
+                # checkpoint names and layout (fused MoE experts split again), as save_pretrained writes them
+                tensors = checkpoint_tensors(model, {n: t.detach().cpu() for n, t in shard})
+                tensors = {n: t.contiguous().clone() for n, t in tensors.items()}
                 save_file(tensors, str(out / name), metadata={"format": "pt"})
                 weight_map |= {n: name for n in tensors}
                 total += sum(t.numel() * t.element_size() for t in tensors.values())

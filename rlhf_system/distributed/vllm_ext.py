@@ -45,7 +45,6 @@ class WeightSyncExtension:
         link = self._ws_link
         if link is None:
             raise RuntimeError("ws_receive before ws_join: the controller must open the sync group first")
-        runner = self.model_runner
         count = [0]
         with PeakMemory(link.device) as peak:
             stream = _received(link, plan, count)
@@ -54,12 +53,10 @@ class WeightSyncExtension:
             # (plain model.load_weights fails on CPU once the kernels are repacked: "Parameter has no
             # attribute weight_loader") and resets the runner's caches. It pulls from `stream`, so a
             # bucket is received when it is needed.
-            runner.reload_weights(weights_iterator=stream, is_checkpoint_format=True)
+            reload_in_place(self, stream)
             # The sender sends every bucket: receive any vLLM left unread, or both sides would hang.
             unread = sum(1 for _ in stream)
             link.finish()
-            if link.device.type == "cpu":
-                _repack_cpu_lm_heads(runner.get_model())
         if unread:
             raise RuntimeError(f"weight sync: vLLM's load_weights stopped with {unread} tensors of the plan unread")
         return {"tensors": count[0], "peak_rise_bytes": peak.rise, "wire_bytes": link.wire_bytes,
@@ -91,6 +88,16 @@ def _received(link, plan: list[list], count: list[int]):
         while views:
             count[0] += 1
             yield views.pop()
+
+
+def reload_in_place(worker, weights) -> None:
+    """Load (name, tensor) pairs in checkpoint format into this vLLM worker's model, in place: the weight
+    sync's load step (also `rlhf check-model`'s, through LLM.collective_rpc with the weights in memory)."""
+    runner = worker.model_runner
+    runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+    if next(runner.get_model().parameters()).device.type == "cpu":
+        _repack_cpu_lm_heads(runner.get_model())
+        _repack_cpu_moe_experts(runner.get_model())
 
 
 class ExpectedUnloaded(logging.Filter):
@@ -129,3 +136,19 @@ def _repack_cpu_lm_heads(model: torch.nn.Module) -> None:
         w = getattr(m, "weight", None)
         if hasattr(m, "cpu_linear") and isinstance(w, torch.Tensor) and w.ndim == 2 and w.numel() > 0:
             dispatch_cpu_unquantized_gemm(m, remove_weight=False)
+
+
+def _repack_cpu_moe_experts(model: torch.nn.Module) -> None:
+    """Re-pack the weights of vLLM's CPU MoE experts after a reload.
+
+    vLLM's CPU experts (CPUUnquantizedExperts) lay w13 / w2 out for their kernel once, when the kernel
+    is built at load (cpu_prepack_moe_weight). A reload writes the new weights back in checkpoint layout
+    into the same storage and only re-runs the GPU path's shuffle, so the kernel read unpacked weights:
+    after any sync into a Qwen2-MoE engine its log-probs were 7e-2 off (found by `rlhf check-model`; the
+    experts' own process_weights_after_loading puts them back to 5e-7).
+    """
+    for m in model.modules():
+        kernel = getattr(getattr(m, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None) if kernel is not None else None
+        if hasattr(m, "w13_weight") and hasattr(experts, "process_weights_after_loading"):  # CPU only (caller)
+            experts.process_weights_after_loading(m)

@@ -96,6 +96,7 @@ class _Source:
     meta: TensorMeta
     param: torch.nn.Parameter
     lora_module: torch.nn.Module | None = None
+    of: str | None = None   # a part of this fused in-memory parameter (checkpoint_parts), or None: the parameter
 
 
 def _hf_model(module: torch.nn.Module) -> torch.nn.Module:
@@ -126,8 +127,37 @@ def sources(module: torch.nn.Module) -> list[_Source]:
                 lora_module = model.get_submodule(owner)
             name = name.replace(".base_layer.", ".")
         dtype = str(p.dtype).removeprefix("torch.")
-        out.append(_Source(TensorMeta(name, dtype, _ds_shape(p)), p, lora_module))
+        parts = checkpoint_parts(model, name, dtype, _ds_shape(p))
+        if parts is None:
+            out.append(_Source(TensorMeta(name, dtype, _ds_shape(p)), p, lora_module))
+        else:
+            out += [_Source(m, p, lora_module, of=name) for m in parts]
     return out
+
+
+def checkpoint_parts(model: torch.nn.Module, name: str, dtype: str, shape: tuple[int, ...]) -> list[TensorMeta] | None:
+    """The checkpoint tensors an in-memory parameter stands for, or None when it is one of them as it is.
+
+    transformers 5 converts some checkpoints on load: MoE experts (Qwen2-MoE, Mixtral, ...) become one 3D
+    tensor per layer (`mlp.experts.gate_up_proj`) from E x 2 separate `experts.{e}.gate_proj.weight`.
+    vLLM loads checkpoint names only, and skips others without an error, so a sync that sent the fused
+    names left every expert at its old weights (`rlhf check-model` found it: log-prob gap 7e-2 after
+    the sync). transformers' own reversal (what save_pretrained writes) gives the names and shapes, run
+    on a meta tensor once per parameter."""
+    cache = model.__dict__.setdefault("_rlhf_checkpoint_parts", {})
+    if name not in cache:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        out = revert_weight_conversion(model, {name: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")})
+        cache[name] = None if list(out) == [name] else [TensorMeta(k, dtype, tuple(v.shape)) for k, v in out.items()]
+    return cache[name]
+
+
+def checkpoint_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """In-memory (name, tensor) pairs -> the checkpoint's (checkpoint_parts): what a file or vLLM expects."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, tensors)
 
 
 def _unit(name: str) -> str:
@@ -207,7 +237,21 @@ def _bucket_params(srcs: list[_Source]) -> list[torch.nn.Parameter]:
         params.append(s.param)
         if s.lora_module is not None:
             params += list(s.lora_module.lora_A.parameters()) + list(s.lora_module.lora_B.parameters())
-    return params
+    return list({id(p): p for p in params}.values())  # the parts of one fused parameter share it
+
+
+def _flat(model: torch.nn.Module, srcs: list[_Source]) -> torch.Tensor:
+    """One bucket's tensors, merged and converted to checkpoint form, as one flat buffer."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    flat = []
+    for s in srcs:
+        if s.of is None:
+            flat.append(_merged(s).reshape(-1))
+            continue
+        if s.of not in parts:  # each fused parameter is split once per bucket
+            parts[s.of] = checkpoint_tensors(model, {s.of: _merged(s)})
+        flat.append(parts[s.of][s.meta.name].reshape(-1))
+    return torch.cat(flat)
 
 
 def iter_buckets(module: torch.nn.Module, plan: Plan, zero_stage: int, is_sender: bool) -> Iterator[torch.Tensor | None]:
@@ -216,12 +260,13 @@ def iter_buckets(module: torch.nn.Module, plan: Plan, zero_stage: int, is_sender
     import deepspeed
 
     by_name = {s.meta.name: s for s in sources(module)}
+    model = _hf_model(module)
     for bucket in plan:
         srcs = [by_name[m.name] for m in bucket]
         gather = (deepspeed.zero.GatheredParameters(_bucket_params(srcs), modifier_rank=None)
                   if zero_stage == 3 else contextlib.nullcontext())
         with gather, torch.no_grad():
-            yield torch.cat([_merged(s).reshape(-1) for s in srcs]) if is_sender else None
+            yield _flat(model, srcs) if is_sender else None
 
 
 def unflatten(buffer: torch.Tensor, bucket: list[TensorMeta]) -> list[tuple[str, torch.Tensor]]:

@@ -58,10 +58,11 @@ class TinySpec:
             raise ValueError("num_heads must be a multiple of num_kv_heads")
 
 
-def train_tokenizer(texts: list[str], vocab_size: int = 2048, split_digits: bool = False):
+def train_tokenizer(texts: list[str], vocab_size: int = 2048, split_digits: bool = False, fam=None):
     """Byte-level BPE trained on `texts`, wrapped as a PreTrainedTokenizerFast with a chat template.
     split_digits: one token per digit, as Llama's and Qwen's tokenizers do, so that copying a number
-    (into a tool call, out of a tool result) is copying digit by digit, whatever the number."""
+    (into a tool call, out of a tool result) is copying digit by digit, whatever the number. `fam`
+    (models/families.Family): that family's special tokens and chat template instead of the kit's ChatML."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -70,21 +71,27 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048, split_digits: bool
     tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
                          if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, IM_START, IM_END],
+    pad, bos, eos, extra = (PAD, BOS, IM_END, (IM_START,)) if fam is None else (fam.pad, fam.bos, fam.eos, fam.specials)
+    specials = list(dict.fromkeys([pad, bos, eos, *extra]))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=IM_END, pad_token=PAD,
-                                   additional_special_tokens=[IM_START], model_max_length=1024)
-    fast.chat_template = CHAT_TEMPLATE
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad,
+                                   additional_special_tokens=[s for s in specials if s not in (pad, bos, eos)],
+                                   model_max_length=1024)
+    fast.chat_template = CHAT_TEMPLATE if fam is None else fam.template
     return fast
 
 
-def build_models(tokenizer, spec: TinySpec):
-    """(causal LM, sequence classifier) with the same backbone shape, randomly initialised."""
+def build_models(tokenizer, spec: TinySpec, fam=None):
+    """(causal LM, sequence classifier) with the same backbone shape, randomly initialised; `fam`
+    (models/families.Family): that family's architecture instead of Llama."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     vocab = -(-len(tokenizer) // 64) * 64  # round up: friendlier matmul shapes
+    if fam is not None:
+        return _family_models(tokenizer, spec, fam, vocab)
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
@@ -101,21 +108,41 @@ def build_models(tokenizer, spec: TinySpec):
     return policy, reward
 
 
+def _family_models(tokenizer, spec: TinySpec, fam, vocab: int):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rlhf_system.models.families import model_config
+
+    shape = (vocab, spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.intermediate_size,
+             spec.max_position_embeddings)
+    torch.manual_seed(spec.seed)
+    policy = AutoModelForCausalLM.from_config(model_config(fam, tokenizer, *shape), torch_dtype=torch.float32)
+    cls_config = model_config(fam, tokenizer, *shape, tie=False)
+    cls_config.num_labels = 1
+    torch.manual_seed(spec.seed + 1)
+    reward = AutoModelForSequenceClassification.from_config(cls_config, torch_dtype=torch.float32)
+    return policy, reward
+
+
 def make_tiny_model(out: str | Path, spec: TinySpec | None = None, corpus: list[str] | None = None,
-                    seed: int = 0, split_digits: bool = False) -> dict[str, Path]:
-    """Train the tokenizer, build both models and save them under `out`. Returns their folders."""
+                    seed: int = 0, split_digits: bool = False, family: str = "tiny") -> dict[str, Path]:
+    """Train the tokenizer, build both models and save them under `out`. Returns their folders.
+    `family`: tiny (the kit's Llama with ChatML) or one of models/families.FAMILIES."""
+    from rlhf_system.models.families import family as family_of
     from rlhf_system.tasks.files import corpus_texts
 
+    fam = None if family == "tiny" else family_of(family)
     spec = spec or TinySpec(seed=seed)
     out = Path(out)
     texts = corpus if corpus is not None else corpus_texts(seed=seed)
     # The role names appear in every chat-templated sample: give them tokens of their own.
     texts = list(texts) + ["system\n", "user\n", "assistant\n"] * 200
-    tokenizer = train_tokenizer(texts, spec.vocab_size, split_digits)
-    policy, reward = build_models(tokenizer, spec)
+    tokenizer = train_tokenizer(texts, spec.vocab_size, split_digits, fam)
+    policy, reward = build_models(tokenizer, spec, fam)
     paths = {"policy": out / "policy", "reward": out / "reward"}
     for name, model in (("policy", policy), ("reward", reward)):
         model.save_pretrained(paths[name], safe_serialization=True)
         tokenizer.save_pretrained(paths[name])
-    (out / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2))
+    (out / "tiny_spec.json").write_text(json.dumps(asdict(spec) | {"family": family}, indent=2))
     return paths

@@ -127,7 +127,8 @@ PPO_STEPS = 3
 def ppo_command(estimator: str, model: Path, data: Path, run_dir: Path, *extra: str) -> list[str]:
     """The shipped GAE (actor, critic, reference, vLLM engine) or GRPO config on the small model, shrunk,
     with the rule reward. A checkpoint every 2 steps; sampling seeded per step (rollout.seed + step)."""
-    config = {"gae": "configs/ppo/tiny-cpu.yaml", "grpo": "configs/grpo/tiny-cpu.yaml"}[estimator]
+    config = {"gae": "configs/ppo/tiny-cpu.yaml", "grpo": "configs/grpo/tiny-cpu.yaml",
+              "partial": "configs/grpo/tiny-cpu.yaml"}[estimator]
     return [sys.executable, "-m", "rlhf_system.cli", "train", "ppo", "--config", config, f"model.path={model}",
             f"run_dir={run_dir}", f"train.max_steps={PPO_STEPS}", "logging.console=false", "checkpoint.save_every=2",
             f"data.train=[{{path: {data / 'rl_train.jsonl'}}}]", "data.eval=[]", "train.eval_every=0",
@@ -147,7 +148,11 @@ PPO_EXTRA = {"gae": (), "grpo": ("data.streaming=true", "algorithm.kl.adaptive=t
                                  "rollout.dynamic_sampling_max_rounds=2", "rewards.overlong_buffer=4",
                                  "algorithm.overlong_filter=true", "algorithm.policy_loss=gspo",
                                  "algorithm.clip_eps=0.0003", "algorithm.clip_eps_high=0.0004",
-                                 "train.max_staleness=1", "algorithm.tis_cap=2")}
+                                 "train.max_staleness=1", "algorithm.tis_cap=2"),
+             # Partial rollouts (trainers/partial.py): the groups in flight are in the checkpoint too. No
+             # reference (kl 0): this case is about the rollout side.
+             "partial": ("train.max_staleness=1", "algorithm.tis_cap=2", "rollout.partial_tokens=6",
+                         "algorithm.kl.coef=0", "logging.rollouts=true")}
 
 
 def engine_module(ckpt: Path, role: str) -> dict:
@@ -226,7 +231,7 @@ def _alive(procs: dict[int, float]) -> list:
     return out
 
 
-@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+@pytest.mark.parametrize("estimator", ["gae", "grpo", "partial"])
 def test_ppo_interrupt_and_resume_matches_straight_run(estimator, small_model, synthetic_dir, untidy_dir, tmp_path):
     """GAE: the controller is SIGKILLed after its step-2 checkpoint and leaves no process or port behind.
     GRPO (streamed prompts, adaptive KL): it is preempted (SIGTERM) after step 1, checkpoints that step
@@ -243,10 +248,18 @@ def test_ppo_interrupt_and_resume_matches_straight_run(estimator, small_model, s
             ppo_command(estimator, model, synthetic_dir, broken, *extra), broken)
     else:
         stopped_at, _ = stop_after_first_step(ppo_command(estimator, model, synthetic_dir, broken, *extra), broken)
+    if estimator == "partial":  # the checkpoint holds groups in flight, and the resumed run continues them
+        kept = json.loads((complete_checkpoints(broken / "checkpoints")[0] / "pipeline.json").read_text())
+        assert kept["carry"]["pool"] and kept["carry"]["next_uid"] > 8, kept["carry"]["next_uid"]
     assert 0 < stopped_at < PPO_STEPS and not (broken / "hf").exists()
     run(ppo_command(estimator, model, synthetic_dir, broken, *extra, "checkpoint.resume=auto"))
 
     assert_same_metrics(straight, broken, stopped_at)
+    if estimator == "partial":  # the same samples, token for token, versions included
+        dumps = [[json.loads(x) for x in (r / "rollouts.jsonl").read_text().splitlines()] for r in (straight, broken)]
+        after = [[d for d in ds if d["step"] > stopped_at] for ds in dumps]
+        assert after[0] and [(d["response_ids"], d["versions"]) for d in after[0]] == \
+               [(d["response_ids"], d["versions"]) for d in after[1]]
     if estimator == "grpo":  # the adaptive KL coefficient moved, so its restored state is what matched
         rows = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
         coefs = [r.get("kl_coef") for r in rows]
