@@ -105,6 +105,7 @@ def _lora(model) -> tuple[bool, str, dict]:
     wrapped = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=suggest))
     n = sum(p.numel() for name, p in wrapped.named_parameters() if "lora_" in name)
     wrapped.unload()
+    model.requires_grad_(True)  # peft froze the base weights; the training checks need them back
     missing = [t for t in DEFAULT_TARGETS if t not in linear]
     note = f"; the defaults miss {missing}: peft.lora.target_modules={suggest}" if missing else ""
     return True, f"targets {suggest}: {n} adapter parameters at r=4{note}", {"linear": linear}
@@ -156,6 +157,7 @@ def check_model(path: str, vllm: bool = True, tol: float | None = None) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from rlhf_system.data.tokenize import check_tool_template
+    from rlhf_system.models.check_steps import rm_step, sft_step
 
     rep = _Report(path)
     on_gpu = torch.cuda.is_available()
@@ -187,9 +189,21 @@ def check_model(path: str, vllm: bool = True, tol: float | None = None) -> dict:
 
     rep.run("tools", tools)
     rep.run("lora", lambda: _lora(model))
-    if not vllm:
-        return rep.doc
+    if vllm:
+        _engine_checks(rep, path, tok, model, tol)
+    chosen = PROBE[:3]
+    rejected = [*PROBE[:2], {"role": "assistant", "content": "12 + 30 = 24."}]
+    rep.run("sft", lambda: sft_step(model, tok, [PROBE, chosen]))
+    rep.run("rm", lambda: rm_step(path, tok, chosen, rejected, model.dtype, model.device))
+    return rep.doc
+
+
+def _engine_checks(rep: _Report, path: str, tok, model, tol: float) -> None:
+    """vLLM: load, parity with transformers, a GRPO step on its samples, the weight sync, the export."""
+    from transformers import AutoModelForCausalLM
+
     from rlhf_system.data.tokenize import render_conversation
+    from rlhf_system.models.check_steps import grpo_step
 
     ids = tok(render_conversation(tok, PROBE, "chat"), add_special_tokens=False)["input_ids"]
     hf = _hf_logprobs(model, ids)
@@ -200,8 +214,9 @@ def check_model(path: str, vllm: bool = True, tol: float | None = None) -> dict:
         state["llm"] = make_vllm(path, max_model_len=max(256, len(ids) + 8), gpu_memory_utilization=0.3)
         return True, f"vLLM loaded {path}"
 
+    state: dict = {}
     if not rep.run("vllm", engine):
-        return rep.doc
+        return
     llm = state["llm"]
     try:
         def parity():
@@ -210,6 +225,7 @@ def check_model(path: str, vllm: bool = True, tol: float | None = None) -> dict:
                 {"gap": g}
 
         rep.run("parity", parity)
+        rep.run("grpo", lambda: grpo_step(model, tok, llm, PROBE[:2], tol))
 
         def sync():
             from rlhf_system.distributed.vllm_ext import reload_in_place
@@ -238,4 +254,3 @@ def check_model(path: str, vllm: bool = True, tol: float | None = None) -> dict:
         return g == 0.0, f"saved and reloaded: log-prob gap {g:.1e}"
 
     rep.run("export", export)
-    return rep.doc
