@@ -8,6 +8,7 @@ import torch
 from rlhf_system.algorithms.balance import rank_order
 from rlhf_system.config import RunConfig
 from rlhf_system.data.experience import Experience
+from rlhf_system.data.samples import Sample
 
 ROLE_OF = {"old": "actor", "ref": "reference", "values": "critic", "actor": "actor", "critic": "critic"}
 
@@ -50,11 +51,11 @@ def sharded(cfg: RunConfig, group, method: str, exp: Experience, *args, by_rank:
     return in_row_order
 
 
-def experience_of(prompt_ids: list[list[int]], samples: list[dict], pad_id: int) -> Experience:
+def experience_of(prompt_ids: list[list[int]], samples: list[Sample], pad_id: int) -> Experience:
     """Sampled episodes (trainers/episodes.py) as an Experience; the environment's tokens of a multi-turn
     episode are in the sequence but out of the action mask (not trained, not scored). An episode's own
     prompt ids (an environment's first observation, an agent's first call) come before its row's."""
-    prompt_ids = [g.get("prompt_ids") or p for p, g in zip(prompt_ids, samples)]
+    prompt_ids = [g.prompt_ids or p for p, g in zip(prompt_ids, samples)]
     exp = Experience.from_rollout(prompt_ids, [g.response_ids for g in samples], pad_id,
                                   [g.logprobs for g in samples])
     if any(g.action_mask is not None for g in samples):
