@@ -82,7 +82,7 @@ def cmd_make_tiny_model(args) -> int:
 
 def cmd_check_model(args) -> int:
     """JSON report on stdout, one line per check on stderr; exit 1 when a check the trainers need fails."""
-    from rlhf_system.models.check import check_model
+    from rlhf_system.model_check.report import check_model
     from rlhf_system.models.load import check_model_path
 
     path = check_model_path(args.path, "PATH")

@@ -34,7 +34,7 @@ def test_check_model_passes_on_every_family(family_models, name):
         report = json.loads(out.stdout.strip().splitlines()[-1])
         assert "[check-model] ok   sync" in out.stderr
     else:
-        from rlhf_system.models.check import check_model
+        from rlhf_system.model_check.report import check_model
 
         report = check_model(str(family_models[name]))
     checks = {c["name"]: c for c in report["checks"]}

@@ -1,4 +1,4 @@
-"""Check `families`: `rlhf check-model` (models/check.py) on the eight tiny family models, on the GPU in
+"""Check `families`: `rlhf check-model` (model_check/report.py) on the eight tiny family models, on the GPU in
 bf16: load, template, masks, LoRA targets, one SFT and one RM step; with vLLM installed also its load,
 log-prob parity (2e-2 in bf16), a GRPO step on its samples and the weight sync's reload. On CPU all of
 them pass (tests/integration/test_families.py); here it is the families' bf16 kernels (Gemma's
@@ -9,7 +9,7 @@ from tests.gpu.checks.common import main, missing, need
 
 def check(work):
     need("transformers", "peft")
-    from rlhf_system.models.check import check_model
+    from rlhf_system.model_check.report import check_model
     from rlhf_system.models.families import FAMILIES
     from rlhf_system.models.tiny import TinySpec, make_tiny_model
 

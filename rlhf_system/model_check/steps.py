@@ -1,4 +1,4 @@
-"""The training steps of `rlhf check-model` (models/check.py): one SFT, RM and GRPO step of a user's model
+"""The training steps of `rlhf check-model` (model_check/report.py): one SFT, RM and GRPO step of a user's model
 through the trainers' own functions (data/tokenize, data/collate, algorithms/, workers/sequences), without
 Ray or DeepSpeed, so that what is particular to a family (its template and masks, its forward with
 packed rows, its classifier head, its sampled log-probs) is tried in seconds.

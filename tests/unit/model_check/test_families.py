@@ -1,5 +1,5 @@
 """The model families (models/families.py) as tiny models, and `rlhf check-model` without an engine
-(models/check.py, check_steps.py): each family's architecture and chat template load through
+(model_check/): each family's architecture and chat template load through
 from_pretrained, the assistant-only masks train exactly the assistant turns, and one SFT and one RM step
 improve their losses. The families' own quirks are reported as the real templates would make them:
 Qwen3's dropped reasoning, Gemma's and Phi-3's missing tool turns, Phi-3's fused projections. The
@@ -7,7 +7,7 @@ engine checks (vLLM load, parity, GRPO step, weight sync) are in tests/integrati
 
 import pytest
 
-from rlhf_system.models.check import check_model
+from rlhf_system.model_check.report import check_model
 from rlhf_system.models.families import FAMILIES, family
 from rlhf_system.models.tiny import TinySpec, make_tiny_model
 

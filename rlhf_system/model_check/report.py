@@ -157,7 +157,7 @@ def check_model(path: str, vllm: bool = True, tol: float | None = None) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from rlhf_system.data.tokenize import check_tool_template
-    from rlhf_system.models.check_steps import rm_step, sft_step
+    from rlhf_system.model_check.steps import rm_step, sft_step
 
     rep = _Report(path)
     on_gpu = torch.cuda.is_available()
@@ -203,7 +203,7 @@ def _engine_checks(rep: _Report, path: str, tok, model, tol: float) -> None:
     from transformers import AutoModelForCausalLM
 
     from rlhf_system.data.tokenize import render_conversation
-    from rlhf_system.models.check_steps import grpo_step
+    from rlhf_system.model_check.steps import grpo_step
 
     ids = tok(render_conversation(tok, PROBE, "chat"), add_special_tokens=False)["input_ids"]
     hf = _hf_logprobs(model, ids)
