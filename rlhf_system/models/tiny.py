@@ -72,7 +72,10 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048, split_digits: bool
                          if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     pad, bos, eos, extra = (PAD, BOS, IM_END, (IM_START,)) if fam is None else (fam.pad, fam.bos, fam.eos, fam.specials)
-    specials = list(dict.fromkeys([pad, bos, eos, *extra]))
+    # The kit's own order (pad, bos, im_start, im_end) fixes its token ids, and with them the random
+    # init the learning tests' figures were measured with: swapping two ids changed the tool SFT model's
+    # held-out greedy accuracy from 0.79 to 0.22.
+    specials = [PAD, BOS, IM_START, IM_END] if fam is None else list(dict.fromkeys([pad, bos, eos, *extra]))
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)

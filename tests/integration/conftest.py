@@ -30,6 +30,20 @@ def small_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def family_models(tmp_path_factory) -> dict:
+    """Each family of models/families.py as a tiny model (2 layers, hidden 128, its own chat template):
+    {family: {"policy": causal LM folder, "reward": its sequence-classification twin}}."""
+    from rlhf_system.models.families import FAMILIES
+    from rlhf_system.models.tiny import TinySpec, make_tiny_model
+    from rlhf_system.tasks.files import corpus_texts
+
+    root = tmp_path_factory.mktemp("families")
+    spec = TinySpec(vocab_size=768, hidden_size=128, num_heads=2, num_kv_heads=1, num_layers=2, intermediate_size=256)
+    corpus = corpus_texts(seed=0)[:3000]
+    return {name: make_tiny_model(root / name, spec, corpus=corpus, family=name) for name in FAMILIES}
+
+
+@pytest.fixture(scope="session")
 def kit_model(tmp_path_factory):
     """The kit's default (~3.5M parameters): for learning tests."""
     from rlhf_system.models.tiny import make_tiny_model

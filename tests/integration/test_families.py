@@ -15,28 +15,17 @@ from tests.integration.conftest import ppo_config, rlhf
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def family_models(tmp_path_factory):
-    from rlhf_system.models.tiny import TinySpec, make_tiny_model
-    from rlhf_system.tasks.files import corpus_texts
-
-    root = tmp_path_factory.mktemp("families")
-    spec = TinySpec(vocab_size=768, hidden_size=128, num_heads=2, num_kv_heads=1, num_layers=2, intermediate_size=256)
-    corpus = corpus_texts(seed=0)[:3000]
-    return {name: make_tiny_model(root / name, spec, corpus=corpus, family=name)["policy"] for name in FAMILIES}
-
-
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_check_model_passes_on_every_family(family_models, name):
     """In-process for speed; one family through the command itself, as a user runs it."""
     if name == "llama3":
-        out = rlhf("check-model", str(family_models[name]))
+        out = rlhf("check-model", str(family_models[name]["policy"]))
         report = json.loads(out.stdout.strip().splitlines()[-1])
         assert "[check-model] ok   sync" in out.stderr
     else:
         from rlhf_system.model_check.report import check_model
 
-        report = check_model(str(family_models[name]))
+        report = check_model(str(family_models[name]["policy"]))
     checks = {c["name"]: c for c in report["checks"]}
     assert report["ok"], [c for c in report["checks"] if not c["ok"]]
     assert checks["parity"]["gap"] <= TOL and checks["sync"]["gap"] <= TOL < checks["sync"]["gap_before"]
@@ -60,7 +49,7 @@ def test_moe_weights_reach_the_engine_through_the_sync_and_the_zero3_export(ray_
     from rlhf_system.workers.actor import ActorWorker
     from rlhf_system.workers.rollout import RolloutGroup
 
-    cfg = ppo_config(family_models["qwen2_moe"], synthetic_dir, tmp_path, optim__lr=3e-3, deepspeed__zero_stage=3,
+    cfg = ppo_config(family_models["qwen2_moe"]["policy"], synthetic_dir, tmp_path, optim__lr=3e-3, deepspeed__zero_stage=3,
                      rollout__sync_bucket_mb=0.25)
     tok = load_tokenizer(cfg.model)
     prompt_ids = [tok(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
@@ -111,3 +100,20 @@ def test_moe_weights_reach_the_engine_through_the_sync_and_the_zero3_export(ray_
             sync.close()
         stop_roles(groups, shared)
         engine.shutdown()
+
+
+def test_sft_runs_on_a_family_through_the_trainer(family_models, synthetic_dir, tmp_path):
+    """`rlhf train sft` (Ray, DeepSpeed ZeRO-2, two workers) on a tiny Gemma-3, whose template folds the
+    system prompt into the first user turn: the loss falls over the steps and the export loads."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.integration.conftest import train_args
+
+    run = tmp_path / "sft"
+    rlhf(*train_args("sft", "configs/sft/tiny-cpu.yaml", family_models["gemma3"]["policy"], run,
+                     synthetic_dir / "sft_train.jsonl", synthetic_dir / "sft_test_seen.jsonl", "train.max_steps=6",
+                     "placement.actor=2", "train.eval_every=0", "train.max_eval_samples=32"))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
+    assert AutoModelForCausalLM.from_pretrained(run / "hf").config.architectures == ["Gemma3ForCausalLM"]

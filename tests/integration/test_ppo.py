@@ -11,9 +11,11 @@ def _metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_shipped_ppo_config_one_step_with_all_five_roles(small_model, synthetic_dir, tmp_path):
-    """`rlhf train ppo --config configs/ppo/tiny-cpu.yaml` (the README's command) on small models: one
-    step with actor, critic, reference, reward and a vLLM engine; the HF export loads."""
+def test_shipped_ppo_config_one_step_with_all_five_roles(family_models, synthetic_dir, tmp_path):
+    """`rlhf train ppo --config configs/ppo/tiny-cpu.yaml` (the README's command) on a tiny Qwen2-MoE
+    (models/families.py, the family whose fused experts the weight sync must split): one step with actor,
+    critic and reward model (its classifier twin), reference and a vLLM engine; the HF export loads."""
+    small_model = family_models["qwen2_moe"]
     import subprocess
     import sys
 
@@ -42,7 +44,7 @@ def test_shipped_ppo_config_one_step_with_all_five_roles(small_model, synthetic_
     assert "eval/rl_test_seen/all/reward" in result["final"]
     assert "eval/rl_test_seen/sampled/all/reward" in result["final"]
     model = AutoModelForCausalLM.from_pretrained(result["export"])
-    assert model.config.architectures == ["LlamaForCausalLM"]
+    assert model.config.architectures == ["Qwen2MoeForCausalLM"]
 
 
 def _ppo_cli(small_model, d, run_dir, *extra: str) -> list[str]:

@@ -103,7 +103,9 @@ def train(cfg, workers: int):
     return losses, params
 
 
-def test_two_workers_match_one_process(ray_cluster, small_model, synthetic_dir, tmp_path):
+def test_two_workers_match_one_process(ray_cluster, family_models, synthetic_dir, tmp_path):
+    # On Phi-3's classifier twin (fused qkv / gate_up projections; models/families.py).
+    small_model = family_models["phi3"]
     # One worker: micro 2 x accumulation 4; two workers: micro 2 x accumulation 2 each, ZeRO-2.
     # A margin exercises the whole pairwise formula. optim.eps=1e-6: a token seen once in a batch gets an
     # embedding gradient near 1e-8, where Adam's g / (|g| + eps) turns the all-reduce's summation-order
@@ -121,9 +123,11 @@ def test_two_workers_match_one_process(ray_cluster, small_model, synthetic_dir, 
 
 
 # ------------------------------------------------------------------------------------- value head
-def test_value_head_on_a_causal_lm_trains_and_exports(ray_cluster, small_model, synthetic_dir, tmp_path):
+def test_value_head_on_a_causal_lm_trains_and_exports(ray_cluster, family_models, synthetic_dir, tmp_path):
+    """On a tiny Gemma-2 (soft-capped logits, its own chat template; models/families.py)."""
     from transformers import AutoConfig
 
+    small_model = family_models["gemma2"]
     cfg = rm_config(small_model["policy"], synthetic_dir, tmp_path, "algorithm.rm.head=value_head",
                     "placement.launcher=ray")
     group = WorkerGroup("reward", RewardModelWorker, 1, cfg.placement)
@@ -138,7 +142,7 @@ def test_value_head_on_a_causal_lm_trains_and_exports(ray_cluster, small_model, 
         group.shutdown()
     assert losses[-1] < 0.5 * losses[0], losses
     assert {"eval_loss", "eval_accuracy", "eval_margin"} <= set(evaluation)
-    assert AutoConfig.from_pretrained(out).architectures == ["LlamaForSequenceClassification"]
+    assert AutoConfig.from_pretrained(out).architectures == ["Gemma2ForSequenceClassification"]
     pairs = [json.loads(line) for line in (synthetic_dir / "pref_test.jsonl").read_text().splitlines()[:4]]
     chosen, rejected = score_pairs(out, pairs)
     assert chosen.shape == rejected.shape == (4,) and torch.isfinite(chosen).all()
