@@ -29,8 +29,9 @@ def two_nodes():
     stop_cluster(cluster)
 
 
-def test_ppo_step_with_roles_spread_over_two_nodes(two_nodes, small_model, synthetic_dir, tmp_path):
-    cfg = ppo_config(small_model["policy"], synthetic_dir, tmp_path / "run", algorithm__estimator="rloo",
+def test_ppo_step_with_roles_spread_over_two_nodes(two_nodes, family_models, synthetic_dir, tmp_path):
+    """RLOO on a tiny Llama-3 (its own chat template; models/families.py), roles spread over two hosts."""
+    cfg = ppo_config(family_models["llama3"]["policy"], synthetic_dir, tmp_path / "run", algorithm__estimator="rloo",
                      placement__nodes=2, placement__actor=2, placement__strategy="STRICT_SPREAD",
                      placement__timeout_s=60, data__eval=[])
     config, report = tmp_path / "config.yaml", tmp_path / "report.json"

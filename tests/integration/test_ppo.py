@@ -58,8 +58,10 @@ def _ppo_cli(small_model, d, run_dir, *extra: str) -> list[str]:
             "logging.console=false", "placement.call_timeout_s=240", *extra]
 
 
-def test_bench_ppo_prints_phases_rollout_and_sync(small_model, synthetic_dir, tmp_path):
-    """`rlhf bench ppo` prints JSON (a benchmark, not a timed test: only the shape and sanity are checked)."""
+def test_bench_ppo_prints_phases_rollout_and_sync(family_models, synthetic_dir, tmp_path):
+    """`rlhf bench ppo` prints JSON (a benchmark, not a timed test: only the shape and sanity are checked).
+    GRPO on a tiny Qwen3 (q/k norms, its own chat template; models/families.py)."""
+    small_model = family_models["qwen3"]
     import subprocess
 
     from tests.integration.conftest import REPO

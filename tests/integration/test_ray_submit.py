@@ -47,9 +47,11 @@ def job_status(head, job_id) -> str:
     return out.stdout.strip() or out.stderr[-1000:]
 
 
-def test_tiny_ppo_config_runs_as_a_ray_job(head, small_model, synthetic_dir, tmp_path):
+def test_tiny_ppo_config_runs_as_a_ray_job(head, family_models, synthetic_dir, tmp_path):
     """The README's PPO command, shrunk like test_ppo's, through the launcher (code uploaded as the
-    job's working_dir): SUCCEEDED, exit 0, and the run folder at the absolute run_dir."""
+    job's working_dir): SUCCEEDED, exit 0, and the run folder at the absolute run_dir. REINFORCE++ on a
+    tiny Mistral (models/families.py)."""
+    small_model = family_models["mistral"]
     run_dir = tmp_path / "ppo"
     d = synthetic_dir
     out, job_id = submit(
