@@ -82,13 +82,13 @@ def cmd_make_tiny_model(args) -> int:
 
 def cmd_check_model(args) -> int:
     """JSON report on stdout, one line per check on stderr; exit 1 when a check the trainers need fails."""
-    from rlhf_system.model_check.report import check_model
+    from rlhf_system.model_check.report import ADVICE, check_model
     from rlhf_system.models.load import check_model_path
 
     path = check_model_path(args.path, "PATH")
     report = check_model(path, vllm=not args.no_vllm)
     for c in report["checks"]:
-        mark = "ok  " if c["ok"] else ("note" if c["name"] in ("reasoning", "tools") else "FAIL")
+        mark = "ok  " if c["ok"] else ("note" if c["name"] in ADVICE else "FAIL")
         print(f"[check-model] {mark} {c['name']:<9} {c['detail']}", file=sys.stderr)
     print(json.dumps(report))
     return 0 if report["ok"] else 1

@@ -6,8 +6,8 @@ Each check runs the code the trainers run, on a probe conversation:
 - load       the config, the architecture, the parameter count (transformers' from_pretrained);
 - template   the chat template renders a system + user prompt with the generation prompt, and an
              assistant turn ends with the tokenizer's eos token (where generation stops);
-- masks      the assistant-only loss mask (data/tokenize.encode_with_mask) of a one-turn and a two-turn
-             conversation trains exactly the assistant turns: every assistant content, no user content;
+- masks      the assistant-only loss mask (data/tokenize.encode_with_mask) of a two-turn conversation
+             trains exactly the assistant turns: every assistant content, no user content;
 - reasoning  (advice) a two-turn conversation whose first answer has a <think> block still masks (a
              template that drops earlier reasoning, as Qwen3's does, is not prefix-stable);
 - tools      (advice) the template renders tool results (data/tokenize.check_tool_template: rollout.env=tools);
@@ -33,8 +33,7 @@ PROBE = [{"role": "system", "content": "You are a careful assistant."},
          {"role": "user", "content": "And 7 times 6?"},
          {"role": "assistant", "content": "7 x 6 = 42 as well."}]
 THINK = "<think>\nadd the tens, then the units\n</think>\n\n"
-ADVICE = ("reasoning", "tools")
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADVICE = ("reasoning", "tools")  # checks that report, never fail
 
 
 class _Report:
@@ -93,20 +92,23 @@ def _template(tok) -> tuple[bool, str]:
 
 
 def _lora(model) -> tuple[bool, str, dict]:
-    import torch
     from peft import LoraConfig, get_peft_model
 
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"})
-    found = [t for t in DEFAULT_TARGETS if t in linear]
+    from rlhf_system.config import LoraConfig as Defaults
+    from rlhf_system.models.load import linear_names
+
+    targets = Defaults().target_modules  # what a run with peft.lora.enabled=true would wrap
+    linear = [n for n in linear_names(model) if n != "lm_head"]  # adapters go on the blocks, not the head
+    found = [t for t in targets if t in linear]
     suggest = [n for n in linear if n.endswith("proj")] or linear
     if not found:
-        return False, f"none of the default targets {list(DEFAULT_TARGETS)} is a linear layer here; its linears: " \
+        return False, f"none of the default targets {targets} is a linear layer here; its linears: " \
                       f"{linear}. Fix: peft.lora.target_modules={suggest}", {"linear": linear}
     wrapped = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=suggest))
     n = sum(p.numel() for name, p in wrapped.named_parameters() if "lora_" in name)
     wrapped.unload()
     model.requires_grad_(True)  # peft froze the base weights; the training checks need them back
-    missing = [t for t in DEFAULT_TARGETS if t not in linear]
+    missing = [t for t in targets if t not in linear]
     note = f"; the defaults miss {missing}: peft.lora.target_modules={suggest}" if missing else ""
     return True, f"targets {suggest}: {n} adapter parameters at r=4{note}", {"linear": linear}
 
@@ -114,10 +116,11 @@ def _lora(model) -> tuple[bool, str, dict]:
 def _hf_logprobs(model, ids: list[int]) -> list[float]:
     import torch
 
+    from rlhf_system.algorithms.logprobs import shifted_logprobs
+
+    x = torch.tensor([ids], device=model.device)
     with torch.no_grad():
-        logits = model(torch.tensor([ids], device=model.device)).logits[0].float()
-    lp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:], device=model.device)[:, None])[:, 0]
-    return lp.tolist()
+        return shifted_logprobs(model(x).logits, x)[0].tolist()
 
 
 def _vllm_logprobs(llm, ids: list[int]) -> list[float]:

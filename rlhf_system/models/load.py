@@ -109,6 +109,11 @@ def param_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def linear_names(model) -> list[str]:
+    """The last name component of every linear layer: what peft.lora.target_modules matches."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
 def check_lora_targets(cfg: ModelConfig, peft: PeftConfig, path: str | None = None) -> None:
     """Every `peft.lora.target_modules` entry must name modules of the model (checked on meta tensors)."""
     if not peft.lora.enabled:
@@ -123,9 +128,8 @@ def check_lora_targets(cfg: ModelConfig, peft: PeftConfig, path: str | None = No
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in peft.lora.target_modules if t not in leaves]
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ConfigError(f"peft.lora.target_modules: {missing} not found in {config.model_type} model "
-                          f"'{path or cfg.path}'. Fix: choose from its linear layers: {linear}")
+                          f"'{path or cfg.path}'. Fix: choose from its linear layers: {linear_names(model)}")
 
 
 def apply_peft(model, peft: PeftConfig, task_type: str, gradient_checkpointing: bool):

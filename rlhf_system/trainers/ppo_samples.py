@@ -121,14 +121,13 @@ def sample_and_score(cfg: RunConfig, prep, groups: dict, rollout, prompts: list[
         gen, ep_metrics = run_episodes(cfg, prep.tokenizer, rollout, batch, r.seed + 7919 * step + ROUND_SEED * k, prep.env,
                               agent=prep.agent)
         timer["time/generate"] += time.perf_counter() - t
-        t = time.perf_counter()
         per_sample = [batch[i // n] for i in range(len(gen))]
+        if not r.dynamic_sampling:
+            return score(cfg, prep, groups, per_sample, gen, ep_metrics, timer)
+        t = time.perf_counter()
         parts = reward_parts(cfg, prep, groups, per_sample, gen)
         timer["time/reward"] += time.perf_counter() - t
         done_rounds += 1
-        if not r.dynamic_sampling:
-            scores, metrics = finish(cfg, parts)
-            return Scored(per_sample, gen, scores, metrics | ep_metrics)
         useful = informative_groups(weighted_sum(cfg, parts), n).tolist()
         for g, ok in enumerate(useful):
             rows = slice(g * n, (g + 1) * n)
