@@ -1,4 +1,4 @@
-"""`rlhf check-model PATH`: what will and will not work with a user's model, in a minute, before a long run.
+"""`rlhf check-model PATH`: what will and will not work with a user's model, before a long run.
 
     report = check_model("/models/Qwen2.5-7B-Instruct")   # {"model", "ok", "checks": [{name, ok, detail}]}
 
