@@ -306,6 +306,18 @@ class DistillConfig(_Section):
                             "published recipes); 1 sums the later tokens' too (the sequence-level gradient).")
     reward_coef: float = Field(0.0, ge=0, description="opd: weight of the task reward's GRPO advantage added "
                                "to the distillation signal; 0: distillation only (rewards are still logged).")
+    loss: Literal["reverse_kl", "gkd"] = Field(
+        "reverse_kl", description="opd: reverse_kl: each sampled token's reverse KL to the teacher is its reward "
+        "(policy gradient); gkd: GKD's generalised JSD between the teacher's and the student's next-token "
+        "distributions on the teacher's top-k tokens, a loss of its own (algorithm.distill.beta, topk), on the "
+        "student's samples and, with on_policy < 1, the data's responses.")
+    beta: float = Field(0.5, ge=0, le=1, description="gkd: 0 the forward KL(teacher || student), 1 the reverse "
+                        "KL(student || teacher), between: the generalised JSD (GKD's beta, as TRL).")
+    topk: int = Field(32, ge=1, description="gkd: the teacher's most likely tokens per position that cross to "
+                      "the actor; the rest of the vocabulary is one bucket (algorithms/gkd.py).")
+    on_policy: float = Field(1.0, ge=0, le=1, description="gkd: GKD's lambda, the share of prompt groups the "
+                             "student samples; the others train on the prompt record's reference response "
+                             "(data.keys.response), off-policy. Seeded per step and group.")
 
 
 class AlgorithmConfig(_Section):

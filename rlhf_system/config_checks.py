@@ -45,6 +45,26 @@ def _distill_problems(cfg) -> list[str]:
     if a.distill.reward_coef > 0 and cfg.rollout.n_samples_per_prompt < 2:
         out.append(f"algorithm.distill.reward_coef={a.distill.reward_coef} adds the reward's GRPO advantage, which "
                    "needs a group of samples per prompt. Fix: rollout.n_samples_per_prompt=4")
+    return out + _gkd_problems(cfg)
+
+
+def _gkd_problems(cfg) -> list[str]:
+    """algorithm.distill.on_policy < 1 (GKD's off-policy share, trainers/gkd.py): one-turn samples only."""
+    d, r = cfg.algorithm.distill, cfg.rollout
+    if d.on_policy == 1:
+        return []
+    where = f"algorithm.distill.on_policy={d.on_policy}"
+    if d.loss != "gkd":
+        return [f"{where} trains some groups on the data's responses, which the student did not sample, so they have "
+                "no sampled reverse KL (algorithm.distill.loss=reverse_kl). Fix: algorithm.distill.loss=gkd (its "
+                "divergence is computed on any sequence), or on_policy=1"]
+    out = []
+    for bad, what in ((r.env, f"rollout.env={r.env!r}"), (r.agent, f"rollout.agent={r.agent!r}"),
+                      (r.dynamic_sampling, "rollout.dynamic_sampling=true"),
+                      (r.partial_tokens, f"rollout.partial_tokens={r.partial_tokens}")):
+        if bad:
+            out.append(f"{where} with {what}: a reference response is one turn, sampled in one round. Fix: "
+                       f"on_policy=1 (GKD on the student's samples alone), or turn {what.split('=')[0]} off")
     return out
 
 
@@ -101,6 +121,9 @@ def problems(cfg) -> list[str]:
                           "algorithm.kl.estimator=k3")
         if a.estimator == "opd":
             errors.extend(_distill_problems(cfg))
+        elif a.distill.loss == "gkd" or a.distill.on_policy < 1:
+            errors.append(f"algorithm.distill.loss={a.distill.loss} on_policy={a.distill.on_policy} distil from a "
+                          f"teacher, but algorithm.estimator={a.estimator}. Fix: algorithm.estimator=opd")
         if a.estimator == "dr_grpo" and a.loss_agg != "seq_sum_norm":
             errors.append(f"algorithm.estimator=dr_grpo drops GRPO's length normalisation as well as its std "
                           f"division, but algorithm.loss_agg={a.loss_agg} divides by lengths. Fix: "

@@ -41,6 +41,9 @@ class Experience:
     #                                               None: all of them. 0 on environment / tool tokens inside a
     #                                               multi-turn response, and on rows left out of the loss
     #                                               (DAPO's overlong filter)
+    teacher_ids: torch.Tensor | None = None       # (B, T, k) int64: the teacher's k most likely tokens at each
+    #                                               response position (algorithm.distill.loss=gkd)
+    teacher_logprobs: torch.Tensor | None = None  # (B, T, k) f32: their log-probs under the teacher
 
     # ------------------------------------------------------------------------------- construction
     @classmethod
@@ -135,7 +138,8 @@ class Experience:
         return _rebuild, (self.pad_id, arrays)
 
 
-PER_TOKEN = ("rollout_logprobs", "old_logprobs", "ref_logprobs", "values", "advantages", "returns", "action_mask")
+PER_TOKEN = ("rollout_logprobs", "old_logprobs", "ref_logprobs", "values", "advantages", "returns", "action_mask",
+             "teacher_ids", "teacher_logprobs")
 
 
 def _rebuild(pad_id: int, arrays: dict) -> Experience:
@@ -146,6 +150,6 @@ def _rebuild(pad_id: int, arrays: dict) -> Experience:
 
 
 def cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Per-rank (b_r, T_r) results -> (sum b_r, max T_r), right-padded with 0."""
+    """Per-rank (b_r, T_r, ...) results -> (sum b_r, max T_r, ...), right-padded with 0 along T."""
     T = max(p.shape[1] for p in parts)
-    return torch.cat([torch.nn.functional.pad(p, (0, T - p.shape[1])) for p in parts])
+    return torch.cat([torch.nn.functional.pad(p, (0, 0) * (p.dim() - 2) + (0, T - p.shape[1])) for p in parts])

@@ -40,6 +40,8 @@ class Sample:
     info: Counter = field(default_factory=Counter)  # the environment's counters (tool calls, errors, ...)
     versions: list[int] | None = None  # per response token, the policy version that sampled it (partial
     #                                   rollouts, trainers/partial.py); None: the batch's one version
+    off_policy: bool = False     # the data's reference response, not sampled (GKD's off-policy share,
+    #                              trainers/gkd.py); logprobs are then 0.0 each
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {"info": dict(self.info)}

@@ -41,13 +41,15 @@ class GroupCallError(RunFailure):
 
 def concat(parts: list) -> Any:
     """Per-rank results of a sharded call, in rank order: tensors stacked by rows (padded to the
-    widest), lists joined."""
+    widest), tuples of them element by element, lists joined."""
     import torch
 
+    if parts and isinstance(parts[0], tuple):
+        return tuple(concat([p[i] for p in parts]) for i in range(len(parts[0])))
     if parts and isinstance(parts[0], torch.Tensor):
         from rlhf_system.data.experience import cat_rows
 
-        return cat_rows(parts) if parts[0].dim() == 2 else torch.cat(parts)
+        return cat_rows(parts) if parts[0].dim() >= 2 else torch.cat(parts)
     return [x for part in parts for x in part]
 
 

@@ -81,7 +81,8 @@ def write_tool_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 1000, 
                        demo_flaws: float = 0.0) -> dict[str, Path]:
     """tool_sft_train/test (messages with tool calls; a fraction `demo_flaws` of train rows guess
     instead, marked "flaw") and rl_tool_train/test (prompts with answers; the RL training prompts are
-    not the demonstrated ones). Returns stem -> path."""
+    not the demonstrated ones, and carry the tool call a demonstration would start with as `response`).
+    Returns stem -> path."""
     if not 0.0 <= demo_flaws < 1.0:
         raise ValueError(f"demo_flaws must be in [0, 1), got {demo_flaws}")
     out = Path(out_dir)
@@ -98,7 +99,8 @@ def write_tool_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 1000, 
     records = {
         "tool_sft_train": sft_train,
         "tool_sft_test": [{"messages": demonstration(i), "family": FAMILY, "task": i.task} for i in s["test"]],
-        "rl_tool_train": [i.to_prompt() for i in s["rl"]],
+        # the first turn of a demonstration, a reference response for GKD's off-policy share (trainers/gkd.py)
+        "rl_tool_train": [i.to_prompt() | {"response": demonstration(i)[1]["content"]} for i in s["rl"]],
         "rl_tool_test": [i.to_prompt() for i in s["test"]],
     }
     return {name: atomic_write(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))

@@ -51,6 +51,7 @@ from rlhf_system.errors import cleanup
 from rlhf_system.models.load import load_tokenizer
 from rlhf_system.preemption import StopOnSignal
 from rlhf_system.tracking import Tracker
+from rlhf_system.trainers import gkd
 from rlhf_system.trainers.episodes import make_env_factory
 from rlhf_system.trainers.partial import PartialRollouts
 from rlhf_system.trainers.pipeline import Batch, RolloutPipeline
@@ -100,6 +101,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     rows = [prompt_row(r) for r in (train_ds.take(ROWS) if cfg.data.streaming
                                     else train_ds.select(range(min(ROWS, len(train_ds)))))]
     dry_run(rules, remote, rows, f"the first prompts of {cfg.data.train[0].path}")
+    if gkd.uses_data(cfg):
+        gkd.check_responses(cfg, tok, train_ds, rows, f"data.train ({sources(cfg.data.train)})")
     if train.per_epoch == 0:
         raise ConfigError(f"data.train has {len(train.ds)} prompts, fewer than train.rollout_batch_size="
                           f"{cfg.train.rollout_batch_size}. Fix: lower the rollout batch or add prompts")
@@ -182,6 +185,7 @@ def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, got, kl_coef:
     n = cfg.rollout.n_samples_per_prompt
     gen, scores, metrics = got.samples, got.scores, dict(got.metrics)
     exp = experience_of([p["prompt_ids"] for p in got.prompts], gen, prep.tokenizer.pad_token_id)
+    a = cfg.algorithm
     if cfg.algorithm.overlong_filter:  # DAPO: a response cut at the budget is left out of the loss
         keep = torch.tensor([g.finish_reason != "length" for g in gen], dtype=torch.float32)[:, None]
         exp.action_mask = keep.expand(len(gen), exp.T) * (exp.action_mask if exp.action_mask is not None else 1)
@@ -190,7 +194,10 @@ def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, got, kl_coef:
     calls = {}
     if needs_old_logprobs(cfg):
         calls["old"] = lambda: sharded(cfg, groups["actor"], "logprobs", exp)
-    if "reference" in groups:
+    use_gkd = a.estimator == "opd" and a.distill.loss == "gkd"
+    if use_gkd:  # the teacher's log-probs of the sampled tokens and its top-k distributions, one forward
+        calls["ref"] = lambda: sharded(cfg, groups["reference"], "teacher", exp, a.distill.topk)
+    elif "reference" in groups:
         calls["ref"] = lambda: sharded(cfg, groups["reference"], "logprobs", exp)
     if "critic" in groups:
         calls["values"] = lambda: sharded(cfg, groups["critic"], "values", exp)
@@ -198,8 +205,13 @@ def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, got, kl_coef:
     timer["time/inference"] = time.perf_counter() - t
 
     mask = exp.policy_mask
-    a = cfg.algorithm
-    old, ref = got.get("old"), got.get("ref")
+    old, ref, teacher = got.get("old"), got.get("ref"), None
+    if use_gkd:
+        ref, *teacher = ref
+    # GKD's off-policy rows (trainers/gkd.py): the data's response, which no policy sampled here
+    sampled = torch.tensor([not g.off_policy for g in gen], dtype=torch.float32)[:, None]
+    if not bool(sampled.all()):
+        exp.rollout_logprobs = torch.where(sampled.bool(), exp.rollout_logprobs, old)  # no sampler gap to correct
     # opd: the reference is the teacher, and the per-token log-ratio (k1) is the distillation reward
     kl_estimator = "k1" if a.estimator == "opd" else a.kl.estimator
     kl = kl_penalty(old, ref, kl_estimator, mask) if old is not None and ref is not None else None
@@ -208,9 +220,10 @@ def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, got, kl_coef:
     adv, returns = compute_advantages(
         a.estimator, scores=scores, mask=pack(mask, mask)[1], values=None if values is None else pack(values, mask)[0],
         kl=None if kl is None else pack(kl, mask)[0], kl_coef=kl_coef, kl_in_reward=a.kl.in_reward, gamma=a.gamma,
-        lam=a.lam, group_size=n, whiten_advantages=a.normalize_advantages, distill_coef=a.distill.coef,
+        lam=a.lam, group_size=n, whiten_advantages=a.normalize_advantages,
+        distill_coef=0.0 if use_gkd else a.distill.coef,  # gkd: the divergence is a loss of the actor's instead
         distill_discount=a.distill.discount, distill_reward_coef=a.distill.reward_coef)
-    adv, returns = unpack(adv, mask), None if returns is None else unpack(returns, mask)
+    adv, returns = unpack(adv, mask) * sampled, None if returns is None else unpack(returns, mask)
 
     metrics |= {
         "tokens": int(exp.prompt_lens.sum() + exp.response_lens.sum()),  # prompts + samples
@@ -224,11 +237,15 @@ def make_experiences(cfg: RunConfig, prep: Prepared, groups: dict, got, kl_coef:
         metrics["logprob_mismatch"] = (masked_mean((old - exp.rollout_logprobs).abs(), mask).item()
                                        if cfg.rollout.temperature > 0 else 0.0)
         if ref is not None:
-            metrics["kl"] = masked_sum(kl_penalty(old, ref, "k1", mask), mask, dim=-1).mean().item()  # nats/seq
-        if a.estimator == "opd":  # per token, as the distillation literature reports it
-            metrics["distill/reverse_kl"] = masked_mean(kl, mask).item()
+            rows = sampled[:, 0].bool()  # a KL of the policy: on its own samples (GKD: some rows are data's)
+            per_seq = masked_sum(kl_penalty(old, ref, "k1", mask), mask, dim=-1)[rows]
+            metrics["kl"] = per_seq.mean().item() if len(per_seq) else 0.0  # nats/seq
+        if a.estimator == "opd":  # per token, as the distillation literature reports it; sampled rows only
+            metrics["distill/reverse_kl"] = masked_mean(kl, mask * sampled).item()
     exp = exp.with_fields(old_logprobs=old, ref_logprobs=ref, values=got.get("values"), advantages=adv,
                           returns=returns)
+    if teacher:
+        exp = exp.with_fields(teacher_ids=teacher[0], teacher_logprobs=teacher[1])
     return exp, metrics
 
 

@@ -26,6 +26,7 @@ from rlhf_system.algorithms.grpo_family import informative_groups, overlong_pena
 from rlhf_system.config import RunConfig
 from rlhf_system.data.samples import Sample
 from rlhf_system.envs.metrics import episode_metrics
+from rlhf_system.trainers import gkd
 from rlhf_system.trainers.episodes import run_episodes
 
 ROUND_SEED = 1_000_003  # seed offset of each dynamic-sampling round: disjoint from the step's first
@@ -118,8 +119,11 @@ def sample_and_score(cfg: RunConfig, prep, groups: dict, rollout, prompts: list[
     for k in range(rounds):
         batch = prompts if k == 0 else more_prompts()
         t = time.perf_counter()
-        gen, ep_metrics = run_episodes(cfg, prep.tokenizer, rollout, batch, r.seed + 7919 * step + ROUND_SEED * k, prep.env,
-                              agent=prep.agent)
+        seed = r.seed + 7919 * step + ROUND_SEED * k
+        if gkd.uses_data(cfg):  # GKD's off-policy share: some groups take the data's response (one round)
+            gen, ep_metrics = gkd.mixed_episodes(cfg, prep.tokenizer, rollout, batch, seed, step, run_episodes)
+        else:
+            gen, ep_metrics = run_episodes(cfg, prep.tokenizer, rollout, batch, seed, prep.env, agent=prep.agent)
         timer["time/generate"] += time.perf_counter() - t
         per_sample = [batch[i // n] for i in range(len(gen))]
         if not r.dynamic_sampling:

@@ -81,6 +81,10 @@ def check_teacher_tokenizer(cfg: RunConfig) -> None:
                           f"student's in {len(differ)} tokens (e.g. {t!r}: {teacher.get(t)} vs {student.get(t)}); "
                           "on-policy distillation scores the student's token ids with the teacher. Fix: a "
                           "teacher with the student's tokenizer (the same model family)")
+    k = cfg.algorithm.distill.topk
+    if cfg.algorithm.distill.loss == "gkd" and k > len(teacher):
+        raise ConfigError(f"algorithm.distill.topk={k} but the teacher's vocabulary has {len(teacher)} tokens. "
+                          f"Fix: algorithm.distill.topk={min(32, len(teacher))}")
 
 
 def check_sync_bucket(cfg: RunConfig) -> None:

@@ -42,11 +42,14 @@ def sharded(cfg: RunConfig, group, method: str, exp: Experience, *args, by_rank:
     if by_rank:
         return wait
 
-    def in_row_order():
-        got = wait()
+    def unsort(got: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(got)
         out[perm] = got
         return out
+
+    def in_row_order():
+        got = wait()
+        return tuple(unsort(g) for g in got) if isinstance(got, tuple) else unsort(got)
 
     return in_row_order
 

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from rlhf_system.algorithms import grpo_family, losses
+from rlhf_system.algorithms.gkd import topk_jsd
 from rlhf_system.algorithms.kl import kl_penalty
 from rlhf_system.algorithms.logprobs import masked_mean, masked_sum
 from rlhf_system.data.experience import Experience
@@ -103,7 +104,10 @@ def actor_update(state: RoleState, exp: Experience, step: int, kl_coef: float) -
     def loss_fn(batch: Experience):
         dev = state.engine.device
         mask = batch.policy_mask.to(dev)
-        lp, ent = policy_forward(state.engine, batch, t, with_entropy=a.entropy_coef > 0, flat=flat)
+        gkd = batch.teacher_ids is not None
+        out = policy_forward(state.engine, batch, t, with_entropy=a.entropy_coef > 0, flat=flat,
+                             at_ids=batch.teacher_ids if gkd else None)
+        lp, ent = out[0], out[1]
         # One optimiser step per rollout: the policy is still the rollout-time one, so its own
         # log-probs, detached, are the old ones (the ratio is 1 in value, its gradient is the PG's).
         old = batch.old_logprobs.to(dev) if batch.old_logprobs is not None else lp.detach()
@@ -120,6 +124,11 @@ def actor_update(state: RoleState, exp: Experience, step: int, kl_coef: float) -
                                                                     if a.policy_loss == "ppo" else {}))
         metrics |= pg_metrics
         metrics["pg_loss"] = loss.item()
+        if gkd:  # GKD (algorithm.distill.loss=gkd): on every row, sampled by the student or not
+            jsd = topk_jsd(batch.teacher_logprobs.to(dev), out[2], a.distill.beta)
+            distill = losses.aggregate_loss(jsd, mask, a.loss_agg, norm_len)
+            loss = loss + a.distill.coef * distill
+            metrics["gkd_loss"] = distill.item()
         if ent is not None:
             entropy = masked_mean(ent, mask)
             loss = loss - a.entropy_coef * entropy

@@ -1,6 +1,7 @@
-"""ReferenceWorker: the frozen reference policy of the KL term, on one rank. Verbs: `setup`,
-`logprobs`. Inference only; ZeRO-3 sharded and CPU-offloaded when deepspeed.frozen_zero_stage /
-frozen_offload say so, 4-/8-bit with model.reference_quant."""
+"""ReferenceWorker: the frozen reference policy of the KL term (or on-policy distillation's teacher), on
+one rank. Verbs: `setup`, `logprobs`, `teacher` (GKD's teacher distributions). Inference only; ZeRO-3
+sharded and CPU-offloaded when deepspeed.frozen_zero_stage / frozen_offload say so, 4-/8-bit with
+model.reference_quant."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch.distributed as dist
 from rlhf_system.data.experience import Experience
 from rlhf_system.workers.actor import policy_logprobs
 from rlhf_system.workers.base import BaseWorker
-from rlhf_system.workers.update import RoleState
+from rlhf_system.workers.sequences import batched_topk, lengths, micro_batches, policy_topk
+from rlhf_system.workers.update import RoleState, temperature
 
 
 class ReferenceWorker(BaseWorker):
@@ -26,6 +28,16 @@ class ReferenceWorker(BaseWorker):
 
     def logprobs(self, exp: Experience) -> torch.Tensor:
         return policy_logprobs(self.state, exp)
+
+    def teacher(self, exp: Experience, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """GKD's teacher side, from one forward per micro-batch: the response tokens' log-probs (B, T) (as
+        `logprobs`), and the k most likely tokens (B, T, k) at each response position with their
+        log-probs (B, T, k), at the sampling temperature."""
+        cfg, st = self.state.cfg, self.state
+        flat = cfg.train.flat(cfg.model.attn_implementation)
+        st.engine.eval()
+        parts = micro_batches(cfg.train, lengths(exp), st.engine.device, st.world)
+        return batched_topk(lambda b: policy_topk(st.engine, b, k, temperature(cfg), flat=flat), exp, parts, k)
 
     def save_checkpoint(self, path: str) -> None:
         """Frozen: nothing changes, nothing to save (the weights are model.reference_path)."""

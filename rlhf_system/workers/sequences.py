@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_system.algorithms.gkd import logprobs_at, topk_logprobs
 from rlhf_system.algorithms.logprobs import entropy_from_logits, token_logprobs
 from rlhf_system.data.experience import Experience
 
@@ -41,8 +42,8 @@ class Flat:
         self.mask = batch.response_mask.bool()
 
     def scatter(self, values: torch.Tensor) -> torch.Tensor:
-        """(K,) per predicted token -> (B, T), 0 past each response."""
-        out = values.new_zeros(self.mask.shape)
+        """(K, ...) per predicted token -> (B, T, ...), 0 past each response."""
+        out = values.new_zeros(*self.mask.shape, *values.shape[1:])
         out[self.mask.to(values.device)] = values
         return out
 
@@ -56,10 +57,10 @@ def _flat_forward(engine, flat: Flat, **kwargs):
     return out
 
 
-def policy_forward(engine, batch: Experience, temperature: float = 1.0, with_entropy: bool = False,
-                   flat: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (B, T) of the response tokens under `engine`'s model at `temperature` (the sampling
-    temperature, so they are comparable with vLLM's), and optionally the per-token entropy.
+def _response_logits(engine, batch: Experience, flat: bool):
+    """The logits that predict the response tokens, the tokens, and two maps: per-token results of the
+    layout back to (B, T, ...), and (B, T, ...) inputs into the layout. Padded: (B, T, V) logits and
+    identities; flat: (1, K, V) logits, `Flat.scatter` and its inverse.
 
     Only the suffix of positions that predict some response token is projected to the vocabulary
     (`logits_to_keep`, the model's own forward, so logit soft-capping or scaling still apply): the
@@ -68,19 +69,39 @@ def policy_forward(engine, batch: Experience, temperature: float = 1.0, with_ent
     if flat:
         layout = Flat(batch)
         logits = _flat_forward(engine, layout, logits_to_keep=layout.at.to(engine.device)).logits  # (1, K, V)
-        ids = batch.response_ids[layout.mask][None].to(logits.device)
-        lp = layout.scatter(token_logprobs(logits, ids, temperature)[0])
-        ent = layout.scatter(entropy_from_logits(logits, temperature)[0]) if with_entropy else None
-        return lp, ent
+        return (logits, batch.response_ids[layout.mask][None].to(logits.device), lambda x: layout.scatter(x[0]),
+                lambda x: x[layout.mask][None])
     device = engine.device
     L = batch.sequences.shape[1]
     keep = L - max(0, int(batch.prompt_lens.min()) - 1)
     logits = engine(input_ids=batch.sequences.to(device), attention_mask=batch.attention_mask.to(device),
                     use_cache=False, logits_to_keep=keep).logits
     logits = _at_response(logits, batch.gather_index - (L - keep))
-    lp = token_logprobs(logits, batch.response_ids.to(device), temperature)
-    ent = entropy_from_logits(logits, temperature) if with_entropy else None
-    return lp, ent
+    return logits, batch.response_ids.to(device), lambda x: x, lambda x: x
+
+
+def policy_forward(engine, batch: Experience, temperature: float = 1.0, with_entropy: bool = False,
+                   flat: bool = False, at_ids: torch.Tensor | None = None):
+    """Log-probs (B, T) of the response tokens under `engine`'s model at `temperature` (the sampling
+    temperature, so they are comparable with vLLM's), and the per-token entropy (None unless
+    with_entropy). With `at_ids` (B, T, k), a third result: the log-probs (B, T, k) of those tokens at
+    each response position (GKD's student side, algorithms/gkd.py), from the same forward."""
+    logits, ids, back, to_layout = _response_logits(engine, batch, flat)
+    lp = back(token_logprobs(logits, ids, temperature))
+    ent = back(entropy_from_logits(logits, temperature)) if with_entropy else None
+    if at_ids is None:
+        return lp, ent
+    return lp, ent, back(logprobs_at(logits, to_layout(at_ids.to(logits.device)), temperature))
+
+
+def policy_topk(engine, batch: Experience, k: int, temperature: float = 1.0,
+                flat: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From one forward: the log-probs (B, T) of the response tokens, as `policy_forward`, and the k most
+    likely tokens (B, T, k) at each response position with their log-probs (B, T, k), at `temperature`
+    (GKD's teacher side, algorithms/gkd.py)."""
+    logits, ids, back, _ = _response_logits(engine, batch, flat)
+    top_ids, top_lps = topk_logprobs(logits, k, temperature)
+    return back(token_logprobs(logits, ids, temperature)), back(top_ids), back(top_lps)
 
 
 def value_forward(engine, batch: Experience, flat: bool = False) -> torch.Tensor:
@@ -138,6 +159,20 @@ def batched(fn, exp: Experience, parts: list[torch.Tensor]) -> torch.Tensor:
         vals = fn(exp.select(rows)).float().cpu()
         out[rows, :vals.shape[1]] = vals
     return out * exp.response_mask
+
+
+@torch.no_grad()
+def batched_topk(fn, exp: Experience, parts: list[torch.Tensor], k: int) -> tuple[torch.Tensor, ...]:
+    """`batched` for `fn(batch) -> (log-probs (b, t), top ids (b, t, k), top log-probs (b, t, k))`:
+    (B, T), (B, T, k), (B, T, k) in row order, 0 past each response."""
+    lp, ids, lps = torch.zeros(len(exp), exp.T), torch.zeros(len(exp), exp.T, k, dtype=torch.long), torch.zeros(
+        len(exp), exp.T, k)
+    for rows in parts:
+        a, b, c = fn(exp.select(rows))
+        t = a.shape[1]
+        lp[rows, :t], ids[rows, :t], lps[rows, :t] = a.float().cpu(), b.cpu(), c.float().cpu()
+    keep = exp.response_mask
+    return lp * keep, ids * keep[..., None].long(), lps * keep[..., None]
 
 
 def lengths(exp: Experience) -> torch.Tensor:

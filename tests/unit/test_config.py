@@ -277,8 +277,8 @@ def test_describe_prints_each_setting_with_what_it_does(tmp_path, capsys):
     assert main(["config", "--config", str(write(tmp_path, PPO)), "algorithm.distill.coef=2", "--describe",
                  "algorithm.distill"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [x.split(" = ")[0] for x in lines] == ["algorithm.distill.coef", "algorithm.distill.discount",
-                                                  "algorithm.distill.reward_coef"]
+    assert [x.split(" = ")[0] for x in lines] == ["algorithm.distill." + k for k in (
+        "coef", "discount", "reward_coef", "loss", "beta", "topk", "on_policy")]
     assert lines[0].startswith("algorithm.distill.coef = 2.0  # algorithm.estimator=opd: weight of")
     with pytest.raises(ConfigError, match="no setting starts with it"):
         from rlhf_system.config_files import describe

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhf_system.data.experience import Experience
-from rlhf_system.workers.sequences import Flat, policy_forward, value_forward
+from rlhf_system.workers.sequences import Flat, policy_forward, policy_topk, value_forward
 
 
 class Bare:
@@ -73,3 +73,33 @@ def test_critic_values_match(models):
         flat = value_forward(Bare(critic), exp, flat=True)
     mask = exp.response_mask.bool()
     torch.testing.assert_close(flat[mask], padded[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_gkd_teacher_and_student_sides_match_in_both_layouts(models):
+    """The teacher's top-k (policy_topk) and the student's log-probs of those tokens (policy_forward's
+    at_ids) are the same in both layouts, and are what the whole log-softmax at each position gives."""
+    from rlhf_system.algorithms.gkd import topk_jsd
+
+    policy, _, pad = models
+    exp, engine, mask = batch(pad), Bare(policy), batch(pad).response_mask.bool()
+    with torch.no_grad():
+        full = policy(input_ids=exp.sequences, attention_mask=exp.attention_mask).logits / 0.7
+        want = full.log_softmax(-1).gather(1, exp.gather_index[..., None].expand(-1, -1, full.shape[-1]))
+    got = {}
+    for flat in (False, True):
+        with torch.no_grad():
+            lp, ids, lps = policy_topk(engine, exp, 5, temperature=0.7, flat=flat)
+        policy.zero_grad()
+        lp2, _, at = policy_forward(engine, exp, temperature=0.7, flat=flat, at_ids=ids)
+        jsd = topk_jsd(lps, at, 0.5)
+        (jsd * exp.response_mask).sum().backward()
+        got[flat] = (lp, ids, lps, at.detach(), [p.grad.clone() for p in policy.parameters()])
+        torch.testing.assert_close(lp[mask], lp2.detach()[mask], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(lps[mask], want.topk(5, -1).values[mask], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(at[mask].detach(), want.gather(-1, ids)[mask], atol=1e-5, rtol=1e-5)
+    (lp0, ids0, lps0, at0, g0), (lp1, ids1, lps1, at1, g1) = got[False], got[True]
+    assert torch.equal(ids0[mask], ids1[mask])
+    for a, b in ((lp0, lp1), (lps0, lps1), (at0, at1)):
+        torch.testing.assert_close(b[mask], a[mask], atol=1e-5, rtol=1e-5)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
