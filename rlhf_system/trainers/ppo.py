@@ -270,7 +270,8 @@ def train(cfg: RunConfig, groups: dict, exp: Experience, step: int, kl_coef: flo
 def dump_rollouts(path: Path, step: int, exp: Experience, scored: Scored) -> None:
     """What this step trains on, one JSON line per sample: the prompt and response token ids as they sit
     in the Experience the workers get, the mask of the tokens the loss uses, the sampling log-probs, the
-    score, the scored text and, with partial rollouts, each token's policy version (logging.rollouts)."""
+    score, the scored text, with partial rollouts each token's policy version, and with GKD's off-policy
+    share whether the row is the data's response (logging.rollouts)."""
     mask = exp.policy_mask
     with open(path, "a") as f:
         for b in range(len(exp)):
@@ -279,7 +280,8 @@ def dump_rollouts(path: Path, step: int, exp: Experience, scored: Scored) -> Non
             f.write(json.dumps({"step": step + 1, "row": b, "prompt_ids": seq[:p], "response_ids": seq[p:],
                                 "trained_mask": mask[b, :r].int().tolist(),
                                 "logprobs": exp.rollout_logprobs[b, :r].tolist(), "score": float(scored.scores[b]),
-                                "text": scored.samples[b].text, "versions": scored.samples[b].versions}) + "\n")
+                                "text": scored.samples[b].text, "versions": scored.samples[b].versions,
+                                "off_policy": scored.samples[b].off_policy}) + "\n")
 
 
 def learn(cfg: RunConfig, prep: Prepared, groups: dict, sync, pipe, batch, step: int, kl_coef: float) -> dict:

@@ -91,7 +91,7 @@ def policy_forward(engine, batch: Experience, temperature: float = 1.0, with_ent
     ent = back(entropy_from_logits(logits, temperature)) if with_entropy else None
     if at_ids is None:
         return lp, ent
-    return lp, ent, back(logprobs_at(logits, to_layout(at_ids.to(logits.device)), temperature))
+    return lp, ent, back(logprobs_at(logits, to_layout(at_ids).to(logits.device), temperature))
 
 
 def policy_topk(engine, batch: Experience, k: int, temperature: float = 1.0,

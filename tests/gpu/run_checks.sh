@@ -18,8 +18,8 @@ cd "$ROOT"
 PY="${PYTHON:-python3}"
 
 # In the order they run: the cheap ones first, so a short budget still gets them.
-CHECKS=(fa2_packing sft rm dpo families rollout_tokens_per_s grpo_colocated grpo_nccl)
-declare -A LIMIT=([fa2_packing]=90 [sft]=120 [rm]=120 [dpo]=120 [families]=150 [rollout_tokens_per_s]=150
+CHECKS=(fa2_packing gkd_forward sft rm dpo families rollout_tokens_per_s grpo_colocated grpo_nccl)
+declare -A LIMIT=([fa2_packing]=90 [gkd_forward]=60 [sft]=120 [rm]=120 [dpo]=120 [families]=150 [rollout_tokens_per_s]=150
                   [grpo_colocated]=240 [grpo_nccl]=240)
 if [[ -n "${RLHF_GPU_CHECKS_ONLY:-}" ]]; then read -r -a CHECKS <<< "$RLHF_GPU_CHECKS_ONLY"; fi
 BUDGET="${RLHF_GPU_CHECKS_BUDGET_S:-440}"

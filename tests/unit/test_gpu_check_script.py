@@ -10,7 +10,8 @@ from pathlib import Path
 from tests.gpu.checks.common import finite_and_down, missing_import
 
 REPO = Path(__file__).resolve().parents[2]
-CHECKS = {"sft", "rm", "dpo", "families", "grpo_nccl", "grpo_colocated", "fa2_packing", "rollout_tokens_per_s"}
+CHECKS = {"sft", "rm", "dpo", "families", "grpo_nccl", "grpo_colocated", "fa2_packing", "gkd_forward",
+          "rollout_tokens_per_s"}
 
 
 def test_without_cuda_every_check_skips_with_a_reason():
