@@ -28,13 +28,17 @@ def logits_of(model, ids):
 
 
 @pytest.mark.parametrize("quant,atol", [("none", 1e-4), ("4bit", 2e-2)])
-def test_lora_and_qlora_train_and_merge(quant, atol, small_model, synthetic_dir, tmp_path):
+def test_lora_and_qlora_train_and_merge(quant, atol, small_model, family_models, synthetic_dir, tmp_path):
+    """LoRA on the Qwen2.5 family model (its chat template and attention biases: the family's `rlhf train`
+    run), QLoRA on the kit's small model."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from rlhf_system.config import PeftConfig
     from rlhf_system.models.load import quantization_config
 
+    if quant == "none":
+        small_model = family_models["qwen2.5"]
     out = train_sft(small_model["policy"], synthetic_dir, tmp_path / "run", f"peft.quant.load_in={quant}")
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "run" / "result.json").read_text())
