@@ -190,8 +190,8 @@ def test_gkd_on_a_mix_of_student_samples_and_data_responses_closes_the_gap(tool_
     loss = [r["actor/gkd_loss"] for r in steps]
     print(json.dumps({"held_out_reverse_kl": kl, "gkd_loss": loss, "off_policy": [r["gkd/off_policy"] for r in steps]}))
     # Measured (deterministic, CPU fp32, AMD EPYC AVX2, 2026-12-06), these 8 steps: held-out reverse KL per
-    # token 0.01036 -> 0.00172 (0.17x; the same student and teacher under partial-cpu.yaml's sampled
-    # reward: 0.41x); GKD loss 0.0019 -> 0.0003; off-policy share 0.375-0.875 per step, 0.58 in all.
+    # token 0.01036 -> 0.00172 (0.17x; partial-cpu.yaml's sampled reward with partial rollouts, same
+    # student and teacher: 0.41x); GKD loss 0.0019 -> 0.0003; off-policy share 0.375-0.875 per step, 0.58 in all.
     assert kl[1] <= 0.4 * kl[0], kl
     assert len(steps) == 8 and sum(loss[-3:]) < 0.8 * sum(loss[:3]), loss
     share = sum(r["gkd/off_policy"] for r in steps) / len(steps)
