@@ -86,7 +86,7 @@ def cmd_check_model(args) -> int:
     from rlhf_system.models.load import check_model_path
 
     path = check_model_path(args.path, "PATH")
-    report = check_model(path, vllm=not args.no_vllm)
+    report = check_model(path, vllm=not args.no_vllm, rm=not args.no_rm)
     for c in report["checks"]:
         mark = "ok  " if c["ok"] else ("note" if c["name"] in ADVICE else "FAIL")
         print(f"[check-model] {mark} {c['name']:<9} {c['detail']}", file=sys.stderr)
@@ -271,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-model", help="check a model before a long run: template, masks, LoRA, vLLM, sync")
     p.add_argument("path", help="a Hugging Face model folder")
     p.add_argument("--no-vllm", action="store_true", help="skip the engine checks (vllm, parity, sync, export)")
+    p.add_argument("--no-rm", action="store_true", help="skip the RM step, which loads a second copy of the weights "
+                   "(a sequence classifier): for a model that fits memory only once")
     p.set_defaults(func=cmd_check_model)
 
     p = sub.add_parser("config", help="print the resolved config after validation")

@@ -154,8 +154,10 @@ def _train_step(model, seed: int = 0) -> list[tuple[str, object]]:
             for pair in unflatten(buf, bucket)]
 
 
-def check_model(path: str, vllm: bool = True, tol: float | None = None) -> dict:
-    """The report (module docstring). `vllm` False skips the engine checks (a machine without vLLM)."""
+def check_model(path: str, vllm: bool = True, tol: float | None = None, rm: bool = True) -> dict:
+    """The report (module docstring). `vllm` False skips the engine checks (a machine without vLLM); `rm`
+    False skips the RM step, which loads a second copy of the weights as a classifier (a large model's
+    memory twice, for a few seconds)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -197,7 +199,8 @@ def check_model(path: str, vllm: bool = True, tol: float | None = None) -> dict:
     chosen = PROBE[:3]
     rejected = [*PROBE[:2], {"role": "assistant", "content": "12 + 30 = 24."}]
     rep.run("sft", lambda: sft_step(model, tok, [PROBE, chosen]))
-    rep.run("rm", lambda: rm_step(path, tok, chosen, rejected, model.dtype, model.device))
+    if rm:
+        rep.run("rm", lambda: rm_step(path, tok, chosen, rejected, model.dtype, model.device))
     return rep.doc
 
 

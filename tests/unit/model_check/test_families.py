@@ -5,6 +5,8 @@ improve their losses. The families' own quirks are reported as the real template
 Qwen3's dropped reasoning, Gemma's and Phi-3's missing tool turns, Phi-3's fused projections. The
 engine checks (vLLM load, parity, GRPO step, weight sync) are in tests/integration/test_families.py."""
 
+import json
+
 import pytest
 
 from rlhf_system.model_check.report import check_model
@@ -77,3 +79,12 @@ def test_a_broken_template_fails_the_check(tiny_families, tmp_path):
 def test_unknown_family_is_one_line():
     with pytest.raises(ValueError, match="unknown model family 'llama9'; known: tiny"):
         family("llama9")
+
+
+def test_no_rm_skips_the_classifier_copy(tiny_families, capsys):
+    """`--no-rm`: the RM step (a second copy of the weights) is left out; the other checks still run."""
+    from rlhf_system.cli import main
+
+    assert main(["check-model", str(tiny_families["qwen3"]), "--no-vllm", "--no-rm"]) == 0
+    names = [c["name"] for c in json.loads(capsys.readouterr().out)["checks"]]
+    assert "rm" not in names and "sft" in names and "lora" in names, names
