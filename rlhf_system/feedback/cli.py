@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
     m.add_argument("--samples", type=int, default=1, help="samples per model and prompt (with --models)")
     m.add_argument("--limit", type=int, default=0, help="the first N prompts (0: all)")
     m.add_argument("--max-new-tokens", type=int, default=32)
+    m.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default: greedy for --samples 1, 1.0 for more)")
     m.add_argument("--backend", choices=["vllm", "hf"], default="vllm")
     m.add_argument("--seed", type=int, default=0)
 
@@ -94,6 +96,11 @@ def make_tasks(args) -> list:
     from rlhf_system.models.generate import sample
     from rlhf_system.models.load import check_model_path
 
+    temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 1.0)
+    if temperature < 0 or (temperature == 0 and args.samples > 1):
+        raise DataError(f"make-tasks --temperature {temperature} with --samples {args.samples}: "
+                        + ("a temperature is >= 0" if temperature < 0 else "greedy decoding gives the same response "
+                           "each time") + ". Fix: --temperature 1.0 (or --samples 1)")
     prompts = load_prompts(args.prompts, args.limit)
     models = _models(args.models)
     for name, path in models.items():
@@ -103,7 +110,7 @@ def make_tasks(args) -> list:
     rows = []
     for name, path in models.items():
         texts = sample(path, [p["prompt"] for p in repeated], args.max_new_tokens, args.backend,
-                       temperature=0.0 if args.samples == 1 else 1.0)
+                       temperature=temperature)
         rows += [{"prompt": p["prompt"], "response": t, "model": name,
                   "meta": {k: v for k, v in p.items() if k != "prompt"}} for p, t in zip(repeated, texts)]
     return tasks_from_responses(rows, args.k, args.seed, args.prompts)
