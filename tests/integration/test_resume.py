@@ -4,7 +4,9 @@ SFT, RM and DPO are killed (SIGKILL to the whole process group) as soon as the f
 published; PPO's controller is SIGKILLed alone (GAE: no process or port may outlive it) or preempted
 with SIGTERM (GRPO: it checkpoints and exits 0). The resumed run picks the latest complete checkpoint
 (`checkpoint.resume=auto`) and must log the same metrics for every later step and end with the same
-parameters as the straight run, within 1e-6 (CPU, fp32).
+parameters as the straight run, within 1e-6 (CPU, fp32). The straight runs go through the same command
+lines in one long-lived process (cli_host.py: no imports or Ray start-up per run); the interrupted and
+resumed runs are fresh `rlhf` processes.
 """
 
 import json
@@ -20,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf_system.checkpoint import complete_checkpoints
+from tests.integration.cli_host import CliHost
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -39,6 +42,15 @@ def command(mode: str, model: Path, data: Path, run_dir: Path, *extra: str) -> l
 def run(cmd: list[str]) -> None:
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def straight_host(tmp_path_factory):
+    """The straight (uninterrupted) runs' process: `rlhf` command lines through cli.main, one after another,
+    on one Ray cluster (cli_host.py), so that each pays no imports and no Ray start-up. The interrupted and
+    the resumed runs are fresh `rlhf` processes, as a user's are."""
+    with CliHost(tmp_path_factory.mktemp("straight-host") / "log") as host:
+        yield host
 
 
 def kill_after_first_checkpoint(cmd: list[str], run_dir: Path) -> int:
@@ -99,12 +111,12 @@ def assert_same_metrics(straight: Path, broken: Path, after_step: int) -> None:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_kill_and_resume_matches_straight_run(case, small_model, synthetic_dir, untidy_dir, tmp_path):
+def test_kill_and_resume_matches_straight_run(case, straight_host, small_model, synthetic_dir, untidy_dir, tmp_path):
     mode, extra = CASES[case]
     model = small_model[MODEL_FOR[mode]]
     synthetic_dir = data_for(extra, synthetic_dir, untidy_dir)
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    run(command(mode, model, synthetic_dir, straight, *extra))
+    straight_host.run(command(mode, model, synthetic_dir, straight, *extra)[3:])
 
     killed_at = kill_after_first_checkpoint(command(mode, model, synthetic_dir, broken, *extra), broken)
     assert 0 < killed_at < N_STEPS, killed_at
@@ -232,7 +244,8 @@ def _alive(procs: dict[int, float]) -> list:
 
 
 @pytest.mark.parametrize("estimator", ["gae", "grpo", "partial"])
-def test_ppo_interrupt_and_resume_matches_straight_run(estimator, small_model, synthetic_dir, untidy_dir, tmp_path):
+def test_ppo_interrupt_and_resume_matches_straight_run(estimator, straight_host, small_model, synthetic_dir,
+                                                       untidy_dir, tmp_path):
     """GAE: the controller is SIGKILLed after its step-2 checkpoint and leaves no process or port behind.
     GRPO (streamed prompts, adaptive KL): it is preempted (SIGTERM) after step 1, checkpoints that step
     and exits 0. Then resume=auto:
@@ -242,7 +255,7 @@ def test_ppo_interrupt_and_resume_matches_straight_run(estimator, small_model, s
     model = small_model["policy"]
     extra = PPO_EXTRA[estimator]
     synthetic_dir = data_for(extra, synthetic_dir, untidy_dir)
-    run(ppo_command(estimator, model, synthetic_dir, straight, *extra))
+    straight_host.run(ppo_command(estimator, model, synthetic_dir, straight, *extra)[3:])
     if estimator == "gae":
         stopped_at = kill_controller_after_first_checkpoint(
             ppo_command(estimator, model, synthetic_dir, broken, *extra), broken)
