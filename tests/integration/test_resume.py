@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,15 @@ def command(mode: str, model: Path, data: Path, run_dir: Path, *extra: str) -> l
 def run(cmd: list[str]) -> None:
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def resume_beside_straight(host: CliHost, straight: list[str], resumed: list[str]) -> None:
+    """The resumed run (a fresh `rlhf` process) and the straight run (in the host) at the same time: two
+    independent runs, each on its own Ray cluster, so that the one's idle moments are the other's."""
+    with ThreadPoolExecutor(1) as pool:
+        reference = pool.submit(host.run, straight[3:])
+        run(resumed)
+        reference.result()
 
 
 @pytest.fixture(scope="module")
@@ -116,12 +126,11 @@ def test_kill_and_resume_matches_straight_run(case, straight_host, small_model, 
     model = small_model[MODEL_FOR[mode]]
     synthetic_dir = data_for(extra, synthetic_dir, untidy_dir)
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    straight_host.run(command(mode, model, synthetic_dir, straight, *extra)[3:])
-
     killed_at = kill_after_first_checkpoint(command(mode, model, synthetic_dir, broken, *extra), broken)
     assert 0 < killed_at < N_STEPS, killed_at
     assert not (broken / "hf").exists()  # it really died before finishing
-    run(command(mode, model, synthetic_dir, broken, *extra, "checkpoint.resume=auto"))
+    resume_beside_straight(straight_host, command(mode, model, synthetic_dir, straight, *extra),
+                           command(mode, model, synthetic_dir, broken, *extra, "checkpoint.resume=auto"))
 
     a, b = load_file(straight / "hf" / "model.safetensors"), load_file(broken / "hf" / "model.safetensors")
     assert a.keys() == b.keys()
@@ -255,7 +264,6 @@ def test_ppo_interrupt_and_resume_matches_straight_run(estimator, straight_host,
     model = small_model["policy"]
     extra = PPO_EXTRA[estimator]
     synthetic_dir = data_for(extra, synthetic_dir, untidy_dir)
-    straight_host.run(ppo_command(estimator, model, synthetic_dir, straight, *extra)[3:])
     if estimator == "gae":
         stopped_at = kill_controller_after_first_checkpoint(
             ppo_command(estimator, model, synthetic_dir, broken, *extra), broken)
@@ -265,7 +273,8 @@ def test_ppo_interrupt_and_resume_matches_straight_run(estimator, straight_host,
         kept = json.loads((complete_checkpoints(broken / "checkpoints")[0] / "pipeline.json").read_text())
         assert kept["carry"]["pool"] and kept["carry"]["next_uid"] > 8, kept["carry"]["next_uid"]
     assert 0 < stopped_at < PPO_STEPS and not (broken / "hf").exists()
-    run(ppo_command(estimator, model, synthetic_dir, broken, *extra, "checkpoint.resume=auto"))
+    resume_beside_straight(straight_host, ppo_command(estimator, model, synthetic_dir, straight, *extra),
+                           ppo_command(estimator, model, synthetic_dir, broken, *extra, "checkpoint.resume=auto"))
 
     assert_same_metrics(straight, broken, stopped_at)
     if estimator == "partial":  # the same samples, token for token, versions included
