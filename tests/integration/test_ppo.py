@@ -4,11 +4,37 @@ with REINFORCE++, test_resume.py and test_rl_learning.py with GRPO); resume equi
 the adaptive KL state (test_resume.py); an engine and a reward server dying mid-run (test_reward_server.py)."""
 
 import json
+import subprocess
 from pathlib import Path
+
+import pytest
+
+BENCH = "test_bench_ppo_prints_phases_rollout_and_sync"
 
 
 def _metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def bench_ppo(request, family_models, synthetic_dir, tmp_path_factory):
+    """`rlhf bench ppo --steps 1` (GRPO on a tiny Qwen3, models/families.py), started with the module when its
+    test is selected, so that it runs beside the five-role run (one run leaves about a third of 2 cores
+    idle); the bench test then waits for it and checks its output."""
+    if not any(item.name == BENCH for item in request.session.items):
+        yield None
+        return
+    from tests.integration.conftest import REPO
+
+    tmp = tmp_path_factory.mktemp("bench-ppo")
+    cmd = _ppo_cli(family_models["qwen3"], synthetic_dir, tmp / "run")
+    cmd[3:5] = ["bench", "ppo", "--steps", "1"]  # train ppo -> bench ppo --steps 1
+    with open(tmp / "stdout", "w") as out, open(tmp / "stderr", "w") as err:  # files: no pipe to fill up
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+    yield proc, tmp
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=60)
 
 
 def test_shipped_ppo_config_one_step_with_all_five_roles(family_models, synthetic_dir, tmp_path):
@@ -58,19 +84,14 @@ def _ppo_cli(small_model, d, run_dir, *extra: str) -> list[str]:
             "logging.console=false", "placement.call_timeout_s=240", *extra]
 
 
-def test_bench_ppo_prints_phases_rollout_and_sync(family_models, synthetic_dir, tmp_path):
+def test_bench_ppo_prints_phases_rollout_and_sync(bench_ppo):
     """`rlhf bench ppo` prints JSON (a benchmark, not a timed test: only the shape and sanity are checked).
-    GRPO on a tiny Qwen3 (q/k norms, its own chat template; models/families.py)."""
-    small_model = family_models["qwen3"]
-    import subprocess
-
-    from tests.integration.conftest import REPO
-
-    cmd = _ppo_cli(small_model, synthetic_dir, tmp_path)
-    cmd[3:5] = ["bench", "ppo", "--steps", "1"]  # train ppo -> bench ppo --steps 1
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout)  # stdout is the JSON alone (logs go to stderr)
+    GRPO on a tiny Qwen3 (q/k norms, its own chat template; models/families.py). Started by the bench_ppo
+    fixture."""
+    proc, tmp = bench_ppo
+    proc.wait(timeout=600)
+    assert proc.returncode == 0, (tmp / "stderr").read_text()[-3000:]
+    report = json.loads((tmp / "stdout").read_text())  # stdout is the JSON alone (logs go to stderr)
     assert set(report["phases"]) == {"generate", "reward", "inference", "train", "sync"}
     assert abs(sum(p["seconds"] for p in report["phases"].values()) - report["step_s"]) < 0.5 * report["step_s"]
     for backend in ("vllm", "hf_generate"):
