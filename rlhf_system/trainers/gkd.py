@@ -32,14 +32,15 @@ def off_policy_groups(cfg: RunConfig, step: int, groups: int) -> list[bool]:
     return [random.Random(f"{cfg.seed}/gkd/{step}/{g}").random() >= lam for g in range(groups)]
 
 
-def reference_response(tokenizer, template: str, row: dict, key: str, max_new_tokens: int) -> Sample:
+def reference_response(tokenizer, template: str, row: dict, key: str, max_new_tokens: int,
+                       where: str = "") -> Sample:
     """The prompt row's reference response as the student would have produced it: the tokens the chat
     template puts after the prompt's generation prompt, up to and including the end-of-turn (eos) token
     where the engine would stop, cut at the generation budget."""
     from rlhf_system.data.tokenize import render_conversation, render_prompt
 
     response = row["meta"].get(key)
-    where = f"prompt {str(row['messages'])[:80]!r}"
+    where = where or f"prompt {str(row['messages'])[:80]!r}"
     if not isinstance(response, str) or not response:
         raise DataError(f"{where}: algorithm.distill.on_policy < 1 trains on each prompt's reference response, but "
                         f"the record has no '{key}' text. Fix: add it (data.keys.response names the key)")
@@ -63,8 +64,9 @@ def check_responses(cfg: RunConfig, tokenizer, ds, rows: list[dict], where: str)
     every record of a map-style dataset has one (a stream is checked as it is read)."""
     import json
 
-    for row in rows:
-        reference_response(tokenizer, cfg.data.template, row, cfg.data.keys.response, cfg.rollout.max_new_tokens)
+    for i, row in enumerate(rows):
+        reference_response(tokenizer, cfg.data.template, row, cfg.data.keys.response, cfg.rollout.max_new_tokens,
+                           f"{where}, prompt {i}")
     if cfg.data.streaming:
         return
     key = cfg.data.keys.response

@@ -110,6 +110,12 @@ ENV_NEEDS_ARG = "class Env:\n    def __init__(self, level):\n        pass\n"
 NO_TOOL_TEMPLATE = ("{% for m in messages %}{% if m['role'] in ['user', 'assistant'] %}{{ m['role'] + ': ' + "
                     "m['content'] + '\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
 
+def gkd_args(c: Ctx) -> list[str]:
+    """GKD distilling the test model into itself (a teacher with the same tokenizer)."""
+    return ["algorithm.estimator=opd", "algorithm.kl.coef=0", f"model.reference_path={c.model['policy']}",
+            "algorithm.distill.loss=gkd", "algorithm.distill.topk=8"]
+
+
 CASES = [
     # ---------------------------------------------------------------- config
     Case("config_missing", lambda c: ["train", "sft", "--config", str(c.path("nope.yaml"))], "config file not found"),
@@ -178,6 +184,10 @@ CASES = [
          "model.reward_path"),
     Case("rm_head_mismatch", lambda c: c.train("rm", "algorithm.rm.head=classifier"), "algorithm.rm.head=classifier"),
     Case("sync_bucket_too_small", lambda c: c.train("ppo", "rollout.sync_bucket_mb=0.01"), "sync_bucket_mb"),
+    Case("gkd_topk_over_vocab", lambda c: c.train("ppo", *gkd_args(c), "algorithm.distill.topk=5000"),
+         "algorithm.distill.topk=5000 but the teacher's vocabulary has"),
+    Case("gkd_no_reference_response", lambda c: c.train("ppo", *gkd_args(c), "algorithm.distill.on_policy=0.5"),
+         "has no 'response' text"),
     # ---------------------------------------------------------------- environments and tools
     Case("env_unknown", lambda c: c.train("ppo", "rollout.env=gym"), "unknown environment 'gym' (rollout.env)"),
     Case("env_file_missing", lambda c: c.train("ppo", f"rollout.env={c.path('e.py')}:Env"), "e.py not found"),
