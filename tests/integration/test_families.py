@@ -5,14 +5,39 @@ the engine's samples, weight sync parity, export), and the MoE through the whole
 5's fused expert tensors must go out under their checkpoint names."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from rlhf_system.models.families import FAMILIES
-from tests.integration.conftest import ppo_config, rlhf
+from tests.integration.conftest import REPO, ppo_config, rlhf, train_args
 
 TOL = 1e-4
+SFT = "test_sft_runs_on_a_family_through_the_trainer"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gemma3_sft(request, family_models, synthetic_dir, tmp_path_factory):
+    """`rlhf train sft` on the tiny Gemma-3 (the SFT test's run), started with the module when that test is
+    selected, so that it runs beside the in-process checks (they leave about half of 2 cores idle); the
+    test then waits for it. Yields (process, run folder, log folder)."""
+    if not any(item.name == SFT for item in request.session.items):
+        yield None
+        return
+    tmp = tmp_path_factory.mktemp("gemma3-sft")
+    run = tmp / "sft"
+    cmd = [sys.executable, "-m", "rlhf_system.cli",
+           *train_args("sft", "configs/sft/tiny-cpu.yaml", family_models["gemma3"]["policy"], run,
+                       synthetic_dir / "sft_train.jsonl", synthetic_dir / "sft_test_seen.jsonl", "train.max_steps=6",
+                       "placement.actor=2", "train.eval_every=0", "train.max_eval_samples=32")]
+    with open(tmp / "stdout", "w") as out, open(tmp / "stderr", "w") as err:  # files: no pipe to fill up
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+    yield proc, run, tmp
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=60)
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -102,17 +127,15 @@ def test_moe_weights_reach_the_engine_through_the_sync_and_the_zero3_export(ray_
         engine.shutdown()
 
 
-def test_sft_runs_on_a_family_through_the_trainer(family_models, synthetic_dir, tmp_path):
+def test_sft_runs_on_a_family_through_the_trainer(gemma3_sft):
     """`rlhf train sft` (Ray, DeepSpeed ZeRO-2, two workers) on a tiny Gemma-3, whose template folds the
-    system prompt into the first user turn: the loss falls over the steps and the export loads."""
+    system prompt into the first user turn: the loss falls over the steps and the export loads. The run
+    is the gemma3_sft fixture's."""
     from transformers import AutoModelForCausalLM
 
-    from tests.integration.conftest import train_args
-
-    run = tmp_path / "sft"
-    rlhf(*train_args("sft", "configs/sft/tiny-cpu.yaml", family_models["gemma3"]["policy"], run,
-                     synthetic_dir / "sft_train.jsonl", synthetic_dir / "sft_test_seen.jsonl", "train.max_steps=6",
-                     "placement.actor=2", "train.eval_every=0", "train.max_eval_samples=32"))
+    proc, run, logs = gemma3_sft
+    proc.wait(timeout=900)
+    assert proc.returncode == 0, (logs / "stderr").read_text()[-3000:]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 6 and losses[-1] < losses[0], losses
