@@ -23,6 +23,29 @@ def head():
     stop_cluster(cluster)
 
 
+TASK_SCALING = "test_task_scaling_experiment_runs_as_a_ray_job"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def task_scaling_job(request, head, tmp_path_factory):
+    """The task-scaling experiment's launcher (test_task_scaling_...), started with the module when that
+    test is selected, so that its job runs beside the other tests' jobs (the head has CPU slots for both;
+    a run leaves part of 2 cores idle). Yields (launcher process, its log folder, the output folder)."""
+    if not any(item.name == TASK_SCALING for item in request.session.items):
+        yield None
+        return
+    tmp = tmp_path_factory.mktemp("task-scaling")
+    out_dir = tmp / "out"
+    cmd = ["bash", "launch/ray_submit.sh", "--address", head.dashboard_url, "--no-upload", "--", "rlhf", "experiment",
+           "task-scaling", "--smoke", "--seeds", "0", "--counts", "1", "--out", str(out_dir)]
+    with open(tmp / "stdout", "w") as out, open(tmp / "stderr", "w") as err:  # files: no pipe to fill up
+        proc = subprocess.Popen(cmd, cwd=REPO, env=head.env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+    yield proc, tmp, out_dir
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=60)
+
+
 def submit(head, *args, timeout=600) -> tuple[subprocess.CompletedProcess, str]:
     """Run the launcher; returns the finished process and the job's submission id."""
     cmd = ["bash", "launch/ray_submit.sh", "--address", head.dashboard_url, *args]
@@ -89,18 +112,20 @@ def test_failed_job_exits_nonzero_with_our_message(head):
     assert f"job {job_id}: FAILED" in out.stderr
 
 
-def test_task_scaling_experiment_runs_as_a_ray_job(head, tmp_path):
+def test_task_scaling_experiment_runs_as_a_ray_job(head, task_scaling_job):
     """`rlhf experiment task-scaling --smoke` through the launcher: the SFT point runs as a Ray actor of
     the job (RAY_ADDRESS is set), a JSON line per point reaches the launcher's stdout, and the folder holds
-    the results, the table and the plot."""
-    out_dir = tmp_path / "task-scaling"
-    out, job_id = submit(head, "--no-upload", "--", "rlhf", "experiment", "task-scaling", "--smoke", "--seeds", "0",
-                         "--counts", "1", "--out", str(out_dir))
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert job_status(head, job_id) == "SUCCEEDED"
+    the results, the table and the plot. The launcher is the task_scaling_job fixture's."""
+    proc, logs, out_dir = task_scaling_job
+    proc.wait(timeout=600)
+    stdout, stderr = (logs / "stdout").read_text(), (logs / "stderr").read_text()
+    ids = re.findall(r"\[ray_submit\] job (rlhf-\S+)", stderr)
+    assert ids, stdout[-2000:] + stderr[-3000:]
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert job_status(head, ids[0]) == "SUCCEEDED"
     rows = [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines()]
     assert [(r["k"], r["seed"]) for r in rows] == [(0, 0), (1, 0)]
-    streamed = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    streamed = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     assert streamed == rows
     assert rows[1]["steps"] > 0 and len(rows[1]["families"]) == 1
     assert (out_dir / "task_scaling.png").stat().st_size > 0
