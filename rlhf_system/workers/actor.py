@@ -15,7 +15,7 @@ from rlhf_system.algorithms.kl import kl_penalty
 from rlhf_system.algorithms.logprobs import masked_mean, masked_sum
 from rlhf_system.data.experience import Experience
 from rlhf_system.workers.base import BaseWorker
-from rlhf_system.workers.sequences import batched, lengths, micro_batches, policy_forward
+from rlhf_system.workers.sequences import batched, lengths, micro_batches, policy_forward, policy_topk
 from rlhf_system.workers.update import RoleState, one_optimizer_step, run_update, temperature
 
 
@@ -71,12 +71,16 @@ class ActorWorker(BaseWorker):
         self._ws = None
 
 
-def policy_logprobs(state: RoleState, exp: Experience) -> torch.Tensor:
-    """Response log-probs of a frozen-for-now policy (actor old log-probs, reference log-probs)."""
+def policy_logprobs(state: RoleState, exp: Experience, topk: int = 0):
+    """Response log-probs (B, T) of a frozen-for-now policy (actor old log-probs, reference log-probs).
+    topk > 0 (GKD's teacher): also its k most likely tokens (B, T, k) at each response position and their
+    log-probs (B, T, k), from the same forward."""
     cfg = state.cfg
     t, flat = temperature(cfg), cfg.train.flat(cfg.model.attn_implementation)
     state.engine.eval()
     parts = micro_batches(cfg.train, lengths(exp), state.engine.device, state.world)
+    if topk:
+        return batched(lambda b: policy_topk(state.engine, b, topk, t, flat=flat), exp, parts)
     return batched(lambda b: policy_forward(state.engine, b, t, flat=flat)[0], exp, parts)
 
 

@@ -11,8 +11,7 @@ import torch.distributed as dist
 from rlhf_system.data.experience import Experience
 from rlhf_system.workers.actor import policy_logprobs
 from rlhf_system.workers.base import BaseWorker
-from rlhf_system.workers.sequences import batched_topk, lengths, micro_batches, policy_topk
-from rlhf_system.workers.update import RoleState, temperature
+from rlhf_system.workers.update import RoleState
 
 
 class ReferenceWorker(BaseWorker):
@@ -33,11 +32,7 @@ class ReferenceWorker(BaseWorker):
         """GKD's teacher side, from one forward per micro-batch: the response tokens' log-probs (B, T) (as
         `logprobs`), and the k most likely tokens (B, T, k) at each response position with their
         log-probs (B, T, k), at the sampling temperature."""
-        cfg, st = self.state.cfg, self.state
-        flat = cfg.train.flat(cfg.model.attn_implementation)
-        st.engine.eval()
-        parts = micro_batches(cfg.train, lengths(exp), st.engine.device, st.world)
-        return batched_topk(lambda b: policy_topk(st.engine, b, k, temperature(cfg), flat=flat), exp, parts, k)
+        return policy_logprobs(self.state, exp, topk=k)
 
     def save_checkpoint(self, path: str) -> None:
         """Frozen: nothing changes, nothing to save (the weights are model.reference_path)."""

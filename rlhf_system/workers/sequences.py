@@ -151,28 +151,24 @@ def micro_batches(train, lengths: torch.Tensor, device, world: int) -> list[torc
 
 
 @torch.no_grad()
-def batched(fn, exp: Experience, parts: list[torch.Tensor]) -> torch.Tensor:
-    """Run `fn(batch) -> (b, t)` over the micro-batches `parts` (row indices of `exp`, `micro_batches`);
-    returns (B, T) in row order, 0 past each response."""
-    out = torch.zeros(len(exp), exp.T)
+def batched(fn, exp: Experience, parts: list[torch.Tensor]):
+    """Run `fn(batch)` over the micro-batches `parts` (row indices of `exp`, `micro_batches`); fn gives a
+    (b, t, ...) tensor or a tuple of them, and the result is (B, T, ...) each, in row order, on the CPU,
+    0 past each response (floats as float32, ids as they are)."""
+    outs = None
     for rows in parts:
-        vals = fn(exp.select(rows)).float().cpu()
-        out[rows, :vals.shape[1]] = vals
-    return out * exp.response_mask
-
-
-@torch.no_grad()
-def batched_topk(fn, exp: Experience, parts: list[torch.Tensor], k: int) -> tuple[torch.Tensor, ...]:
-    """`batched` for `fn(batch) -> (log-probs (b, t), top ids (b, t, k), top log-probs (b, t, k))`:
-    (B, T), (B, T, k), (B, T, k) in row order, 0 past each response."""
-    lp, ids, lps = torch.zeros(len(exp), exp.T), torch.zeros(len(exp), exp.T, k, dtype=torch.long), torch.zeros(
-        len(exp), exp.T, k)
-    for rows in parts:
-        a, b, c = fn(exp.select(rows))
-        t = a.shape[1]
-        lp[rows, :t], ids[rows, :t], lps[rows, :t] = a.float().cpu(), b.cpu(), c.float().cpu()
+        got = fn(exp.select(rows))
+        got = got if isinstance(got, tuple) else (got,)
+        if outs is None:
+            outs = [torch.zeros(len(exp), exp.T, *g.shape[2:], dtype=g.dtype if not g.is_floating_point()
+                                else torch.float32) for g in got]
+        for out, g in zip(outs, got):
+            out[rows, :g.shape[1]] = g.to("cpu", out.dtype)
+    if outs is None:  # no rows
+        outs = [torch.zeros(len(exp), exp.T)]
     keep = exp.response_mask
-    return lp * keep, ids * keep[..., None].long(), lps * keep[..., None]
+    outs = [o * keep.view(*keep.shape, *[1] * (o.dim() - 2)).to(o.dtype) for o in outs]
+    return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 def lengths(exp: Experience) -> torch.Tensor:
