@@ -12,4 +12,7 @@ if [[ ! -x /usr/bin/chromium ]] && command -v apt-get >/dev/null 2>&1 && [[ "$(i
 fi
 # --timeout: a test that hangs (a wait without a deadline somewhere) fails after 20 minutes instead of
 # stalling CI; no single test legitimately takes more than a few minutes on 2 cores.
-exec python -m pytest tests -q --timeout=1200 "$@"
+# Paths among the extra arguments (tests/unit, tests/x.py::test_y) replace the default `tests`.
+targets=(tests)
+for arg in "$@"; do [[ -e "${arg%%::*}" ]] && targets=() && break; done
+exec python -m pytest "${targets[@]}" -q --timeout=1200 "$@"
